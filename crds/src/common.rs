@@ -1,0 +1,86 @@
+//! Types shared by TrainingJob and InferenceService.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Model families ringmaster can fine-tune and serve.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// BERT encoder with a sequence-classification head (text).
+    #[default]
+    Bert,
+    /// ResNet-18/34/50 with a new classification head (images).
+    Resnet,
+}
+
+impl Architecture {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::Bert => "bert",
+            Architecture::Resnet => "resnet",
+        }
+    }
+}
+
+/// Sets or replaces the condition of the same type, keeping `lastTransitionTime` when the
+/// status did not change (so `kubectl describe` shows when it really flipped).
+pub fn upsert_condition(conditions: &mut Vec<Condition>, mut new: Condition) {
+    match conditions.iter_mut().find(|c| c.type_ == new.type_) {
+        Some(existing) => {
+            if existing.status == new.status {
+                new.last_transition_time = existing.last_transition_time.clone();
+            }
+            *existing = new;
+        }
+        None => conditions.push(new),
+    }
+}
+
+/// Builds a `metav1.Condition`.
+pub fn condition(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: impl Into<String>,
+    observed_generation: Option<i64>,
+    now: Time,
+) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if status { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message: message.into(),
+        observed_generation,
+        last_transition_time: now,
+    }
+}
+
+/// Looks a condition up by type.
+pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    #[test]
+    fn upsert_keeps_transition_time_when_status_is_unchanged() {
+        let mut conds = vec![condition("Running", true, "A", "a", Some(1), at(10))];
+        upsert_condition(&mut conds, condition("Running", true, "B", "b", Some(2), at(20)));
+        assert_eq!(conds.len(), 1);
+        assert_eq!(conds[0].reason, "B");
+        assert_eq!(conds[0].last_transition_time, at(10));
+        upsert_condition(&mut conds, condition("Running", false, "C", "c", Some(2), at(30)));
+        assert_eq!(conds[0].last_transition_time, at(30));
+        upsert_condition(&mut conds, condition("Failed", true, "D", "d", Some(2), at(40)));
+        assert_eq!(conds.len(), 2);
+    }
+}

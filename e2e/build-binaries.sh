@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Builds the pinned control-plane binaries from their Go modules into a per-version
+# cache, so only the first run on a machine pays for the build.
+#   e2e/build-binaries.sh [--with-scheduler]
+# Prints the cache directory holding the binaries on its last line.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+cache=${RINGMASTER_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ringmaster-e2e}
+with_scheduler=false
+[[ "${1:-}" == "--with-scheduler" ]] && with_scheduler=true
+
+log() { printf '[build] %s\n' "$*" >&2; }
+fail() { printf '[build] FAILED: %s\n' "$*" >&2; exit 1; }
+
+k8s_dir=$cache/kubernetes-$K8S_VERSION
+etcd_dir=$cache/etcd-$ETCD_VERSION
+kwok_dir=$cache/kwok-$KWOK_VERSION
+mkdir -p "$k8s_dir" "$etcd_dir" "$kwok_dir"
+
+# A wrapper module: k8s.io/kubernetes replaces its staging modules with local paths,
+# which `go install` refuses; pin each staging module to its published v0.Y.Z tag.
+k8s_wrapper() {
+  local dir=$cache/src/kubernetes-$K8S_VERSION
+  if [[ ! -f $dir/go.sum ]]; then
+    log "preparing Kubernetes $K8S_VERSION wrapper module"
+    mkdir -p "$dir"
+    local staging_version="v0.${K8S_VERSION#v1.}"
+    local gomod
+    gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    [[ -f "$gomod" ]] || fail "could not download k8s.io/kubernetes@$K8S_VERSION"
+    {
+      echo "module ringmaster.dev/e2e-kubernetes"
+      echo "go 1.24"
+      echo "require k8s.io/kubernetes $K8S_VERSION"
+      grep -E '^\s*k8s.io/[a-z0-9-]+ => ./staging' "$gomod" | awk -v v="$staging_version" '{print "replace " $1 " => " $1 " " v}'
+    } >"$dir/go.mod.tmp"
+    mv "$dir/go.mod.tmp" "$dir/go.mod"
+    (cd "$dir" && GOFLAGS=-mod=mod go list k8s.io/kubernetes/cmd/kube-apiserver >/dev/null) \
+      || fail "Kubernetes wrapper module does not resolve (see $dir/go.mod)"
+  fi
+  echo "$dir"
+}
+
+build_k8s() {
+  local name=$1
+  [[ -x $k8s_dir/$name ]] && return
+  local dir
+  dir=$(k8s_wrapper)
+  log "building $name $K8S_VERSION (first run only; several minutes)"
+  # Stamp the version as Kubernetes' own build does, so clients see v1.Y.Z, not v0.0.0-master.
+  local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  local pkg=k8s.io/component-base/version
+  local ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+  (cd "$dir" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags="$ldflags" \
+      -o "$k8s_dir/$name.tmp" "k8s.io/kubernetes/cmd/$name") || fail "go build $name"
+  mv "$k8s_dir/$name.tmp" "$k8s_dir/$name"
+}
+
+build_etcd() {
+  [[ -x $etcd_dir/etcd ]] && return
+  local dir=$cache/src/etcd-$ETCD_VERSION
+  mkdir -p "$dir"
+  log "building etcd $ETCD_VERSION (first run only)"
+  if [[ ! -f $dir/go.mod ]]; then
+    printf 'module ringmaster.dev/e2e-etcd\ngo 1.24\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" >"$dir/go.mod"
+  fi
+  (cd "$dir" && GOFLAGS=-mod=mod go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null 2>&1; \
+    GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o "$etcd_dir/etcd.tmp" go.etcd.io/etcd/server/v3) \
+    || fail "go build etcd"
+  mv "$etcd_dir/etcd.tmp" "$etcd_dir/etcd"
+}
+
+build_kwok() {
+  [[ -x $kwok_dir/kwok ]] && return
+  log "building kwok $KWOK_VERSION (first run only)"
+  GOBIN=$kwok_dir CGO_ENABLED=0 go install -trimpath -ldflags='-s -w' "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
+    || fail "go install kwok"
+}
+
+command -v go >/dev/null || fail "Go is not installed (needs Go >= 1.26)"
+build_etcd
+build_kwok
+build_k8s kube-apiserver
+build_k8s kube-controller-manager
+$with_scheduler && build_k8s kube-scheduler
+ln -sfn "$etcd_dir/etcd" "$cache/etcd"
+ln -sfn "$kwok_dir/kwok" "$cache/kwok"
+for b in kube-apiserver kube-controller-manager kube-scheduler; do
+  [[ -x $k8s_dir/$b ]] && ln -sfn "$k8s_dir/$b" "$cache/$b"
+done
+echo "$cache"

@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# A real Kubernetes control plane on loopback, without Docker: etcd, kube-apiserver,
+# kube-controller-manager (garbage collection, service accounts) and kwok (fake GPU nodes
+# whose pods run through stages a test controls).
+#
+#   e2e/cluster.sh up [--nodes N]   build (first run only), start, install CRDs, add nodes
+#   e2e/cluster.sh down             stop everything and remove the state directory
+#   e2e/cluster.sh env              print `export KUBECONFIG=...` for this cluster
+#   e2e/cluster.sh nodes N [GPUS]   add kwok nodes (named kwok-gpu-<i>) with GPUS GPUs each
+#   e2e/cluster.sh status           show the components and whether they answer
+#
+# State (certificates, data, logs, kubeconfig) lives in $RINGMASTER_E2E_DIR (default .e2e/
+# in the repository). Binaries are cached per version by e2e/build-binaries.sh.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+state=${RINGMASTER_E2E_DIR:-$repo/.e2e}
+kubeconfig=$state/kubeconfig
+
+log() { printf '[cluster] %s\n' "$*" >&2; }
+fail() {
+  printf '[cluster] FAILED at step "%s": %s\n' "$1" "$2" >&2
+  [[ -n "${3:-}" && -f "$3" ]] && { echo "--- last lines of $3:" >&2; tail -n 25 "$3" >&2; }
+  exit 1
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Waits until a command succeeds, or fails the step with the component's log.
+wait_for() {
+  local step=$1 logfile=$2 timeout=$3; shift 3
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS > deadline)); then fail "$step" "not healthy after ${timeout}s" "$logfile"; fi
+    sleep 0.3
+  done
+}
+
+start() {
+  local name=$1; shift
+  "$@" >"$state/logs/$name.log" 2>&1 &
+  echo $! >"$state/pids/$name"
+}
+
+alive() { [[ -f $state/pids/$1 ]] && kill -0 "$(cat "$state/pids/$1")" 2>/dev/null; }
+
+gen_certs() {
+  local d=$state/pki
+  mkdir -p "$d"
+  (
+    cd "$d"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=ringmaster-e2e-ca" \
+      -keyout ca.key -out ca.crt
+    cat >san.cnf <<CNF
+[req]
+distinguished_name = dn
+[dn]
+[ext]
+subjectAltName = IP:127.0.0.1, IP:10.0.0.1, DNS:localhost, DNS:kubernetes, DNS:kubernetes.default, DNS:kubernetes.default.svc
+extendedKeyUsage = serverAuth
+CNF
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout apiserver.key -out apiserver.csr
+    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile san.cnf -extensions ext -out apiserver.crt
+    client() { # name CN O
+      openssl req -newkey rsa:2048 -nodes -subj "/CN=$2/O=$3" -keyout "$1.key" -out "$1.csr"
+      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -out "$1.crt"
+    }
+    client admin ringmaster-e2e-admin system:masters
+    client controller-manager system:kube-controller-manager system:kube-controller-manager
+    openssl genrsa -out sa.key 2048
+    openssl rsa -in sa.key -pubout -out sa.pub
+  ) >"$state/logs/pki.log" 2>&1 || fail certificates "openssl failed" "$state/logs/pki.log"
+}
+
+write_kubeconfig() { # file user-cert-name
+  cat >"$1" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: ringmaster-e2e
+  cluster:
+    server: https://127.0.0.1:$(cat "$state/apiserver-port")
+    certificate-authority: $state/pki/ca.crt
+users:
+- name: $2
+  user:
+    client-certificate: $state/pki/$2.crt
+    client-key: $state/pki/$2.key
+contexts:
+- name: ringmaster-e2e
+  context: {cluster: ringmaster-e2e, user: $2, namespace: default}
+current-context: ringmaster-e2e
+KC
+}
+
+add_nodes() { # count gpus
+  local count=$1 gpus=${2:-8} i
+  local existing
+  existing=$(kubectl --kubeconfig "$kubeconfig" get nodes -o name 2>/dev/null | wc -l)
+  {
+    for ((i = existing; i < existing + count; i++)); do
+      cat <<NODE
+apiVersion: v1
+kind: Node
+metadata:
+  name: kwok-gpu-$i
+  annotations:
+    kwok.x-k8s.io/node: fake
+    node.alpha.kubernetes.io/ttl: "0"
+  labels:
+    kubernetes.io/hostname: kwok-gpu-$i
+    kubernetes.io/os: linux
+    kubernetes.io/arch: amd64
+    type: kwok
+    topology.kubernetes.io/zone: zone-$(printf "\\x$(printf %x $((97 + i % 2)))")
+    ringmaster.dev/rack: rack-$((i / 4))
+    nvidia.com/gpu.product: NVIDIA-H200
+status:
+  allocatable: {cpu: "64", memory: 512Gi, pods: "110", nvidia.com/gpu: "$gpus"}
+  capacity: {cpu: "64", memory: 512Gi, pods: "110", nvidia.com/gpu: "$gpus"}
+---
+NODE
+    done
+  } | kubectl --kubeconfig "$kubeconfig" apply -f - >/dev/null || fail nodes "could not create kwok nodes"
+  wait_for nodes "$state/logs/kwok.log" 60 bash -c \
+    "[[ \$(kubectl --kubeconfig '$kubeconfig' get nodes --no-headers 2>/dev/null | grep -c ' Ready ') -ge $((existing + count)) ]]"
+  log "$((existing + count)) kwok nodes Ready ($gpus nvidia.com/gpu each)"
+}
+
+up() {
+  local nodes=8
+  [[ "${1:-}" == "--nodes" ]] && nodes=$2
+  if alive kube-apiserver; then log "already up ($state)"; return; fi
+  local t0=$SECONDS
+  local bin
+  bin=$("$here/build-binaries.sh" | tail -n 1) || fail build "building the control-plane binaries failed (see above)"
+  rm -rf "$state" && mkdir -p "$state/logs" "$state/pids"
+  gen_certs
+  local etcd_port etcd_peer api_port kcm_port
+  etcd_port=$(free_port); etcd_peer=$(free_port); api_port=$(free_port); kcm_port=$(free_port)
+  echo "$api_port" >"$state/apiserver-port"
+
+  start etcd "$bin/etcd" --data-dir="$state/etcd" --unsafe-no-fsync=true \
+    --listen-client-urls="http://127.0.0.1:$etcd_port" --advertise-client-urls="http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls="http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls="http://127.0.0.1:$etcd_peer" \
+    --initial-cluster="default=http://127.0.0.1:$etcd_peer" --quota-backend-bytes=8589934592
+  wait_for etcd "$state/logs/etcd.log" 30 curl -fsS "http://127.0.0.1:$etcd_port/health"
+
+  # Raised rate limits: scale benchmarks create thousands of objects in seconds.
+  start kube-apiserver "$bin/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
+    --cert-dir="$state/pki" --tls-cert-file="$state/pki/apiserver.crt" --tls-private-key-file="$state/pki/apiserver.key" \
+    --client-ca-file="$state/pki/ca.crt" --authorization-mode=Node,RBAC --allow-privileged=true \
+    --service-cluster-ip-range=10.0.0.0/24 --service-account-issuer="https://127.0.0.1:$api_port" \
+    --service-account-key-file="$state/pki/sa.pub" --service-account-signing-key-file="$state/pki/sa.key" \
+    --max-requests-inflight=2000 --max-mutating-requests-inflight=1000 --enable-priority-and-fairness=false \
+    --endpoint-reconciler-type=none --profiling=false
+  wait_for kube-apiserver "$state/logs/kube-apiserver.log" 90 \
+    curl -fsS --cacert "$state/pki/ca.crt" --cert "$state/pki/admin.crt" --key "$state/pki/admin.key" \
+    "https://127.0.0.1:$api_port/readyz"
+  write_kubeconfig "$kubeconfig" admin
+  write_kubeconfig "$state/controller-manager.kubeconfig" controller-manager
+
+  start kube-controller-manager "$bin/kube-controller-manager" --kubeconfig="$state/controller-manager.kubeconfig" \
+    --authentication-kubeconfig="$state/controller-manager.kubeconfig" --authorization-kubeconfig="$state/controller-manager.kubeconfig" \
+    --service-account-private-key-file="$state/pki/sa.key" --root-ca-file="$state/pki/ca.crt" \
+    --use-service-account-credentials=true --leader-elect=false --bind-address=127.0.0.1 --secure-port="$kcm_port" \
+    --controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller,-route,-persistentvolume-binder,-attachdetach,-persistentvolume-expander,-ephemeral-volume' \
+    --kube-api-qps=500 --kube-api-burst=1000 --concurrent-gc-syncs=50
+  wait_for kube-controller-manager "$state/logs/kube-controller-manager.log" 60 \
+    curl -fsSk "https://127.0.0.1:$kcm_port/healthz"
+
+  start kwok "$bin/kwok" --kubeconfig="$kubeconfig" --manage-all-nodes=false \
+    --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
+    --config="$here/kwok/node-stages.yaml" --config="$here/kwok/pod-stages.yaml" \
+    --node-ip=10.1.0.1 --cidr=10.2.0.0/16 --node-lease-duration-seconds=40 --server-address=127.0.0.1:0
+  sleep 1
+  alive kwok || fail kwok "kwok exited" "$state/logs/kwok.log"
+
+  kubectl --kubeconfig "$kubeconfig" apply --server-side -f "$repo/crds/trainingjob.yaml" -f "$repo/crds/inferenceservice.yaml" \
+    >"$state/logs/crds.log" 2>&1 || fail crds "kubectl apply of the CRDs was rejected" "$state/logs/crds.log"
+  kubectl --kubeconfig "$kubeconfig" wait --for=condition=Established --timeout=60s \
+    crd/trainingjobs.ringmaster.dev crd/inferenceservices.ringmaster.dev >/dev/null || fail crds "CRDs not Established"
+  wait_for serviceaccount "$state/logs/kube-controller-manager.log" 60 \
+    kubectl --kubeconfig "$kubeconfig" get serviceaccount default -n default
+  add_nodes "$nodes" 8
+  log "up in $((SECONDS - t0))s: export KUBECONFIG=$kubeconfig"
+}
+
+down() {
+  local name pid
+  for name in kwok kube-controller-manager kube-scheduler kube-apiserver etcd; do
+    [[ -f $state/pids/$name ]] || continue
+    pid=$(cat "$state/pids/$name")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  rm -rf "$state"
+  log "down"
+}
+
+status() {
+  local name
+  for name in etcd kube-apiserver kube-controller-manager kwok; do
+    if alive "$name"; then echo "$name: running (pid $(cat "$state/pids/$name"))"; else echo "$name: stopped"; fi
+  done
+  [[ -f $kubeconfig ]] && kubectl --kubeconfig "$kubeconfig" get --raw=/readyz >/dev/null 2>&1 && echo "apiserver: ready"
+  return 0
+}
+
+case "${1:-}" in
+  up) shift; up "$@" ;;
+  down) down ;;
+  env) echo "export KUBECONFIG=$kubeconfig" ;;
+  nodes) shift; add_nodes "$@" ;;
+  status) status ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
