@@ -1,0 +1,3 @@
+module ringmaster/placement/tools/gorand
+
+go 1.21
