@@ -1,6 +1,7 @@
 //! Placement engine: a pure filter/score/gang core over a cluster snapshot, no
 //! Kubernetes types, and the exact trace replay of the FGD paper (ATC'23). See README.md.
 
+pub mod bench;
 pub mod cluster;
 mod error;
 pub mod filter;
@@ -9,9 +10,11 @@ pub mod gorand;
 mod gorand_cooked;
 pub mod metrics;
 pub mod place;
+pub mod plot;
 pub mod policy;
 pub mod replay;
 pub mod request;
+pub mod simulate;
 pub mod trace;
 
 pub use cluster::{ClusterState, GpuAffinity, ModelId, Node, Snapshot};

@@ -84,9 +84,10 @@ mod tests {
     fn exactly_one_winner_and_fitting_device() {
         let state = ClusterState::new(
             ["a", "b", "c"]
-                .map(|name| Node {
-                    name: name.into(),
-                    ..node_with(&[1000], 1000, 1000)
+                .map(|name| {
+                    let mut n = node_with(&[1000], 1000, 1000);
+                    n.name = name.into();
+                    n
                 })
                 .to_vec(),
         );
