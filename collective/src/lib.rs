@@ -1,0 +1,25 @@
+//! Collective communication for data-parallel training: a rendezvous store, a TCP ring
+//! (CPU) and NCCL (GPU, feature `nccl`) behind one [`Communicator`] trait.
+
+mod auth;
+pub mod bench;
+mod communicator;
+mod error;
+mod failure;
+mod net;
+#[cfg(feature = "nccl")]
+mod nccl;
+mod rendezvous;
+mod ring;
+mod store;
+
+pub use auth::{TOKEN_ENV, TOKEN_FILE_ENV, Token};
+pub use communicator::{Communicator, ReduceOp};
+pub use error::{Error, Peer, Result};
+#[cfg(feature = "nccl")]
+pub use nccl::{NcclCommunicator, connect_nccl};
+pub use rendezvous::{DEFAULT_RENDEZVOUS_TIMEOUT, DEFAULT_TIMEOUT, RendezvousConfig, connect_tcp, parse_order};
+pub use ring::{RingConfig, TcpRing};
+pub use store::{StoreClient, StoreServer};
+
+pub use half::bf16;
