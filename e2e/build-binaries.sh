@@ -84,10 +84,11 @@ build_etcd
 build_kwok
 build_k8s kube-apiserver
 build_k8s kube-controller-manager
+build_k8s kubectl
 $with_scheduler && build_k8s kube-scheduler
 ln -sfn "$etcd_dir/etcd" "$cache/etcd"
 ln -sfn "$kwok_dir/kwok" "$cache/kwok"
-for b in kube-apiserver kube-controller-manager kube-scheduler; do
+for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   [[ -x $k8s_dir/$b ]] && ln -sfn "$k8s_dir/$b" "$cache/$b"
 done
 echo "$cache"

@@ -5,7 +5,7 @@
 #
 #   e2e/cluster.sh up [--nodes N]   build (first run only), start, install CRDs, add nodes
 #   e2e/cluster.sh down             stop everything and remove the state directory
-#   e2e/cluster.sh env              print `export KUBECONFIG=...` for this cluster
+#   e2e/cluster.sh env              print the exports (KUBECONFIG, PATH with the pinned kubectl)
 #   e2e/cluster.sh nodes N [GPUS]   add kwok nodes (named kwok-gpu-<i>) with GPUS GPUs each
 #   e2e/cluster.sh status           show the components and whether they answer
 #
@@ -18,6 +18,8 @@ state=${RINGMASTER_E2E_DIR:-$repo/.e2e}
 kubeconfig=$state/kubeconfig
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
+# The pinned kubectl built beside the control plane (same version, no client skew).
+kubectl() { "${RINGMASTER_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ringmaster-e2e}/kubectl" "$@"; }
 fail() {
   printf '[cluster] FAILED at step "%s": %s\n' "$1" "$2" >&2
   [[ -n "${3:-}" && -f "$3" ]] && { echo "--- last lines of $3:" >&2; tail -n 25 "$3" >&2; }
@@ -58,13 +60,17 @@ distinguished_name = dn
 [ext]
 subjectAltName = IP:127.0.0.1, IP:10.0.0.1, DNS:localhost, DNS:kubernetes, DNS:kubernetes.default, DNS:kubernetes.default.svc
 extendedKeyUsage = serverAuth
+[client]
+extendedKeyUsage = clientAuth
 CNF
     openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout apiserver.key -out apiserver.csr
     openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
       -extfile san.cnf -extensions ext -out apiserver.crt
     client() { # name CN O
       openssl req -newkey rsa:2048 -nodes -subj "/CN=$2/O=$3" -keyout "$1.key" -out "$1.csr"
-      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -out "$1.crt"
+      # With extensions, so the certificate is X.509 v3 (rustls rejects v1).
+      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+        -extfile san.cnf -extensions client -out "$1.crt"
     }
     client admin ringmaster-e2e-admin system:masters
     client controller-manager system:kube-controller-manager system:kube-controller-manager
@@ -213,7 +219,7 @@ status() {
 case "${1:-}" in
   up) shift; up "$@" ;;
   down) down ;;
-  env) echo "export KUBECONFIG=$kubeconfig" ;;
+  env) echo "export KUBECONFIG=$kubeconfig PATH=${RINGMASTER_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ringmaster-e2e}:\$PATH" ;;
   nodes) shift; add_nodes "$@" ;;
   status) status ;;
   *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;

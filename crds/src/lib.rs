@@ -5,6 +5,7 @@
 //! are CEL (`x-kubernetes-validations`), enforced by the API server at apply time.
 
 mod common;
+pub mod keys;
 mod inference;
 mod trainingjob;
 

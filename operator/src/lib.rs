@@ -1,1 +1,6 @@
+//! ringmaster's Kubernetes controllers.
 
+pub mod error;
+pub mod metrics;
+pub mod run;
+pub mod trainingjob;

@@ -1,0 +1,115 @@
+//! Helpers for tests that run against the local control plane started by
+//! `e2e/cluster.sh up` (the README's test command does that). A test without a cluster
+//! fails with instructions instead of being skipped.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Binding, Namespace, ObjectReference, Pod};
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::{Api, Client, Config, ResourceExt};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Path of the kubeconfig of the local control plane.
+pub fn kubeconfig() -> PathBuf {
+    match std::env::var_os("KUBECONFIG") {
+        Some(path) => PathBuf::from(path),
+        None => repo_root().join(".e2e/kubeconfig"),
+    }
+}
+
+/// A client for the local control plane, or a panic that says how to start one.
+pub async fn client() -> Client {
+    let path = kubeconfig();
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap_or_else(|e| {
+        panic!(
+            "no local control plane: cannot read kubeconfig {} ({e}). Run `e2e/cluster.sh up` \
+             (or the README's test command, `e2e/test.sh`) first",
+            path.display()
+        )
+    });
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("valid kubeconfig");
+    config.read_timeout = Some(Duration::from_secs(30));
+    Client::try_from(config).expect("client from kubeconfig")
+}
+
+/// A fresh namespace for one test, so tests run in parallel without seeing each other.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let ns = Namespace {
+        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+    // The ServiceAccount controller must create `default` before pods can be admitted.
+    let sa = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &name);
+    wait_until(Duration::from_secs(30), "default service account", || async {
+        sa.get_opt("default").await.ok().flatten().is_some()
+    })
+    .await;
+    name
+}
+
+/// Deletes a test namespace (best effort; the cluster is torn down anyway).
+pub async fn delete_namespace(client: &Client, name: &str) {
+    let _ = Api::<Namespace>::all(client.clone()).delete(name, &DeleteParams::background()).await;
+}
+
+/// Polls `check` until it is true, panicking with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Binds a pod to a node through the `binding` subresource, as a scheduler does; kwok
+/// then runs it. Tests of the operator use this to stand in for a scheduler.
+pub async fn bind(client: &Client, pod: &Pod, node: &str) -> kube::Result<()> {
+    let ns = pod.namespace().unwrap_or_default();
+    let path = format!("/api/v1/namespaces/{ns}/pods/{}/binding", pod.name_any());
+    let binding = Binding {
+        metadata: ObjectMeta { name: Some(pod.name_any()), namespace: Some(ns), ..Default::default() },
+        target: ObjectReference { kind: Some("Node".into()), name: Some(node.into()), ..Default::default() },
+    };
+    let body = serde_json::to_vec(&binding).expect("binding serialises");
+    // The typed Api has no call for the binding subresource: post it directly.
+    let request = http::Request::post(path)
+        .header("content-type", "application/json")
+        .body(body)
+        .expect("valid request");
+    client.request_text(request).await.map(|_| ())
+}
+
+/// Names of the kwok nodes, in order.
+pub async fn nodes(client: &Client) -> Vec<String> {
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+    let mut names: Vec<String> = nodes.list(&Default::default()).await.expect("list nodes").iter().map(|n| n.name_any()).collect();
+    names.sort_by_key(|n| n.rsplit('-').next().and_then(|i| i.parse::<u32>().ok()).unwrap_or(u32::MAX));
+    names
+}
+
+/// The pinned kubectl that `e2e/build-binaries.sh` builds beside the control plane.
+pub fn kubectl() -> std::process::Command {
+    let cache = std::env::var_os("RINGMASTER_E2E_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"))
+            .join("ringmaster-e2e")
+    });
+    let mut cmd = std::process::Command::new(cache.join("kubectl"));
+    cmd.env("KUBECONFIG", kubeconfig());
+    cmd
+}

@@ -1,0 +1,76 @@
+//! Prometheus metrics of the operator, served on `/metrics`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use ringmaster_crds::TrainingJob;
+use kube::runtime::reflector::Store;
+
+use crate::error::Error;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: String,
+}
+
+pub struct Metrics {
+    pub reconciles: Counter,
+    pub failures: Family<ErrorLabels, Counter>,
+    pub duration: Histogram,
+    pub restarts: Counter,
+    jobs_by_phase: Family<PhaseLabels, Gauge>,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("ringmaster_operator");
+        let reconciles = Counter::default();
+        let failures = Family::<ErrorLabels, Counter>::default();
+        let duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let restarts = Counter::default();
+        let jobs_by_phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register("reconciles", "TrainingJob reconciles", reconciles.clone());
+        registry.register("reconcile_errors", "Failed reconciles by error kind", failures.clone());
+        registry.register("reconcile_duration_seconds", "Time per reconcile", duration.clone());
+        registry.register("gang_restarts", "Whole-gang restarts after worker failures", restarts.clone());
+        registry.register("trainingjobs", "TrainingJobs by phase", jobs_by_phase.clone());
+        Arc::new(Self { reconciles, failures, duration, restarts, jobs_by_phase, registry })
+    }
+
+    pub fn observe_reconcile(&self, took: Duration, error: Option<&Error>) {
+        self.reconciles.inc();
+        self.duration.observe(took.as_secs_f64());
+        if let Some(e) = error {
+            self.failures.get_or_create(&ErrorLabels { error: e.metric_label() }).inc();
+        }
+    }
+
+    /// Renders the text format; job counts by phase are taken from the watch cache at
+    /// scrape time, so they never drift from the cluster.
+    pub fn render(&self, jobs: &Store<TrainingJob>) -> String {
+        self.jobs_by_phase.clear();
+        for job in jobs.state() {
+            let phase = job
+                .status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .map_or("Unknown".to_string(), |p| format!("{p:?}"));
+            self.jobs_by_phase.get_or_create(&PhaseLabels { phase }).inc();
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

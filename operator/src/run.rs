@@ -1,0 +1,155 @@
+//! Wiring: watches, the controller, leader election, and the health/metrics server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client};
+use kube_lease_manager::LeaseManagerBuilder;
+use ringmaster_crds::TrainingJob;
+use ringmaster_crds::keys::{MANAGED_BY, MANAGED_BY_VALUE};
+use tracing::{info, warn};
+
+use crate::error::Result;
+use crate::metrics::Metrics;
+use crate::trainingjob::reconcile::{self, Context};
+
+/// How the operator runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Watch one namespace only (None: all).
+    pub namespace: Option<String>,
+    /// Where /healthz, /readyz and /metrics are served.
+    pub listen: SocketAddr,
+    /// Identity in the leader lease (the pod name in a cluster).
+    pub identity: String,
+    /// Namespace of the leader lease.
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub restart_backoff: Duration,
+}
+
+struct Http {
+    ready: AtomicBool,
+    metrics: Arc<Metrics>,
+    jobs: Store<TrainingJob>,
+}
+
+/// Runs until SIGTERM/SIGINT. Only the holder of the lease reconciles; the others wait,
+/// serving health, and take over when the leader's lease expires.
+pub async fn run(client: Client, settings: Settings) -> Result<()> {
+    let metrics = Metrics::new();
+    let (jobs_reader, jobs_writer) = reflector::store::<TrainingJob>();
+    let http = Arc::new(Http { ready: AtomicBool::new(false), metrics: metrics.clone(), jobs: jobs_reader });
+    let server = tokio::spawn(serve_http(settings.listen, http.clone()));
+
+    let lease = LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
+        .with_namespace(&settings.lease_namespace)
+        .with_identity(&settings.identity)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await?;
+    let (mut leader, lease_task) = lease.watch().await;
+    let mut shutdown = Box::pin(shutdown_signal());
+
+    info!(identity = %settings.identity, "waiting for leadership");
+    loop {
+        if *leader.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            _ = &mut shutdown => { server.abort(); return Ok(()); }
+            changed = leader.changed() => if changed.is_err() { warn!("lease manager stopped"); return Ok(()); }
+        }
+    }
+    info!(identity = %settings.identity, "leading: starting the TrainingJob controller");
+
+    let (jobs_api, pods_api): (Api<TrainingJob>, Api<Pod>) = match &settings.namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let (pods_reader, pods_writer) = reflector::store::<Pod>();
+    let pod_events = watcher(pods_api, watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE}")))
+        .default_backoff()
+        .reflect(pods_writer)
+        .touched_objects();
+    let job_events = watcher(jobs_api, watcher::Config::default()).default_backoff().reflect(jobs_writer).touched_objects();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        pods: pods_reader,
+        recorder: Recorder::new(client.clone(), Reporter { controller: "ringmaster-operator".into(), instance: Some(settings.identity.clone()) }),
+        metrics,
+        restart_backoff: settings.restart_backoff,
+    });
+    http.ready.store(true, Ordering::Relaxed);
+
+    let lost_leadership = async move {
+        while leader.changed().await.is_ok() {
+            if !*leader.borrow() {
+                break;
+            }
+        }
+        warn!("lost leadership: stopping");
+    };
+    let stop = async move {
+        tokio::select! {
+            _ = &mut shutdown => info!("shutting down"),
+            _ = lost_leadership => {},
+        }
+    };
+    Controller::for_stream(job_events, http.jobs.clone())
+        .owns_stream(pod_events)
+        .graceful_shutdown_on(stop)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile error");
+            }
+        })
+        .await;
+
+    http.ready.store(false, Ordering::Relaxed);
+    drop(lease_task); // dropping the task handle leaves the lease to expire or be released
+    server.abort();
+    Ok(())
+}
+
+async fn serve_http(addr: SocketAddr, state: Arc<Http>) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<Arc<Http>>| async move {
+                if s.ready.load(Ordering::Relaxed) { (StatusCode::OK, "leading") } else { (StatusCode::SERVICE_UNAVAILABLE, "standby") }
+            }),
+        )
+        .route("/metrics", get(|State(s): State<Arc<Http>>| async move { s.metrics.render(&s.jobs) }))
+        .with_state(state);
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            if let Err(e) = axum::serve(listener, app).await {
+                warn!(error = %e, "health/metrics server stopped");
+            }
+        }
+        Err(e) => warn!(error = %e, %addr, "cannot serve health/metrics"),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}

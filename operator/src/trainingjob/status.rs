@@ -1,0 +1,390 @@
+//! Pure decisions: from a job and its observed pods to the next status and the actions
+//! that move the cluster towards it. No I/O here, so every rule is unit-tested.
+//!
+//! Rules a user can rely on:
+//! - The job **succeeds** when worker 0 (rank 0, which writes the final model) exits 0
+//!   and no worker has failed; workers still running are then cleaned up.
+//! - A worker **failure** restarts the whole gang (a ring cannot continue with a member
+//!   gone) under `OnFailure`, and under `ExitCode` only for exit codes 128-255 (killed by
+//!   a signal: preemption, OOM) or pods lost without an exit code; `Never` and exit codes
+//!   1-127 fail the job at once. Restarts wait `base * 2^(n-1)` (capped at 5 minutes) and
+//!   count against `backoffLimit`.
+//! - `activeDeadlineSeconds` counts from `status.startTime` (all workers running).
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use ringmaster_crds::keys::{ATTEMPT, REPLICA_INDEX, TRAINER_CONTAINER};
+use ringmaster_crds::{
+    CleanPodPolicy, JobPhase, RestartPolicy, TrainingJob, TrainingJobStatus, WorkerCounts,
+    condition, find_condition, upsert_condition,
+};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Condition types, in the order `kubectl describe` shows them.
+pub mod cond {
+    pub const CREATED: &str = "Created";
+    pub const SCHEDULED: &str = "Scheduled";
+    pub const RUNNING: &str = "Running";
+    pub const RESTARTING: &str = "Restarting";
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const FAILED: &str = "Failed";
+    pub const SUSPENDED: &str = "Suspended";
+}
+
+/// A Kubernetes Event to publish on the job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobEvent {
+    pub reason: &'static str,
+    pub message: String,
+    pub warning: bool,
+}
+
+/// What the reconciler must do, and the status to write afterwards.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub status: TrainingJobStatus,
+    /// Worker indices whose pods must be created for the current attempt.
+    pub create: Vec<i32>,
+    /// Pods whose gang scheduling gate can be lifted (the whole gang exists).
+    pub release_gates: Vec<String>,
+    pub delete_pods: Vec<String>,
+    pub delete_job: bool,
+    pub requeue_after: Option<Duration>,
+    pub events: Vec<JobEvent>,
+}
+
+/// A pod of the job as the rules see it.
+#[derive(Debug, Clone)]
+struct Worker {
+    name: String,
+    index: i32,
+    attempt: i32,
+    state: WorkerState,
+    node: Option<String>,
+    gated: bool,
+    unschedulable: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum WorkerState {
+    Pending,
+    Running,
+    Succeeded,
+    /// Failed, with the trainer's exit code when it had one.
+    Failed(Option<i32>),
+    Terminating,
+}
+
+impl Worker {
+    fn from_pod(pod: &Pod) -> Option<Self> {
+        let labels = pod.metadata.labels.as_ref()?;
+        let index = labels.get(REPLICA_INDEX)?.parse().ok()?;
+        let attempt = labels.get(ATTEMPT)?.parse().ok()?;
+        let status = pod.status.as_ref();
+        let exit_code = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.name == TRAINER_CONTAINER))
+            .and_then(|c| c.state.as_ref()?.terminated.as_ref())
+            .map(|t| t.exit_code);
+        let state = if pod.metadata.deletion_timestamp.is_some() {
+            WorkerState::Terminating
+        } else {
+            match status.and_then(|s| s.phase.as_deref()) {
+                Some("Running") => WorkerState::Running,
+                Some("Succeeded") => WorkerState::Succeeded,
+                Some("Failed") => WorkerState::Failed(exit_code),
+                _ => WorkerState::Pending,
+            }
+        };
+        let spec = pod.spec.as_ref();
+        let unschedulable = status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "PodScheduled" && c.status == "False"))
+            .and_then(|c| c.message.clone());
+        Some(Self {
+            name: pod.metadata.name.clone()?,
+            index,
+            attempt,
+            state,
+            node: spec.and_then(|s| s.node_name.clone()),
+            gated: spec.and_then(|s| s.scheduling_gates.as_ref()).is_some_and(|g| !g.is_empty()),
+            unschedulable,
+        })
+    }
+}
+
+/// Decides the next step for `job`, given all of its pods (any attempt) at time `now`.
+pub fn plan(job: &TrainingJob, pods: &[Pod], now: Timestamp, backoff_base: Duration) -> Plan {
+    let old = job.status.clone().unwrap_or_default();
+    let mut p = Plan {
+        status: TrainingJobStatus {
+            progress: None, // owned by the trainer's field manager, never written here
+            observed_generation: job.metadata.generation,
+            ..old.clone()
+        },
+        ..Plan::default()
+    };
+    let generation = job.metadata.generation;
+    let spec = &job.spec;
+    let workers: Vec<Worker> = pods.iter().filter_map(Worker::from_pod).collect();
+    let set = |p: &mut Plan, type_: &str, on: bool, reason: &str, msg: String| {
+        upsert_condition(&mut p.status.conditions, condition(type_, on, reason, msg, generation, Time(now)));
+    };
+
+    if let Some(phase) = old.phase.filter(|ph| ph.is_finished()) {
+        finish_cleanup(job, &workers, phase, now, &mut p);
+        return p;
+    }
+
+    if spec.run_policy.suspend {
+        p.delete_pods = workers.iter().filter(|w| w.state != WorkerState::Terminating).map(|w| w.name.clone()).collect();
+        if old.phase != Some(JobPhase::Suspended) {
+            p.events.push(event("Suspended", "spec.runPolicy.suspend is true: worker pods removed, job kept", false));
+        }
+        p.status.phase = Some(JobPhase::Suspended);
+        p.status.start_time = None;
+        set(&mut p, cond::SUSPENDED, true, "Suspended", "spec.runPolicy.suspend is true; set it to false to resume".into());
+        set(&mut p, cond::RUNNING, false, "Suspended", "the job is suspended".into());
+        p.status.workers = count(&workers, old.restarts);
+        p.status.workers_ready = Some(format!("0/{}", spec.distribution.workers));
+        return p;
+    }
+    if old.phase == Some(JobPhase::Suspended) {
+        set(&mut p, cond::SUSPENDED, false, "Resumed", "spec.runPolicy.suspend is false".into());
+        p.events.push(event("Resumed", "recreating the worker pods", false));
+        p.status.phase = Some(JobPhase::Pending);
+    }
+
+    let attempt = old.restarts;
+    let (current, stale): (Vec<&Worker>, Vec<&Worker>) = workers.iter().partition(|w| w.attempt == attempt);
+    p.delete_pods.extend(stale.iter().filter(|w| w.state != WorkerState::Terminating).map(|w| w.name.clone()));
+    let total = spec.distribution.workers;
+    p.status.workers = count(&workers, attempt);
+    let running = p.status.workers.running;
+    p.status.workers_ready = Some(format!("{running}/{total}"));
+
+    // A failed worker, or one that vanished from a running gang, ends this attempt.
+    let lost = (old.phase == Some(JobPhase::Running))
+        .then(|| (0..total).find(|i| !current.iter().any(|w| w.index == *i)))
+        .flatten();
+    let failure = current
+        .iter()
+        .filter_map(|w| match w.state {
+            WorkerState::Failed(code) => Some((w.index, code)),
+            _ => None,
+        })
+        .min_by_key(|(index, _)| *index)
+        .or(lost.map(|i| (i, None)));
+    if let Some((index, code)) = failure {
+        handle_failure(job, &current, index, code, now, backoff_base, &mut p);
+        return p;
+    }
+
+    if current.iter().any(|w| w.index == 0 && w.state == WorkerState::Succeeded) {
+        p.status.phase = Some(JobPhase::Succeeded);
+        p.status.completion_time = Some(Time(now));
+        set(&mut p, cond::SUCCEEDED, true, "Rank0Succeeded", "worker 0 exited 0: training finished".into());
+        set(&mut p, cond::RUNNING, false, "Succeeded", "training finished".into());
+        set(&mut p, cond::RESTARTING, false, "Succeeded", "training finished".into());
+        p.events.push(event("Succeeded", "worker 0 exited 0: training finished", false));
+        finish_cleanup(job, &workers, JobPhase::Succeeded, now, &mut p);
+        return p;
+    }
+
+    if let (Some(start), Some(deadline)) = (&old.start_time, spec.run_policy.active_deadline_seconds) {
+        let ends = start.0 + SignedDuration::from_secs(deadline);
+        if now >= ends {
+            let msg = format!("the job ran longer than spec.runPolicy.activeDeadlineSeconds ({deadline}s)");
+            fail(&mut p, "DeadlineExceeded", msg, now);
+            finish_cleanup(job, &workers, JobPhase::Failed, now, &mut p);
+            return p;
+        }
+        requeue_at(&mut p, now, ends);
+    }
+
+    // Restart backoff: the new attempt starts once the delay has passed and the old pods
+    // are gone (the new pods reuse their names).
+    if old.phase == Some(JobPhase::Restarting) && current.is_empty() {
+        let since = find_condition(&old.conditions, cond::RESTARTING)
+            .filter(|c| c.status == "True")
+            .map(|c| c.last_transition_time.0)
+            .unwrap_or(now);
+        let ready_at = since + SignedDuration::try_from(backoff(backoff_base, attempt)).unwrap_or_default();
+        if now < ready_at {
+            requeue_at(&mut p, now, ready_at);
+            return p;
+        }
+    }
+    if !stale.is_empty() {
+        p.requeue_after = Some(p.requeue_after.map_or(Duration::from_secs(1), |d| d.min(Duration::from_secs(1))));
+        return p;
+    }
+
+    p.create = (0..total).filter(|i| !current.iter().any(|w| w.index == *i)).collect();
+    if p.create.is_empty() {
+        p.release_gates = current.iter().filter(|w| w.gated).map(|w| w.name.clone()).collect();
+    }
+    let created = p.create.is_empty();
+    if find_condition(&old.conditions, cond::CREATED).is_none_or(|c| c.status != "True") {
+        if created {
+            set(&mut p, cond::CREATED, true, "WorkersCreated", format!("{total} worker pods and their Service exist"));
+        } else {
+            let msg = format!("creating {} of {total} worker pods", p.create.len());
+            set(&mut p, cond::CREATED, false, "CreatingWorkers", msg);
+        }
+    }
+
+    let scheduled = current.iter().filter(|w| w.node.is_some()).count() as i32;
+    if created && scheduled == total {
+        set(&mut p, cond::SCHEDULED, true, "GangScheduled", format!("all {total} workers are bound to nodes"));
+    } else if let Some(reason) = current.iter().find_map(|w| w.unschedulable.clone()) {
+        set(&mut p, cond::SCHEDULED, false, "Unschedulable", reason);
+    } else {
+        set(&mut p, cond::SCHEDULED, false, "WaitingForScheduler",
+            format!("{scheduled}/{total} workers bound; the gang is placed all-or-nothing by {}", spec.scheduling.scheduler_name));
+    }
+
+    if created && running == total {
+        if old.phase != Some(JobPhase::Running) {
+            p.events.push(event("Running", &format!("all {total} workers are running"), false));
+        }
+        p.status.phase = Some(JobPhase::Running);
+        p.status.start_time.get_or_insert(Time(now));
+        set(&mut p, cond::RUNNING, true, "AllWorkersRunning", format!("{total}/{total} workers running"));
+        if old.phase == Some(JobPhase::Restarting) {
+            set(&mut p, cond::RESTARTING, false, "GangRestarted", format!("attempt {} is running", attempt + 1));
+        }
+        if let Some(deadline) = spec.run_policy.active_deadline_seconds {
+            let start = p.status.start_time.as_ref().map_or(now, |t| t.0);
+            requeue_at(&mut p, now, start + SignedDuration::from_secs(deadline));
+        }
+    } else if old.phase != Some(JobPhase::Restarting) {
+        p.status.phase = Some(JobPhase::Pending);
+    }
+    p
+}
+
+fn handle_failure(
+    job: &TrainingJob,
+    current: &[&Worker],
+    index: i32,
+    code: Option<i32>,
+    now: Timestamp,
+    backoff_base: Duration,
+    p: &mut Plan,
+) {
+    let policy = &job.spec.run_policy;
+    let restarts = job.status.as_ref().map_or(0, |s| s.restarts);
+    let what = match code {
+        Some(code) => format!("worker {index} exited with code {code}"),
+        None => format!("worker {index} was lost (no exit code: evicted, deleted or its node failed)"),
+    };
+    let retryable = match policy.restart_policy {
+        RestartPolicy::Never => false,
+        RestartPolicy::OnFailure => true,
+        RestartPolicy::ExitCode => code.is_none_or(|c| c >= 128),
+    };
+    if !retryable {
+        let reason = if policy.restart_policy == RestartPolicy::Never { "WorkerFailed" } else { "NonRetryableExitCode" };
+        let hint = if policy.restart_policy == RestartPolicy::Never {
+            "restartPolicy is Never"
+        } else {
+            "exit codes 1-127 are not retried under restartPolicy ExitCode; check the worker's logs"
+        };
+        fail(p, reason, format!("{what}; {hint}"), now);
+    } else if restarts >= policy.backoff_limit {
+        fail(p, "BackoffLimitExceeded", format!("{what}; the gang was already restarted {restarts} times (backoffLimit {})", policy.backoff_limit), now);
+    } else {
+        let delay = backoff(backoff_base, restarts + 1);
+        let msg = format!(
+            "{what}; restarting the whole gang in {}s (restart {} of {})",
+            delay.as_secs(),
+            restarts + 1,
+            policy.backoff_limit
+        );
+        p.status.restarts = restarts + 1;
+        p.status.phase = Some(JobPhase::Restarting);
+        p.status.start_time = None;
+        p.delete_pods.extend(current.iter().filter(|w| w.state != WorkerState::Terminating).map(|w| w.name.clone()));
+        upsert_condition(&mut p.status.conditions, condition(cond::RESTARTING, true, "WorkerFailed", msg.clone(), job.metadata.generation, Time(now)));
+        upsert_condition(&mut p.status.conditions, condition(cond::RUNNING, false, "Restarting", msg.clone(), job.metadata.generation, Time(now)));
+        p.events.push(JobEvent { reason: "Restarting", message: msg, warning: true });
+        p.requeue_after = Some(delay);
+        return;
+    }
+    let workers: Vec<Worker> = current.iter().map(|w| (*w).clone()).collect();
+    finish_cleanup(job, &workers, JobPhase::Failed, now, p);
+}
+
+fn fail(p: &mut Plan, reason: &'static str, msg: String, now: Timestamp) {
+    p.status.phase = Some(JobPhase::Failed);
+    p.status.completion_time = Some(Time(now));
+    let generation = p.status.observed_generation;
+    upsert_condition(&mut p.status.conditions, condition(cond::FAILED, true, reason, msg.clone(), generation, Time(now)));
+    upsert_condition(&mut p.status.conditions, condition(cond::RUNNING, false, reason, msg.clone(), generation, Time(now)));
+    upsert_condition(&mut p.status.conditions, condition(cond::RESTARTING, false, reason, "the job failed", generation, Time(now)));
+    p.events.push(JobEvent { reason, message: msg, warning: true });
+}
+
+/// After the end: delete pods as `cleanPodPolicy` says and the job itself after its TTL.
+fn finish_cleanup(job: &TrainingJob, workers: &[Worker], phase: JobPhase, now: Timestamp, p: &mut Plan) {
+    let policy = &job.spec.run_policy;
+    let doomed = workers.iter().filter(|w| match policy.clean_pod_policy {
+        CleanPodPolicy::All => w.state != WorkerState::Terminating,
+        CleanPodPolicy::Running => matches!(w.state, WorkerState::Running | WorkerState::Pending),
+        CleanPodPolicy::None => false,
+    });
+    for w in doomed {
+        if !p.delete_pods.contains(&w.name) {
+            p.delete_pods.push(w.name.clone());
+        }
+    }
+    p.status.workers_ready = Some(format!("0/{}", job.spec.distribution.workers));
+    p.status.phase = Some(phase);
+    if let Some(ttl) = policy.ttl_seconds_after_finished {
+        let finished = p.status.completion_time.as_ref().map_or(now, |t| t.0);
+        let expires = finished + SignedDuration::from_secs(ttl.into());
+        if now >= expires {
+            p.delete_job = true;
+        } else {
+            requeue_at(p, now, expires);
+        }
+    }
+}
+
+fn count(workers: &[Worker], attempt: i32) -> WorkerCounts {
+    let mut c = WorkerCounts::default();
+    for w in workers.iter().filter(|w| w.attempt == attempt) {
+        match w.state {
+            WorkerState::Pending => c.pending += 1,
+            WorkerState::Running => c.running += 1,
+            WorkerState::Succeeded => c.succeeded += 1,
+            WorkerState::Failed(_) => c.failed += 1,
+            WorkerState::Terminating => {}
+        }
+    }
+    c
+}
+
+fn backoff(base: Duration, restart: i32) -> Duration {
+    let exp = u32::try_from(restart.saturating_sub(1)).unwrap_or(0).min(16);
+    base.saturating_mul(1 << exp).min(MAX_BACKOFF)
+}
+
+fn requeue_at(p: &mut Plan, now: Timestamp, at: Timestamp) {
+    let wait = Duration::try_from(at.duration_since(now)).unwrap_or_default() + Duration::from_millis(50);
+    p.requeue_after = Some(p.requeue_after.map_or(wait, |d| d.min(wait)));
+}
+
+fn event(reason: &'static str, message: &str, warning: bool) -> JobEvent {
+    JobEvent { reason, message: message.to_string(), warning }
+}
+
+/// The conditions a finished job shows; used by tests and `kubectl wait`.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    find_condition(conditions, type_).is_some_and(|c| c.status == "True")
+}
