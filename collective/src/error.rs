@@ -46,7 +46,7 @@ pub enum Error {
     RendezvousTimeout { what: String, secs: f64 },
 
     #[error(
-        "{peer} sent nothing for {secs:.1} s during {op}: it is stalled or its host is unreachable; check that process (raise RINGMASTER_TIMEOUT_S if it is only slow){cause}"
+        "{peer} sent nothing for {secs:.1} s during {op}: it, or a rank it waits for, is stalled or unreachable; check those processes (raise RINGMASTER_TIMEOUT_S if it is only slow){cause}"
     )]
     PeerTimeout {
         peer: Peer,
@@ -99,11 +99,13 @@ impl Error {
         }
     }
 
-    /// Appends the first failure other ranks reported, so a rank that only saw the
-    /// cascade (its neighbour closing) still names the rank that really failed.
-    pub(crate) fn with_cause(mut self, first_failure: &str) -> Self {
+    /// Appends a note about the job-wide picture (the first failure another rank reported,
+    /// the ranks that stopped responding), so a rank that only saw the cascade still names
+    /// the rank that really failed.
+    pub(crate) fn with_note(mut self, note: &str) -> Self {
         if let Error::PeerTimeout { cause, .. } | Error::PeerClosed { cause, .. } = &mut self {
-            *cause = format!("; first failure reported in this job: {first_failure}");
+            cause.push_str("; ");
+            cause.push_str(note);
         }
         self
     }

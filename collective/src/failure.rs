@@ -13,32 +13,57 @@ const COUNTER: &str = "failures";
 pub(crate) struct FailureLog {
     store: Option<StoreClient>,
     rank: usize,
+    world: usize,
+    /// How long a rank that timed out waits for the other live ranks to time out too.
+    grace: Duration,
 }
 
 impl FailureLog {
-    pub(crate) fn new(store: Option<StoreClient>, rank: usize) -> Self {
-        FailureLog { store, rank }
+    pub(crate) fn new(store: Option<StoreClient>, rank: usize, world: usize, timeout: Duration) -> Self {
+        FailureLog {
+            store,
+            rank,
+            world,
+            grace: (timeout / 4).clamp(Duration::from_millis(500), Duration::from_secs(5)),
+        }
     }
 
-    /// Records `err` and returns it, enriched with the job's first reported failure when
-    /// another rank reported earlier. Best effort: a dead store (rank 0 gone) only means
-    /// the error is returned as observed.
+    /// Records `err` and returns it, enriched with the job-wide picture. Best effort: a
+    /// dead store (rank 0 gone) only means the error is returned as observed.
     pub(crate) fn record(&mut self, err: Error) -> Error {
-        error!(rank = self.rank, error = %err, "collective failed");
         let Some(store) = self.store.as_mut() else {
+            error!(rank = self.rank, error = %err, "collective failed");
             return err;
         };
-        let Ok(seq) = store.add(COUNTER, 1) else {
-            self.store = None;
-            return err;
-        };
-        let _ = store.set(&format!("failure/{seq}"), format!("rank {}: {err}", self.rank).as_bytes());
-        if seq == 1 {
-            return err;
+        let mut err = err;
+        // A stall propagates: every live rank ends up waiting on someone and times out at
+        // about the same moment, while the stalled rank never reports. The ranks that did
+        // not report within the grace period are the suspects.
+        let _ = store.set(&format!("responsive/{}", self.rank), b"");
+        if matches!(err, Error::PeerTimeout { .. }) {
+            std::thread::sleep(self.grace);
+            let silent: Vec<String> = (0..self.world)
+                .filter(|&r| r != self.rank)
+                .filter(|&r| matches!(store.try_get(&format!("responsive/{r}")), Ok(None)))
+                .map(|r| format!("rank {r}"))
+                .collect();
+            if !silent.is_empty() {
+                err = err.with_note(&format!(
+                    "ranks that stopped responding (no failure report from them within {:.1} s): {}",
+                    self.grace.as_secs_f64(),
+                    silent.join(", ")
+                ));
+            }
         }
-        match store.get("failure/1", Duration::from_secs(2)) {
-            Ok(first) => err.with_cause(&String::from_utf8_lossy(&first)),
-            Err(_) => err,
+        if let Ok(seq) = store.add(COUNTER, 1) {
+            let _ = store.set(&format!("failure/{seq}"), format!("rank {}: {err}", self.rank).as_bytes());
+            if seq != 1
+                && let Ok(first) = store.get("failure/1", Duration::from_secs(2))
+            {
+                err = err.with_note(&format!("first failure reported in this job: {}", String::from_utf8_lossy(&first)));
+            }
         }
+        error!(rank = self.rank, error = %err, "collective failed");
+        err
     }
 }

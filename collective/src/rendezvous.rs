@@ -224,7 +224,7 @@ pub fn connect_tcp(cfg: &RendezvousConfig) -> Result<TcpRing> {
     let order = cfg.validate()?;
     let n = cfg.world_size;
     if n == 1 {
-        return Ok(TcpRing::new(cfg.rank, order, None, cfg.ring.clone(), FailureLog::new(None, 0), None));
+        return Ok(TcpRing::new(cfg.rank, order, None, cfg.ring.clone(), FailureLog::new(None, 0, 1, cfg.ring.timeout), None));
     }
     let (store, server) = connect_store(cfg)?;
     let mut store = store;
@@ -236,11 +236,11 @@ pub fn connect_tcp(cfg: &RendezvousConfig) -> Result<TcpRing> {
                 order,
                 Some(links),
                 cfg.ring.clone(),
-                FailureLog::new(Some(store), cfg.rank),
+                FailureLog::new(Some(store), cfg.rank, n, cfg.ring.timeout),
                 server,
             ))
         }
-        Err(e) => Err(FailureLog::new(Some(store), cfg.rank).record(e)),
+        Err(e) => Err(FailureLog::new(Some(store), cfg.rank, n, cfg.ring.timeout).record(e)),
     }
 }
 
