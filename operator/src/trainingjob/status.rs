@@ -17,6 +17,8 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use ringmaster_crds::keys::{ATTEMPT, REPLICA_INDEX, TRAINER_CONTAINER};
+
+use super::desired;
 use ringmaster_crds::{
     CleanPodPolicy, JobPhase, RestartPolicy, TrainingJob, TrainingJobStatus, WorkerCounts,
     condition, find_condition, upsert_condition,
@@ -137,6 +139,13 @@ pub fn plan(job: &TrainingJob, pods: &[Pod], now: Timestamp, backoff_base: Durat
 
     if let Some(phase) = old.phase.filter(|ph| ph.is_finished()) {
         finish_cleanup(job, &workers, phase, now, &mut p);
+        return p;
+    }
+
+    if let Err(problem) = validate(job) {
+        if old.phase != Some(JobPhase::Failed) {
+            fail(&mut p, "InvalidSpec", problem, now);
+        }
         return p;
     }
 
@@ -268,6 +277,30 @@ pub fn plan(job: &TrainingJob, pods: &[Pod], now: Timestamp, backoff_base: Durat
     p
 }
 
+/// Rules the CRD schema cannot express; a job breaking one fails with the reason instead
+/// of producing pods that could never start.
+pub fn validate(job: &TrainingJob) -> Result<(), String> {
+    let spec = &job.spec;
+    for mount in &spec.volume_mounts {
+        if !spec.volumes.iter().any(|v| v.name == mount.name) {
+            return Err(format!(
+                "spec.volumeMounts: {:?} mounts volume {:?}, which spec.volumes does not define",
+                mount.mount_path, mount.name
+            ));
+        }
+    }
+    if spec.volume_mounts.iter().any(|m| m.mount_path == ringmaster_crds::keys::SPEC_MOUNT_DIR) {
+        return Err(format!("spec.volumeMounts: {} is reserved for the job spec", ringmaster_crds::keys::SPEC_MOUNT_DIR));
+    }
+    let name = job.metadata.name.as_deref().unwrap_or_default();
+    // Pod hostnames `<job>-worker-<i>` must stay DNS labels (63 characters).
+    let longest = desired::worker_name(name, spec.distribution.workers - 1);
+    if longest.len() > 63 {
+        return Err(format!("metadata.name: {name:?} is too long: worker hostname {longest:?} exceeds 63 characters"));
+    }
+    Ok(())
+}
+
 fn handle_failure(
     job: &TrainingJob,
     current: &[&Worker],
@@ -387,4 +420,243 @@ fn event(reason: &'static str, message: &str, warning: bool) -> JobEvent {
 /// The conditions a finished job shows; used by tests and `kubectl wait`.
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     find_condition(conditions, type_).is_some_and(|c| c.status == "True")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, PodSpec, PodStatus};
+    use kube::api::ObjectMeta;
+    use std::collections::BTreeMap;
+
+    const BASE: Duration = Duration::from_secs(10);
+
+    fn job(extra: &str) -> TrainingJob {
+        let yaml = format!(
+            "apiVersion: ringmaster.dev/v1alpha1\nkind: TrainingJob\nmetadata: {{name: j, namespace: ns, uid: u, generation: 2}}\n\
+             spec:\n  model: {{architecture: bert, source: /m, numClasses: 2}}\n  data: {{train: /d, format: csv}}\n  distribution: {{workers: 2}}\n{extra}"
+        );
+        serde_yaml::from_str(&yaml).unwrap()
+    }
+
+    fn pod(index: i32, attempt: i32, phase: &str, exit: Option<i32>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(format!("j-worker-{index}")),
+                labels: Some(BTreeMap::from([
+                    (REPLICA_INDEX.to_string(), index.to_string()),
+                    (ATTEMPT.to_string(), attempt.to_string()),
+                ])),
+                ..Default::default()
+            },
+            spec: Some(PodSpec { node_name: Some("n".into()), ..Default::default() }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                container_statuses: exit.map(|code| {
+                    vec![ContainerStatus {
+                        name: TRAINER_CONTAINER.into(),
+                        state: Some(ContainerState {
+                            terminated: Some(ContainerStateTerminated { exit_code: code, ..Default::default() }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn with_status(mut job: TrainingJob, phase: JobPhase, restarts: i32) -> TrainingJob {
+        job.status = Some(TrainingJobStatus { phase: Some(phase), restarts, ..Default::default() });
+        job
+    }
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_000_000).unwrap()
+    }
+
+    #[test]
+    fn new_job_creates_every_worker() {
+        let p = plan(&job(""), &[], now(), BASE);
+        assert_eq!(p.create, vec![0, 1]);
+        assert_eq!(p.status.phase, Some(JobPhase::Pending));
+        assert!(!is_true(&p.status.conditions, cond::CREATED));
+    }
+
+    #[test]
+    fn gates_are_lifted_only_when_the_whole_gang_exists() {
+        let mut gated = pod(0, 0, "Pending", None);
+        gated.spec.as_mut().unwrap().scheduling_gates = Some(vec![Default::default()]);
+        gated.spec.as_mut().unwrap().node_name = None;
+        let p = plan(&job(""), std::slice::from_ref(&gated), now(), BASE);
+        assert_eq!(p.create, vec![1]);
+        assert!(p.release_gates.is_empty(), "half a gang must stay gated");
+        let mut second = gated.clone();
+        second.metadata.name = Some("j-worker-1".into());
+        second.metadata.labels.as_mut().unwrap().insert(REPLICA_INDEX.into(), "1".into());
+        let p = plan(&job(""), &[gated, second], now(), BASE);
+        assert_eq!(p.release_gates, vec!["j-worker-0".to_string(), "j-worker-1".to_string()]);
+        assert!(is_true(&p.status.conditions, cond::CREATED));
+    }
+
+    #[test]
+    fn all_running_is_running_with_start_time() {
+        let pods = [pod(0, 0, "Running", None), pod(1, 0, "Running", None)];
+        let p = plan(&job(""), &pods, now(), BASE);
+        assert_eq!(p.status.phase, Some(JobPhase::Running));
+        assert_eq!(p.status.workers_ready.as_deref(), Some("2/2"));
+        assert!(is_true(&p.status.conditions, cond::RUNNING));
+        assert!(is_true(&p.status.conditions, cond::SCHEDULED));
+        assert_eq!(p.status.start_time, Some(Time(now())));
+    }
+
+    #[test]
+    fn failure_under_on_failure_restarts_the_whole_gang_with_backoff() {
+        let pods = [pod(0, 0, "Running", None), pod(1, 0, "Failed", Some(1))];
+        let p = plan(&with_status(job(""), JobPhase::Running, 0), &pods, now(), BASE);
+        assert_eq!(p.status.phase, Some(JobPhase::Restarting));
+        assert_eq!(p.status.restarts, 1);
+        assert_eq!(p.delete_pods, vec!["j-worker-0".to_string(), "j-worker-1".to_string()]);
+        assert_eq!(p.requeue_after, Some(BASE));
+        assert!(p.events[0].message.contains("worker 1 exited with code 1"));
+        // Second restart waits twice as long.
+        let pods = [pod(0, 1, "Failed", Some(1)), pod(1, 1, "Running", None)];
+        let p = plan(&with_status(job(""), JobPhase::Running, 1), &pods, now(), BASE);
+        assert_eq!(p.requeue_after, Some(BASE * 2));
+    }
+
+    #[test]
+    fn backoff_limit_fails_the_job() {
+        let pods = [pod(0, 3, "Failed", Some(2)), pod(1, 3, "Running", None)];
+        let p = plan(&with_status(job(""), JobPhase::Running, 3), &pods, now(), BASE);
+        assert_eq!(p.status.phase, Some(JobPhase::Failed));
+        let failed = find_condition(&p.status.conditions, cond::FAILED).unwrap();
+        assert_eq!(failed.reason, "BackoffLimitExceeded");
+        assert_eq!(p.delete_pods, vec!["j-worker-1".to_string()], "cleanPodPolicy Running deletes the running one");
+    }
+
+    #[test]
+    fn exit_code_policy_retries_signals_only() {
+        let policy = "  runPolicy: {restartPolicy: ExitCode}\n";
+        let killed = [pod(0, 0, "Failed", Some(137)), pod(1, 0, "Running", None)];
+        let p = plan(&with_status(job(policy), JobPhase::Running, 0), &killed, now(), BASE);
+        assert_eq!(p.status.phase, Some(JobPhase::Restarting));
+        let bug = [pod(0, 0, "Failed", Some(3)), pod(1, 0, "Running", None)];
+        let p = plan(&with_status(job(policy), JobPhase::Running, 0), &bug, now(), BASE);
+        assert_eq!(find_condition(&p.status.conditions, cond::FAILED).unwrap().reason, "NonRetryableExitCode");
+    }
+
+    #[test]
+    fn never_policy_fails_at_once() {
+        let pods = [pod(0, 0, "Failed", Some(137)), pod(1, 0, "Running", None)];
+        let p = plan(&with_status(job("  runPolicy: {restartPolicy: Never}\n"), JobPhase::Running, 0), &pods, now(), BASE);
+        assert_eq!(find_condition(&p.status.conditions, cond::FAILED).unwrap().reason, "WorkerFailed");
+    }
+
+    #[test]
+    fn a_worker_vanishing_from_a_running_gang_is_a_failure() {
+        let pods = [pod(0, 0, "Running", None)];
+        let p = plan(&with_status(job(""), JobPhase::Running, 0), &pods, now(), BASE);
+        assert_eq!(p.status.phase, Some(JobPhase::Restarting));
+        assert!(p.create.is_empty(), "no replacement joins a broken ring");
+    }
+
+    #[test]
+    fn restart_waits_for_backoff_and_old_pods() {
+        let mut j = with_status(job(""), JobPhase::Restarting, 1);
+        let since = Timestamp::from_second(1_000_000 - 4).unwrap();
+        j.status.as_mut().unwrap().conditions.push(condition(cond::RESTARTING, true, "WorkerFailed", "x", None, Time(since)));
+        let p = plan(&j, &[], now(), BASE);
+        assert!(p.create.is_empty());
+        assert!(p.requeue_after.unwrap() > Duration::from_secs(5));
+        let later = Timestamp::from_second(1_000_000 + 7).unwrap();
+        let stale = [pod(0, 0, "Failed", Some(1))];
+        let p = plan(&j, &stale, later, BASE);
+        assert!(p.create.is_empty(), "new pods reuse the names of the old ones");
+        assert_eq!(p.delete_pods, vec!["j-worker-0".to_string()]);
+        let p = plan(&j, &[], later, BASE);
+        assert_eq!(p.create, vec![0, 1]);
+        assert_eq!(p.status.phase, Some(JobPhase::Restarting));
+    }
+
+    #[test]
+    fn rank_zero_success_succeeds_and_cleans_running_workers() {
+        let pods = [pod(0, 0, "Succeeded", Some(0)), pod(1, 0, "Running", None)];
+        let p = plan(&with_status(job(""), JobPhase::Running, 0), &pods, now(), BASE);
+        assert_eq!(p.status.phase, Some(JobPhase::Succeeded));
+        assert!(is_true(&p.status.conditions, cond::SUCCEEDED));
+        assert_eq!(p.delete_pods, vec!["j-worker-1".to_string()]);
+    }
+
+    #[test]
+    fn clean_pod_policy_all_and_none() {
+        let pods = [pod(0, 0, "Succeeded", Some(0)), pod(1, 0, "Running", None)];
+        let all = plan(&with_status(job("  runPolicy: {cleanPodPolicy: All}\n"), JobPhase::Running, 0), &pods, now(), BASE);
+        assert_eq!(all.delete_pods.len(), 2);
+        let none = plan(&with_status(job("  runPolicy: {cleanPodPolicy: None}\n"), JobPhase::Running, 0), &pods, now(), BASE);
+        assert!(none.delete_pods.is_empty());
+    }
+
+    #[test]
+    fn ttl_deletes_the_job_after_it_finishes() {
+        let mut j = with_status(job("  runPolicy: {ttlSecondsAfterFinished: 60}\n"), JobPhase::Succeeded, 0);
+        j.status.as_mut().unwrap().completion_time = Some(Time(Timestamp::from_second(1_000_000 - 30).unwrap()));
+        let p = plan(&j, &[], now(), BASE);
+        assert!(!p.delete_job);
+        assert!(p.requeue_after.unwrap() <= Duration::from_secs(31));
+        let p = plan(&j, &[], Timestamp::from_second(1_000_000 + 31).unwrap(), BASE);
+        assert!(p.delete_job);
+    }
+
+    #[test]
+    fn deadline_fails_a_job_that_runs_too_long() {
+        let mut j = with_status(job("  runPolicy: {activeDeadlineSeconds: 100}\n"), JobPhase::Running, 0);
+        j.status.as_mut().unwrap().start_time = Some(Time(Timestamp::from_second(1_000_000 - 101).unwrap()));
+        let pods = [pod(0, 0, "Running", None), pod(1, 0, "Running", None)];
+        let p = plan(&j, &pods, now(), BASE);
+        assert_eq!(find_condition(&p.status.conditions, cond::FAILED).unwrap().reason, "DeadlineExceeded");
+        assert_eq!(p.delete_pods.len(), 2);
+    }
+
+    #[test]
+    fn suspend_removes_pods_and_resume_recreates_them() {
+        let pods = [pod(0, 0, "Running", None), pod(1, 0, "Running", None)];
+        let p = plan(&with_status(job("  runPolicy: {suspend: true}\n"), JobPhase::Running, 0), &pods, now(), BASE);
+        assert_eq!(p.status.phase, Some(JobPhase::Suspended));
+        assert_eq!(p.delete_pods.len(), 2);
+        assert!(is_true(&p.status.conditions, cond::SUSPENDED));
+        let p = plan(&with_status(job(""), JobPhase::Suspended, 0), &[], now(), BASE);
+        assert_eq!(p.create, vec![0, 1]);
+        assert!(!is_true(&p.status.conditions, cond::SUSPENDED));
+    }
+
+    #[test]
+    fn invalid_spec_fails_with_the_field() {
+        let j = job("  volumeMounts: [{name: data, mountPath: /data}]\n");
+        let p = plan(&j, &[], now(), BASE);
+        let failed = find_condition(&p.status.conditions, cond::FAILED).unwrap();
+        assert_eq!(failed.reason, "InvalidSpec");
+        assert!(failed.message.contains("spec.volumeMounts") && failed.message.contains("\"data\""));
+        assert!(p.create.is_empty());
+    }
+
+    #[test]
+    fn unschedulable_reason_reaches_the_scheduled_condition() {
+        let mut waiting = pod(0, 0, "Pending", None);
+        waiting.spec.as_mut().unwrap().node_name = None;
+        waiting.status.as_mut().unwrap().conditions = Some(vec![k8s_openapi::api::core::v1::PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            message: Some("gang 1/2 placeable: zone-a has 6 free GPUs but needs 8".into()),
+            ..Default::default()
+        }]);
+        let mut other = waiting.clone();
+        other.metadata.name = Some("j-worker-1".into());
+        other.metadata.labels.as_mut().unwrap().insert(REPLICA_INDEX.into(), "1".into());
+        let p = plan(&job(""), &[waiting, other], now(), BASE);
+        let scheduled = find_condition(&p.status.conditions, cond::SCHEDULED).unwrap();
+        assert_eq!(scheduled.reason, "Unschedulable");
+        assert!(scheduled.message.contains("zone-a has 6 free GPUs"));
+    }
 }
