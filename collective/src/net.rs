@@ -12,6 +12,13 @@ use crate::error::{Error, Peer, Result};
 /// the kernel clamps this to net.core.{r,w}mem_max.
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
+/// The send buffer a ring socket gets once `tune` asks for SOCKET_BUFFER_BYTES.
+pub fn send_buffer_capacity() -> io::Result<usize> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
+    s.send_buffer_size()
+}
+
 pub fn tune(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
     // Collective messages are latency-bound when small; Nagle would add up to 40 ms per hop.
     stream.set_nodelay(true)?;

@@ -173,13 +173,15 @@ impl RendezvousConfig {
 struct RankInfo {
     world: usize,
     addr: SocketAddr,
+    /// Bytes this rank's ring sockets buffer for sending (after the kernel's clamp).
+    sndbuf: usize,
     ring: String,
     order: String,
 }
 
 impl RankInfo {
     fn encode(&self) -> String {
-        format!("{}|{}|{}|{}", self.world, self.addr, self.ring, self.order)
+        format!("{}|{}|{}|{}|{}", self.world, self.addr, self.sndbuf, self.ring, self.order)
     }
 
     fn decode(s: &str) -> Option<RankInfo> {
@@ -187,6 +189,7 @@ impl RankInfo {
         Some(RankInfo {
             world: it.next()?.parse().ok()?,
             addr: it.next()?.parse().ok()?,
+            sndbuf: it.next()?.parse().ok()?,
             ring: it.next()?.to_string(),
             order: it.next()?.to_string(),
         })
@@ -273,7 +276,8 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
     let addr = listener.local_addr().map_err(|e| Error::io("reading the ring listener address", e))?;
     let ring = format!("streams={},chunk={},small={}", cfg.ring.streams, cfg.ring.chunk_bytes, cfg.ring.small_max_bytes);
     let order_s = order.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
-    let mine = RankInfo { world: n, addr, ring, order: order_s };
+    let sndbuf = net::send_buffer_capacity().map_err(|e| Error::io("probing the socket send buffer size", e))?;
+    let mine = RankInfo { world: n, addr, sndbuf, ring, order: order_s };
     store.set(&format!("rank/{rank}/info"), mine.encode().as_bytes())?;
     if rank == 0 {
         store.set("session", hex(&random_bytes::<16>()?).as_bytes())?;
@@ -281,6 +285,7 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
     let session = wait_key(store, "session", deadline, total)?;
 
     let mut addrs = Vec::with_capacity(n);
+    let mut max_message = usize::MAX;
     for r in 0..n {
         let raw = wait_key(store, &format!("rank/{r}/info"), deadline, total)?;
         let theirs = RankInfo::decode(&String::from_utf8_lossy(&raw)).ok_or_else(|| Error::Protocol {
@@ -302,6 +307,8 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
             return Err(disagree("ring order (RINGMASTER_RING_ORDER)", &mine.order, &theirs.order));
         }
         addrs.push(theirs.addr);
+        // Linux counts bookkeeping against the buffer too; half of it is safe for payload.
+        max_message = max_message.min(theirs.sndbuf / 2);
     }
     let pos = order.iter().position(|&r| r == rank).expect("validated order");
     let next_rank = order[(pos + 1) % n];
@@ -322,7 +329,7 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
     }
     let from_prev = accept_from(&listener, prev, cfg, &session, deadline)?;
     debug!(rank, %next, %prev, "ring links up");
-    Ok(Links { next, prev, to_next, from_prev })
+    Ok(Links { next, prev, to_next, from_prev, max_message })
 }
 
 struct Hello {

@@ -37,7 +37,8 @@ pub struct RingConfig {
     pub streams: usize,
     /// Largest pipeline chunk.
     pub chunk_bytes: usize,
-    /// Buffers up to this size take the low-latency path.
+    /// Buffers whose size times (world size - 1) is at most this take the low-latency
+    /// path (also capped by what every rank's socket send buffer holds).
     pub small_max_bytes: usize,
 }
 
@@ -47,7 +48,7 @@ impl Default for RingConfig {
             timeout: Duration::from_secs(60),
             streams: 2,
             chunk_bytes: 1 << 20,
-            small_max_bytes: 64 << 10,
+            small_max_bytes: 1 << 20,
         }
     }
 }
@@ -117,6 +118,8 @@ fn scratch_as<T: Elem>(store: &mut Vec<f32>, len: usize) -> &mut [T] {
 }
 
 const OP_MAGIC: [u8; 4] = *b"RMOP";
+/// Received data is summed in pieces of this size, small enough to stay in L2.
+const REDUCE_PIECE_BYTES: usize = 64 << 10;
 const HEADER_LEN: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +205,9 @@ pub(crate) struct Links {
     pub prev: Peer,
     pub to_next: Vec<TcpStream>,
     pub from_prev: Vec<TcpStream>,
+    /// The largest message every rank's send buffer takes without blocking: the low-latency
+    /// path writes a whole hop before reading, which must not wait on the reader.
+    pub max_message: usize,
 }
 
 /// One rank's end of a TCP ring; obtain it from [`crate::rendezvous::connect_tcp`].
@@ -368,6 +374,12 @@ impl TcpRing {
         Err(err)
     }
 
+    /// Every rank decides the same way: the inputs are the same on all ranks.
+    fn use_small_path(&self, bytes: usize) -> bool {
+        bytes.saturating_mul(self.world - 1) <= self.cfg.small_max_bytes
+            && bytes + HEADER_LEN <= self.links().max_message
+    }
+
     fn links(&self) -> &Links {
         self.links.as_ref().expect("world size > 1 has links")
     }
@@ -441,7 +453,7 @@ impl TcpRing {
         }
         self.guarded(|me| {
             let h = me.header::<T>(kind, buf.len(), 0);
-            if std::mem::size_of_val(buf) <= me.cfg.small_max_bytes {
+            if me.use_small_path(std::mem::size_of_val(buf)) {
                 me.small_all_reduce(buf, h)?;
             } else {
                 me.exchange_header(&h, "all_reduce")?;
@@ -556,7 +568,7 @@ impl TcpRing {
         }
         self.guarded(|me| {
             let h = me.header::<T>(Kind::AllGather, len, 0);
-            if std::mem::size_of_val(input) <= me.cfg.small_max_bytes {
+            if me.use_small_path(std::mem::size_of_val(input)) {
                 let mut sendbuf = std::mem::take(&mut me.sendbuf);
                 let r = me.ring_all_gather_small(output, len, h, &mut sendbuf, "all_gather");
                 me.sendbuf = sendbuf;
@@ -679,15 +691,28 @@ impl TcpRing {
                                 // previous step before we overwrite it.
                                 let wait_sender = || t == 0 || shared.wait(&shared.sent[k], send_base[t - 1] + jj + 1);
                                 let res = if step.reduce {
-                                    let tmp = scratch_as::<T>(scratch, range.len());
-                                    conn.read_exact(bytes_mut(tmp)).map(|()| {
-                                        if !wait_sender() {
-                                            return false;
+                                    // Sum in cache-sized pieces right after each read, while the
+                                    // bytes the kernel just copied are still in cache.
+                                    let piece = (REDUCE_PIECE_BYTES / std::mem::size_of::<T>()).max(1);
+                                    let tmp = scratch_as::<T>(scratch, piece.min(range.len()));
+                                    let mut waited = false;
+                                    let mut res = Ok(true);
+                                    for start in range.clone().step_by(piece) {
+                                        let part = start..(start + piece).min(range.end);
+                                        let tmp = &mut tmp[..part.len()];
+                                        if let Err(e) = conn.read_exact(bytes_mut(tmp)) {
+                                            res = Err(e);
+                                            break;
                                         }
+                                        if !waited && !wait_sender() {
+                                            res = Ok(false);
+                                            break;
+                                        }
+                                        waited = true;
                                         // SAFETY: see `wait_sender`; nobody else touches this chunk now.
-                                        T::add_assign(unsafe { raw.slice(range.clone()) }, tmp);
-                                        true
-                                    })
+                                        T::add_assign(unsafe { raw.slice(part) }, tmp);
+                                    }
+                                    res
                                 } else if !wait_sender() {
                                     Ok(false)
                                 } else {

@@ -1,1 +1,69 @@
-fn main(){}
+//! Benchmarks the TCP ring all-reduce with the Gloo baseline's definitions, starting the
+//! ranks as processes on loopback, and prints a markdown table.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ringmaster_collective::bench::{self, BenchArgs};
+use ringmaster_collective::{RendezvousConfig, connect_tcp};
+
+#[derive(Parser)]
+#[command(
+    name = "ringmaster-allreduce-bench",
+    about = "All-reduce (f32 sum) bus bandwidth of the TCP ring on loopback, with the same sizes, \
+             iteration rules and busbw formula as bench-baselines/allreduce_bench.py (Gloo).",
+    after_help = "Ring tuning is read from the environment by every rank: RINGMASTER_RING_STREAMS (2), \
+                  RINGMASTER_RING_CHUNK_BYTES (1048576), RINGMASTER_RING_SMALL_BYTES (65536).\n\
+                  Example: ringmaster-allreduce-bench --world-sizes 2,4 --max-bytes 268435456"
+)]
+struct Cli {
+    #[command(subcommand)]
+    worker: Option<Worker>,
+    /// Comma-separated numbers of ranks to run.
+    #[arg(long, default_value = "2,4", value_delimiter = ',')]
+    world_sizes: Vec<usize>,
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+#[derive(Subcommand)]
+enum Worker {
+    /// One rank of the benchmark (started by this program; reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, RINGMASTER_TOKEN).
+    #[command(hide = true)]
+    Rank {
+        #[command(flatten)]
+        args: BenchArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.worker {
+        Some(Worker::Rank { args }) => RendezvousConfig::from_env()
+            .and_then(|cfg| connect_tcp(&cfg))
+            .and_then(|mut comm| bench::run_rank(&mut comm, &args).map(|_| ())),
+        None => drive(&cli.world_sizes, &cli.args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn drive(world_sizes: &[usize], args: &BenchArgs) -> ringmaster_collective::Result<()> {
+    let exe = std::env::current_exe().map_err(|e| ringmaster_collective::Error::Config(format!("cannot find this executable: {e}")))?;
+    let mut child_args = vec!["rank".to_string()];
+    child_args.extend(args.to_args());
+    println!("{}", bench::TABLE_HEADER);
+    for &n in world_sizes {
+        bench::run_local(&exe, &child_args, n, |row| println!("{}", bench::table_row(row)))?;
+    }
+    Ok(())
+}
