@@ -4,11 +4,16 @@ use crate::cluster::Node;
 use crate::filter::Resolved;
 use crate::request::GpuDemand;
 
-/// Ours: FGD's fragmentation step, with the ties FGD leaves to luck (its integer
-/// sigmoid maps most small changes to the same score) broken by packing: the node left
-/// with the least free GPU, then the least free CPU. In the paper's replay, the fixed
-/// seeded node ranking plays that role by accident and is worth about 5 points; making it
-/// explicit keeps the gain when ties are broken at random.
+/// Ours: FGD's fragmentation step, with the ties it leaves decided by packing for the
+/// pods where that pays.
+///
+/// FGD's integer sigmoid maps most small fragmentation changes to the same score, so
+/// many nodes tie; in the paper's replay the fixed seeded node ranking decides, and that
+/// ranking is worth about 5 points to FGD. For sharing and CPU-only pods we decide the
+/// tie ourselves: the node whose GPUs are already the most allocated wins, so partial
+/// pods fill used nodes and idle nodes stay whole for whole-GPU pods. Whole-GPU pods keep
+/// FGD's choice: a packing tie-break for them measured worse (more fragmentation on the
+/// small 2-GPU nodes).
 pub struct FragPack {
     model: FragModel,
 }
@@ -20,12 +25,11 @@ impl FragPack {
 
     fn packed(&self, node: &Node, pod: &Resolved, device: Option<usize>) -> i64 {
         let frag = sigmoid_score(self.model.reduction(node, pod, device));
-        let gpu_left = node.gpu_free_total() - pod.pod.gpu.total_milli();
-        let cpu_left = node.cpu_free().saturating_sub(pod.pod.cpu_milli);
-        // 0..=100 in bits 40.., GPU left (< 2^16 milli) in bits 20..40, CPU left in
-        // units of 1/8 core below.
-        (frag << 40) | ((0xFFFF - gpu_left.min(0xFFFF) as i64) << 20)
-            | (0xF_FFFF - (cpu_left / 125).min(0xF_FFFF) as i64)
+        if matches!(pod.pod.gpu, GpuDemand::Whole(_)) || node.gpu_count() == 0 {
+            return frag << 20;
+        }
+        let allocated = node.gpu_used_total() * 1000 / (node.gpu_count() as u64 * 1000);
+        (frag << 20) | allocated as i64
     }
 }
 
@@ -53,30 +57,37 @@ mod tests {
     use super::*;
     use crate::policy::Fgd;
     use crate::policy::testutil::*;
-    use crate::request::GpuDemand;
 
-    #[test]
-    fn agrees_with_fgd_first_then_packs() {
+    fn model() -> FragModel {
         let pods: Vec<_> = (0..4)
             .map(|_| pod(1000, GpuDemand::Whole(1)))
-            .chain([pod(1000, GpuDemand::Share(500))])
+            .chain([pod(1000, GpuDemand::Share(500)), pod(1000, GpuDemand::None)])
             .collect();
-        let model = FragModel::from_workload(&pods);
-        let ours = FragPack::new(model.clone());
-        let fgd = Fgd::new(model);
-        let p = pod(1000, GpuDemand::Whole(1));
-        let idle8 = node_with(&[1000; 8], 64_000, 64_000);
-        let used = node_with(&[1000, 1000, 0, 0], 64_000, 32_000);
-        let r = resolved(&p);
-        // Same FGD score on both; FGD would leave the choice to the ranking.
-        assert_eq!(fgd.score(&idle8, &r).score, fgd.score(&used, &r).score);
-        assert!(ours.score(&used, &r).score > ours.score(&idle8, &r).score);
-        // A better FGD score always wins over packing.
+        FragModel::from_workload(&pods)
+    }
+
+    #[test]
+    fn fgd_first_then_packs_partial_pods() {
+        let ours = FragPack::new(model());
+        let fgd = Fgd::new(model());
+        let cpu = pod(1000, GpuDemand::None);
+        let idle = node_with(&[1000; 4], 64_000, 64_000);
+        let used = node_with(&[1000, 1000, 0, 0], 64_000, 64_000);
+        let r = resolved(&cpu);
+        // FGD sees no difference for a CPU-only pod; ours prefers the used node.
+        assert_eq!(fgd.score(&idle, &r).score, fgd.score(&used, &r).score);
+        assert!(ours.score(&used, &r).score > ours.score(&idle, &r).score);
+        // Whole-GPU pods keep FGD's ordering and ties.
+        let whole = pod(1000, GpuDemand::Whole(1));
+        let w = resolved(&whole);
+        assert_eq!(ours.score(&idle, &w).score >> 20, fgd.score(&idle, &w).score);
+        assert_eq!(ours.score(&idle, &w).score, ours.score(&used, &w).score);
+        // A better FGD score always wins over packing, and the device is FGD's.
         let share = pod(1000, GpuDemand::Share(500));
-        let half = node_with(&[500, 1000, 1000, 1000, 1000, 1000, 1000, 1000], 64_000, 64_000);
+        let half = node_with(&[500, 1000, 1000, 1000], 64_000, 64_000);
         let s = resolved(&share);
         assert!(fgd.score(&half, &s).score > fgd.score(&used, &s).score);
         assert!(ours.score(&half, &s).score > ours.score(&used, &s).score);
-        assert_eq!(ours.score(&half, &s).device, Some(0));
+        assert_eq!(ours.score(&half, &s).device, fgd.score(&half, &s).device);
     }
 }
