@@ -63,9 +63,8 @@ impl Token {
         let bytes = std::fs::read(path)
             .map_err(|e| Error::io(format!("reading token file {}", path.display()), e))?;
         let trimmed = bytes.trim_ascii_end();
-        Token::new(trimmed.to_vec()).map_err(|_| {
-            Error::Config(format!("token file {} is empty", path.display()))
-        })
+        Token::new(trimmed.to_vec())
+            .map_err(|_| Error::Config(format!("token file {} is empty", path.display())))
     }
 
     /// HMAC-SHA256 over the concatenated parts; callers prefix a label so a proof made for
@@ -90,7 +89,8 @@ impl Token {
 
 pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut b = [0u8; N];
-    getrandom::fill(&mut b).map_err(|e| Error::Config(format!("no OS randomness available: {e}")))?;
+    getrandom::fill(&mut b)
+        .map_err(|e| Error::Config(format!("no OS randomness available: {e}")))?;
     Ok(b)
 }
 

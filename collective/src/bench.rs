@@ -13,9 +13,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use crate::auth::Token;
 use crate::communicator::{Communicator, ReduceOp};
 use crate::error::{Error, Result};
-use crate::auth::Token;
 
 /// Benchmark settings; flatten into a clap command to expose them.
 #[derive(Debug, Clone, clap::Args)]
@@ -84,10 +84,19 @@ pub struct BenchRow {
 const ROW_PREFIX: &str = "RINGMASTER-BENCH-ROW";
 
 impl BenchRow {
-    fn new(world_size: usize, bytes: usize, mut times: Vec<f64>, correct: bool) -> BenchRow {
+    pub(crate) fn new(
+        world_size: usize,
+        bytes: usize,
+        mut times: Vec<f64>,
+        correct: bool,
+    ) -> BenchRow {
         times.sort_by(f64::total_cmp);
         let k = times.len();
-        let median_s = if k % 2 == 1 { times[k / 2] } else { (times[k / 2 - 1] + times[k / 2]) / 2.0 };
+        let median_s = if k % 2 == 1 {
+            times[k / 2]
+        } else {
+            (times[k / 2 - 1] + times[k / 2]) / 2.0
+        };
         let algbw_gbps = bytes as f64 / median_s / 1e9;
         BenchRow {
             world_size,
@@ -130,13 +139,23 @@ impl BenchRow {
     }
 }
 
+/// Hands a row to [`run_local`] (which reads rank 0's stdout); rank processes of other
+/// backends call this for their rows too.
+pub fn emit_row(row: &BenchRow) {
+    println!("{}", row.to_line());
+}
+
 /// Max over ranks, element-wise, via all-gather (the trait reduces by sum only).
-fn max_over_ranks(comm: &mut dyn Communicator, v: &[f32]) -> Result<Vec<f32>> {
+pub(crate) fn max_over_ranks(comm: &mut dyn Communicator, v: &[f32]) -> Result<Vec<f32>> {
     let n = comm.world_size();
     let mut all = vec![0.0; v.len() * n];
     comm.all_gather_f32(v, &mut all)?;
     Ok((0..v.len())
-        .map(|i| (0..n).map(|r| all[r * v.len() + i]).fold(f32::MIN, f32::max))
+        .map(|i| {
+            (0..n)
+                .map(|r| all[r * v.len() + i])
+                .fold(f32::MIN, f32::max)
+        })
         .collect())
 }
 
@@ -161,7 +180,8 @@ pub fn run_rank(comm: &mut dyn Communicator, args: &BenchArgs) -> Result<Vec<Ben
             warm = warm.max(one_iter(comm, &mut buf)?);
         }
         let est = max_over_ranks(comm, &[warm as f32])?[0] as f64;
-        let k = ((args.target_s / est.max(1e-9)) as usize).clamp(args.min_iters, args.max_iters.max(args.min_iters));
+        let k = ((args.target_s / est.max(1e-9)) as usize)
+            .clamp(args.min_iters, args.max_iters.max(args.min_iters));
         let mut times = Vec::with_capacity(k);
         for _ in 0..k {
             times.push(one_iter(comm, &mut buf)? as f32);
@@ -171,7 +191,7 @@ pub fn run_rank(comm: &mut dyn Communicator, args: &BenchArgs) -> Result<Vec<Ben
         let all_ok = max_over_ranks(comm, &[if ok { 0.0 } else { 1.0 }])?[0] == 0.0;
         let row = BenchRow::new(n, bytes, times.iter().map(|&t| t as f64).collect(), all_ok);
         if rank == 0 {
-            println!("{}", row.to_line());
+            emit_row(&row);
         }
         rows.push(row);
     }
@@ -182,7 +202,12 @@ pub fn run_rank(comm: &mut dyn Communicator, args: &BenchArgs) -> Result<Vec<Ben
 /// MASTER_ADDR, MASTER_PORT and a fresh RINGMASTER_TOKEN set; other environment, such as
 /// the RINGMASTER_RING_* tuning, is inherited), reports rows as they arrive through
 /// `on_row`, and fails if any rank fails. The child must call [`run_rank`].
-pub fn run_local(exe: &Path, args: &[String], world_size: usize, mut on_row: impl FnMut(&BenchRow)) -> Result<Vec<BenchRow>> {
+pub fn run_local(
+    exe: &Path,
+    args: &[String],
+    world_size: usize,
+    mut on_row: impl FnMut(&BenchRow),
+) -> Result<Vec<BenchRow>> {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| Error::io("finding a free port for the benchmark", e))?
@@ -197,7 +222,11 @@ pub fn run_local(exe: &Path, args: &[String], world_size: usize, mut on_row: imp
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
             .env("RINGMASTER_TOKEN", token.expose())
-            .stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() })
+            .stdout(if rank == 0 {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .map_err(|e| Error::io(format!("starting rank process {}", exe.display()), e))?;
         kids.push(child);
@@ -213,13 +242,18 @@ pub fn run_local(exe: &Path, args: &[String], world_size: usize, mut on_row: imp
     }
     let mut failed = Vec::new();
     for (rank, mut k) in kids.into_iter().enumerate() {
-        let status = k.wait().map_err(|e| Error::io("waiting for a rank process", e))?;
+        let status = k
+            .wait()
+            .map_err(|e| Error::io("waiting for a rank process", e))?;
         if !status.success() {
             failed.push(format!("rank {rank} ({status})"));
         }
     }
     if !failed.is_empty() {
-        return Err(Error::Config(format!("benchmark rank processes failed: {}; see their stderr above", failed.join(", "))));
+        return Err(Error::Config(format!(
+            "benchmark rank processes failed: {}; see their stderr above",
+            failed.join(", ")
+        )));
     }
     Ok(rows)
 }
@@ -265,7 +299,15 @@ mod tests {
 
     #[test]
     fn sizes_and_rows_follow_the_gloo_definitions() {
-        let a = BenchArgs { min_bytes: 1024, max_bytes: 256 << 20, factor: 4, warmup: 3, min_iters: 10, max_iters: 200, target_s: 2.0 };
+        let a = BenchArgs {
+            min_bytes: 1024,
+            max_bytes: 256 << 20,
+            factor: 4,
+            warmup: 3,
+            min_iters: 10,
+            max_iters: 200,
+            target_s: 2.0,
+        };
         let s = a.sizes();
         assert_eq!((s[0], *s.last().unwrap(), s.len()), (1024, 256 << 20, 10));
         let r = BenchRow::new(4, 1_000_000, vec![3e-3, 1e-3, 2e-3, 4e-3], true);

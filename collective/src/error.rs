@@ -83,7 +83,9 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    #[error("the communicator failed earlier and cannot be used again (first error: {0}); restart the job")]
+    #[error(
+        "the communicator failed earlier and cannot be used again (first error: {0}); restart the job"
+    )]
     Poisoned(String),
 
     #[cfg(feature = "cuda")]

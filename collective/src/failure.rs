@@ -19,7 +19,12 @@ pub(crate) struct FailureLog {
 }
 
 impl FailureLog {
-    pub(crate) fn new(store: Option<StoreClient>, rank: usize, world: usize, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        store: Option<StoreClient>,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+    ) -> Self {
         FailureLog {
             store,
             rank,
@@ -56,11 +61,17 @@ impl FailureLog {
             }
         }
         if let Ok(seq) = store.add(COUNTER, 1) {
-            let _ = store.set(&format!("failure/{seq}"), format!("rank {}: {err}", self.rank).as_bytes());
+            let _ = store.set(
+                &format!("failure/{seq}"),
+                format!("rank {}: {err}", self.rank).as_bytes(),
+            );
             if seq != 1
                 && let Ok(first) = store.get("failure/1", Duration::from_secs(2))
             {
-                err = err.with_note(&format!("first failure reported in this job: {}", String::from_utf8_lossy(&first)));
+                err = err.with_note(&format!(
+                    "first failure reported in this job: {}",
+                    String::from_utf8_lossy(&first)
+                ));
             }
         }
         error!(rank = self.rank, error = %err, "collective failed");

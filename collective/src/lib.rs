@@ -6,9 +6,9 @@ pub mod bench;
 mod communicator;
 mod error;
 mod failure;
-mod net;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod net;
 mod rendezvous;
 mod ring;
 mod store;
@@ -17,8 +17,10 @@ pub use auth::{TOKEN_ENV, TOKEN_FILE_ENV, Token};
 pub use communicator::{Communicator, ReduceOp};
 pub use error::{Error, Peer, Result};
 #[cfg(feature = "nccl")]
-pub use nccl::{NcclCommunicator, connect_nccl};
-pub use rendezvous::{DEFAULT_RENDEZVOUS_TIMEOUT, DEFAULT_TIMEOUT, RendezvousConfig, connect_tcp, parse_order};
+pub use nccl::{NcclCommunicator, connect_nccl, connect_nccl_on_stream};
+pub use rendezvous::{
+    DEFAULT_RENDEZVOUS_TIMEOUT, DEFAULT_TIMEOUT, RendezvousConfig, connect_tcp, parse_order,
+};
 pub use ring::{RingConfig, TcpRing};
 pub use store::{StoreClient, StoreServer};
 

@@ -42,7 +42,10 @@ pub fn connect_retry(addr: &str, deadline: Instant, what: &str) -> Result<TcpStr
             Ok(addrs) => {
                 for a in addrs {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    match TcpStream::connect_timeout(&a, left.clamp(Duration::from_millis(1), Duration::from_secs(5))) {
+                    match TcpStream::connect_timeout(
+                        &a,
+                        left.clamp(Duration::from_millis(1), Duration::from_secs(5)),
+                    ) {
                         Ok(s) => return Ok(s),
                         Err(e) => last_err = format!("{a}: {e}"),
                     }

@@ -65,7 +65,9 @@ fn env_required<T: std::str::FromStr>(name: &str, what: &str) -> Result<T> {
 fn secs(name: &str, default: Duration) -> Result<Duration> {
     match env_parse::<f64>(name, "a number of seconds")? {
         Some(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
-        Some(_) => Err(Error::Config(format!("{name} must be a positive number of seconds"))),
+        Some(_) => Err(Error::Config(format!(
+            "{name} must be a positive number of seconds"
+        ))),
         None => Ok(default),
     }
 }
@@ -74,14 +76,22 @@ pub fn parse_order(s: &str) -> Result<Vec<usize>> {
     s.split(',')
         .map(|x| {
             x.trim().parse().map_err(|_| {
-                Error::Config(format!("ring order {s:?} must be comma-separated ranks, e.g. 0,2,1,3"))
+                Error::Config(format!(
+                    "ring order {s:?} must be comma-separated ranks, e.g. 0,2,1,3"
+                ))
             })
         })
         .collect()
 }
 
 impl RendezvousConfig {
-    pub fn new(rank: usize, world_size: usize, master_addr: impl Into<String>, master_port: u16, token: Token) -> Self {
+    pub fn new(
+        rank: usize,
+        world_size: usize,
+        master_addr: impl Into<String>,
+        master_port: u16,
+        token: Token,
+    ) -> Self {
         RendezvousConfig {
             rank,
             world_size,
@@ -114,32 +124,46 @@ impl RendezvousConfig {
             small_max_bytes: env_parse("RINGMASTER_RING_SMALL_BYTES", "a byte count")?
                 .unwrap_or(defaults.small_max_bytes),
         };
-        let ring_order = env_var("RINGMASTER_RING_ORDER").map(|s| parse_order(&s)).transpose()?;
+        let ring_order = env_var("RINGMASTER_RING_ORDER")
+            .map(|s| parse_order(&s))
+            .transpose()?;
         Ok(RendezvousConfig {
             rank,
             world_size,
             master_addr,
             master_port,
             token,
-            rendezvous_timeout: secs("RINGMASTER_RENDEZVOUS_TIMEOUT_S", DEFAULT_RENDEZVOUS_TIMEOUT)?,
+            rendezvous_timeout: secs(
+                "RINGMASTER_RENDEZVOUS_TIMEOUT_S",
+                DEFAULT_RENDEZVOUS_TIMEOUT,
+            )?,
             ring,
             ring_order,
         })
     }
 
-    fn validate(&self) -> Result<Vec<usize>> {
+    pub(crate) fn validate(&self) -> Result<Vec<usize>> {
         let n = self.world_size;
         if n == 0 {
             return Err(Error::Config("WORLD_SIZE must be at least 1".into()));
         }
         if self.rank >= n {
-            return Err(Error::Config(format!("RANK {} is out of range for WORLD_SIZE {n} (ranks are 0..{})", self.rank, n - 1)));
+            return Err(Error::Config(format!(
+                "RANK {} is out of range for WORLD_SIZE {n} (ranks are 0..{})",
+                self.rank,
+                n - 1
+            )));
         }
         if self.ring.streams == 0 || self.ring.streams > 64 {
-            return Err(Error::Config(format!("ring streams must be 1..=64, got {}", self.ring.streams)));
+            return Err(Error::Config(format!(
+                "ring streams must be 1..=64, got {}",
+                self.ring.streams
+            )));
         }
         if self.ring.chunk_bytes < 4 {
-            return Err(Error::Config("ring chunk size must be at least 4 bytes".into()));
+            return Err(Error::Config(
+                "ring chunk size must be at least 4 bytes".into(),
+            ));
         }
         let order = self.ring_order.clone().unwrap_or_else(|| (0..n).collect());
         let mut seen = vec![false; n];
@@ -152,7 +176,9 @@ impl RendezvousConfig {
             }
         }
         if order.len() != n {
-            return Err(Error::Config(format!("ring order {order:?} must have WORLD_SIZE={n} entries")));
+            return Err(Error::Config(format!(
+                "ring order {order:?} must have WORLD_SIZE={n} entries"
+            )));
         }
         Ok(order)
     }
@@ -181,7 +207,10 @@ struct RankInfo {
 
 impl RankInfo {
     fn encode(&self) -> String {
-        format!("{}|{}|{}|{}|{}", self.world, self.addr, self.sndbuf, self.ring, self.order)
+        format!(
+            "{}|{}|{}|{}|{}",
+            self.world, self.addr, self.sndbuf, self.ring, self.order
+        )
     }
 
     fn decode(s: &str) -> Option<RankInfo> {
@@ -198,7 +227,12 @@ impl RankInfo {
 
 /// Waits for `key`, but gives up early when another rank has already reported a failure,
 /// so one misconfigured rank does not leave the rest waiting for the whole timeout.
-fn wait_key(store: &mut StoreClient, key: &str, deadline: Instant, total: Duration) -> Result<Vec<u8>> {
+pub(crate) fn wait_key(
+    store: &mut StoreClient,
+    key: &str,
+    deadline: Instant,
+    total: Duration,
+) -> Result<Vec<u8>> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match store.get(key, left.min(Duration::from_millis(500))) {
@@ -227,7 +261,14 @@ pub fn connect_tcp(cfg: &RendezvousConfig) -> Result<TcpRing> {
     let order = cfg.validate()?;
     let n = cfg.world_size;
     if n == 1 {
-        return Ok(TcpRing::new(cfg.rank, order, None, cfg.ring.clone(), FailureLog::new(None, 0, 1, cfg.ring.timeout), None));
+        return Ok(TcpRing::new(
+            cfg.rank,
+            order,
+            None,
+            cfg.ring.clone(),
+            FailureLog::new(None, 0, 1, cfg.ring.timeout),
+            None,
+        ));
     }
     let (store, server) = connect_store(cfg)?;
     let mut store = store;
@@ -252,7 +293,10 @@ pub(crate) fn connect_store(cfg: &RendezvousConfig) -> Result<(StoreClient, Opti
     let server = if cfg.rank == 0 {
         // All interfaces: MASTER_ADDR names this host as others see it, which may be an
         // address this process cannot bind directly (NAT, a service IP).
-        Some(StoreServer::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.master_port)), cfg.token.clone())?)
+        Some(StoreServer::bind(
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.master_port)),
+            cfg.token.clone(),
+        )?)
     } else {
         None
     };
@@ -272,12 +316,29 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
     }
     // Listen on the interface that reaches rank 0: it is the one other ranks can reach us on.
     let ip: IpAddr = store.local_addr()?.ip();
-    let listener = TcpListener::bind((ip, 0)).map_err(|e| Error::io(format!("binding the ring listener on {ip}"), e))?;
-    let addr = listener.local_addr().map_err(|e| Error::io("reading the ring listener address", e))?;
-    let ring = format!("streams={},chunk={},small={}", cfg.ring.streams, cfg.ring.chunk_bytes, cfg.ring.small_max_bytes);
-    let order_s = order.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
-    let sndbuf = net::send_buffer_capacity().map_err(|e| Error::io("probing the socket send buffer size", e))?;
-    let mine = RankInfo { world: n, addr, sndbuf, ring, order: order_s };
+    let listener = TcpListener::bind((ip, 0))
+        .map_err(|e| Error::io(format!("binding the ring listener on {ip}"), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("reading the ring listener address", e))?;
+    let ring = format!(
+        "streams={},chunk={},small={}",
+        cfg.ring.streams, cfg.ring.chunk_bytes, cfg.ring.small_max_bytes
+    );
+    let order_s = order
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let sndbuf = net::send_buffer_capacity()
+        .map_err(|e| Error::io("probing the socket send buffer size", e))?;
+    let mine = RankInfo {
+        world: n,
+        addr,
+        sndbuf,
+        ring,
+        order: order_s,
+    };
     store.set(&format!("rank/{rank}/info"), mine.encode().as_bytes())?;
     if rank == 0 {
         store.set("session", hex(&random_bytes::<16>()?).as_bytes())?;
@@ -288,48 +349,84 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
     let mut max_message = usize::MAX;
     for r in 0..n {
         let raw = wait_key(store, &format!("rank/{r}/info"), deadline, total)?;
-        let theirs = RankInfo::decode(&String::from_utf8_lossy(&raw)).ok_or_else(|| Error::Protocol {
-            peer: format!("rank {r}"),
-            reason: "unreadable rendezvous record; run the same ringmaster version on every rank".into(),
-        })?;
+        let theirs =
+            RankInfo::decode(&String::from_utf8_lossy(&raw)).ok_or_else(|| Error::Protocol {
+                peer: format!("rank {r}"),
+                reason:
+                    "unreadable rendezvous record; run the same ringmaster version on every rank"
+                        .into(),
+            })?;
         let disagree = |what: &str, a: &str, b: &str| Error::Mismatch {
             rank,
             peer: format!("rank {r} ({})", theirs.addr),
             detail: format!("{what}: rank {rank} has {a}, rank {r} has {b}"),
         };
         if theirs.world != n {
-            return Err(disagree("WORLD_SIZE", &n.to_string(), &theirs.world.to_string()));
+            return Err(disagree(
+                "WORLD_SIZE",
+                &n.to_string(),
+                &theirs.world.to_string(),
+            ));
         }
         if theirs.ring != mine.ring {
             return Err(disagree("ring settings", &mine.ring, &theirs.ring));
         }
         if theirs.order != mine.order {
-            return Err(disagree("ring order (RINGMASTER_RING_ORDER)", &mine.order, &theirs.order));
+            return Err(disagree(
+                "ring order (RINGMASTER_RING_ORDER)",
+                &mine.order,
+                &theirs.order,
+            ));
         }
         addrs.push(theirs.addr);
         // Linux counts bookkeeping against the buffer too; half of it is safe for payload.
         max_message = max_message.min(theirs.sndbuf / 2);
     }
-    let pos = order.iter().position(|&r| r == rank).expect("validated order");
+    let pos = order
+        .iter()
+        .position(|&r| r == rank)
+        .expect("validated order");
     let next_rank = order[(pos + 1) % n];
     let prev_rank = order[(pos + n - 1) % n];
-    let next = Peer { rank: next_rank, addr: addrs[next_rank] };
-    let prev = Peer { rank: prev_rank, addr: addrs[prev_rank] };
-    let hello = |stream: usize| Hello { from: rank, world: n, stream, streams: cfg.ring.streams };
+    let next = Peer {
+        rank: next_rank,
+        addr: addrs[next_rank],
+    };
+    let prev = Peer {
+        rank: prev_rank,
+        addr: addrs[prev_rank],
+    };
+    let hello = |stream: usize| Hello {
+        from: rank,
+        world: n,
+        stream,
+        streams: cfg.ring.streams,
+    };
 
     // Connect first, accept second: connects complete against the peer's listen backlog,
     // so no rank waits for another to reach accept().
     let mut to_next = Vec::with_capacity(cfg.ring.streams);
     for k in 0..cfg.ring.streams {
-        let s = net::connect_retry(&next.addr.to_string(), deadline, &format!("ring neighbour {next}"))?;
-        net::tune(&s, cfg.ring.timeout).map_err(|e| Error::io(format!("configuring the connection to {next}"), e))?;
+        let s = net::connect_retry(
+            &next.addr.to_string(),
+            deadline,
+            &format!("ring neighbour {next}"),
+        )?;
+        net::tune(&s, cfg.ring.timeout)
+            .map_err(|e| Error::io(format!("configuring the connection to {next}"), e))?;
         (&s).write_all(&hello(k).encode(&cfg.token, &session))
             .map_err(|e| net::peer_error(next, "ring connection set-up", cfg.ring.timeout, e))?;
         to_next.push(s);
     }
     let from_prev = accept_from(&listener, prev, cfg, &session, deadline)?;
     debug!(rank, %next, %prev, "ring links up");
-    Ok(Links { next, prev, to_next, from_prev, max_message })
+    Ok(Links {
+        next,
+        prev,
+        to_next,
+        from_prev,
+        max_message,
+    })
 }
 
 struct Hello {
@@ -342,7 +439,10 @@ struct Hello {
 impl Hello {
     fn fields(&self) -> [u8; 16] {
         let mut f = [0u8; 16];
-        for (i, v) in [self.from, self.world, self.stream, self.streams].into_iter().enumerate() {
+        for (i, v) in [self.from, self.world, self.stream, self.streams]
+            .into_iter()
+            .enumerate()
+        {
             f[i * 4..][..4].copy_from_slice(&(v as u32).to_le_bytes());
         }
         f
@@ -360,23 +460,39 @@ impl Hello {
 
     fn decode(b: &[u8; HELLO_LEN], token: &Token, session: &[u8]) -> Result<Hello, String> {
         if b[..4] != RING_MAGIC {
-            return Err(format!("not a ringmaster ring peer (first bytes {:02x?})", &b[..4]));
+            return Err(format!(
+                "not a ringmaster ring peer (first bytes {:02x?})",
+                &b[..4]
+            ));
         }
         let v = u16::from_le_bytes([b[4], b[5]]);
         if v != RING_VERSION {
-            return Err(format!("ring protocol version {v}, this rank speaks {RING_VERSION}"));
+            return Err(format!(
+                "ring protocol version {v}, this rank speaks {RING_VERSION}"
+            ));
         }
         if !token.verify(&[RING_LABEL, session, &b[6..22]], &b[22..]) {
             return Err("bad authentication tag (wrong job token or another job's session)".into());
         }
         let u = |i: usize| u32::from_le_bytes(b[6 + i * 4..][..4].try_into().unwrap()) as usize;
-        Ok(Hello { from: u(0), world: u(1), stream: u(2), streams: u(3) })
+        Ok(Hello {
+            from: u(0),
+            world: u(1),
+            stream: u(2),
+            streams: u(3),
+        })
     }
 }
 
 /// Accepts the K connections from the previous rank. Anything else that connects (a
 /// scanner, a stale rank of an older job) is logged and dropped; only the deadline fails.
-fn accept_from(listener: &TcpListener, prev: Peer, cfg: &RendezvousConfig, session: &[u8], deadline: Instant) -> Result<Vec<TcpStream>> {
+fn accept_from(
+    listener: &TcpListener,
+    prev: Peer,
+    cfg: &RendezvousConfig,
+    session: &[u8],
+    deadline: Instant,
+) -> Result<Vec<TcpStream>> {
     let k = cfg.ring.streams;
     let mut slots: Vec<Option<TcpStream>> = (0..k).map(|_| None).collect();
     listener
@@ -400,9 +516,11 @@ fn accept_from(listener: &TcpListener, prev: Peer, cfg: &RendezvousConfig, sessi
         };
         let checked = (|| -> Result<Hello, String> {
             s.set_nonblocking(false).map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
             let mut b = [0u8; HELLO_LEN];
-            (&s).read_exact(&mut b).map_err(|e| format!("no complete hello: {e}"))?;
+            (&s).read_exact(&mut b)
+                .map_err(|e| format!("no complete hello: {e}"))?;
             let h = Hello::decode(&b, &cfg.token, session)?;
             if h.world != cfg.world_size || h.streams != k {
                 return Err(format!(
@@ -411,18 +529,25 @@ fn accept_from(listener: &TcpListener, prev: Peer, cfg: &RendezvousConfig, sessi
                 ));
             }
             if h.from != prev.rank || h.stream >= k {
-                return Err(format!("unexpected hello from rank {} stream {} (expected rank {})", h.from, h.stream, prev.rank));
+                return Err(format!(
+                    "unexpected hello from rank {} stream {} (expected rank {})",
+                    h.from, h.stream, prev.rank
+                ));
             }
             Ok(h)
         })();
         match checked {
             Ok(h) if slots[h.stream].is_none() => {
-                net::tune(&s, cfg.ring.timeout).map_err(|e| Error::io(format!("configuring the connection from {prev}"), e))?;
+                net::tune(&s, cfg.ring.timeout)
+                    .map_err(|e| Error::io(format!("configuring the connection from {prev}"), e))?;
                 slots[h.stream] = Some(s);
             }
             Ok(h) => warn!(peer = %from, stream = h.stream, "ring: dropped duplicate connection"),
             Err(reason) => warn!(peer = %from, %reason, "ring: dropped connection"),
         }
     }
-    Ok(slots.into_iter().map(|s| s.expect("all slots filled")).collect())
+    Ok(slots
+        .into_iter()
+        .map(|s| s.expect("all slots filled"))
+        .collect())
 }

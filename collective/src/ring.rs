@@ -258,7 +258,11 @@ impl Shared<'_> {
             }
             // Publish before shutting sockets down: neighbours see the shutdown as a cascade
             // and then find this report as the root cause.
-            let err = self.failures.lock().unwrap_or_else(|p| p.into_inner()).record(err);
+            let err = self
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(err);
             *first = Some(err);
             self.abort.store(true, Ordering::SeqCst);
         }
@@ -302,7 +306,7 @@ unsafe impl<T: Send> Sync for RawBuf<T> {}
 impl<T> RawBuf<T> {
     /// # Safety
     /// No other live reference may overlap `r` while the slice is used.
-    unsafe fn slice(&self, r: Range<usize>) -> &mut [T] {
+    unsafe fn slice<'a>(self, r: Range<usize>) -> &'a mut [T] {
         assert!(r.start <= r.end && r.end <= self.len);
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.end - r.start) }
     }
@@ -321,7 +325,10 @@ impl TcpRing {
         failures: FailureLog,
         store: Option<StoreServer>,
     ) -> TcpRing {
-        let pos = order.iter().position(|&r| r == rank).expect("rank is in the ring order");
+        let pos = order
+            .iter()
+            .position(|&r| r == rank)
+            .expect("rank is in the ring order");
         TcpRing {
             rank,
             world: order.len(),
@@ -363,7 +370,11 @@ impl TcpRing {
             Ok(v) => return Ok(v),
             Err(Failure::Recorded(e)) => e,
             Err(Failure::New(e)) => {
-                let e = self.failures.get_mut().unwrap_or_else(|p| p.into_inner()).record(e);
+                let e = self
+                    .failures
+                    .get_mut()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record(e);
                 if let Some(links) = &self.links {
                     shutdown_links(links);
                 }
@@ -398,7 +409,12 @@ impl TcpRing {
             .map_err(|e| peer_error(l.prev, op, self.cfg.timeout, e).into())
     }
 
-    fn check_header(&self, mine: &Header, theirs: &[u8; HEADER_LEN], op: &str) -> Result<(), Failure> {
+    fn check_header(
+        &self,
+        mine: &Header,
+        theirs: &[u8; HEADER_LEN],
+        op: &str,
+    ) -> Result<(), Failure> {
         let prev = self.links().prev;
         match Header::decode(theirs) {
             None => Err(Error::Protocol {
@@ -464,8 +480,16 @@ impl TcpRing {
                 // segment p-t-1; after n-1 steps it owns segment p+1 fully reduced. The
                 // all-gather then passes finished segments on.
                 let steps: Vec<Step> = (0..n - 1)
-                    .map(|t| Step { send: (p + n - t) % n, recv: (p + 2 * n - t - 1) % n, reduce: true })
-                    .chain((0..n - 1).map(|s| Step { send: (p + 1 + n - s) % n, recv: (p + n - s) % n, reduce: false }))
+                    .map(|t| Step {
+                        send: (p + n - t) % n,
+                        recv: (p + 2 * n - t - 1) % n,
+                        reduce: true,
+                    })
+                    .chain((0..n - 1).map(|s| Step {
+                        send: (p + 1 + n - s) % n,
+                        recv: (p + n - s) % n,
+                        reduce: false,
+                    }))
                     .collect();
                 me.pipeline(buf, &segs, &steps, "all_reduce")?;
             }
@@ -510,7 +534,10 @@ impl TcpRing {
         let n = self.world;
         let mut theirs = [0u8; HEADER_LEN];
         for s in 0..n - 1 {
-            let hop = Header { step: s as u32, ..h };
+            let hop = Header {
+                step: s as u32,
+                ..h
+            };
             let send_rank = self.rank_at(self.pos + n - s);
             let recv_rank = self.rank_at(self.pos + 2 * n - s - 1);
             sendbuf.clear();
@@ -597,7 +624,13 @@ impl TcpRing {
             // n-1 hops of headers: a rank leaves only after news from every other rank arrived.
             let h = me.header::<f32>(Kind::Barrier, 0, 0);
             let mut sendbuf = std::mem::take(&mut me.sendbuf);
-            let r = me.ring_all_gather_small::<f32>(&mut [], 0, Header { dtype: 0, ..h }, &mut sendbuf, "barrier");
+            let r = me.ring_all_gather_small::<f32>(
+                &mut [],
+                0,
+                Header { dtype: 0, ..h },
+                &mut sendbuf,
+                "barrier",
+            );
             me.sendbuf = sendbuf;
             r
         })
@@ -606,21 +639,35 @@ impl TcpRing {
     /// Runs `steps` over `data` with K connections, each with a sender and a receiver
     /// thread. Requires `steps[t+1].send == steps[t].recv`, which makes the chunk j a
     /// sender forwards in step t+1 the one its own receiver finished in step t.
-    fn pipeline<T: Elem>(&mut self, data: &mut [T], segs: &[Range<usize>], steps: &[Step], op: &str) -> Result<(), Failure> {
+    fn pipeline<T: Elem>(
+        &mut self,
+        data: &mut [T],
+        segs: &[Range<usize>],
+        steps: &[Step],
+        op: &str,
+    ) -> Result<(), Failure> {
         let k_streams = self.cfg.streams;
         let max_seg = segs.iter().map(|r| r.len()).max().unwrap_or(0);
         let elem = std::mem::size_of::<T>();
         // At least ~4 chunks per connection and segment keep the pipeline full on mid-sized
         // buffers; every rank derives the same chunking from the same inputs.
         let max_chunk = (self.cfg.chunk_bytes / elem).max(1);
-        let chunk = max_seg.div_ceil(4 * k_streams).clamp(((16 << 10) / elem).min(max_chunk), max_chunk);
+        let chunk = max_seg
+            .div_ceil(4 * k_streams)
+            .clamp(((16 << 10) / elem).min(max_chunk), max_chunk);
         let nchunks = |seg: usize| segs[seg].len().div_ceil(chunk);
         let chunk_range = |seg: usize, j: usize| {
             let r = &segs[seg];
             r.start + j * chunk..(r.start + (j + 1) * chunk).min(r.end)
         };
         // Per connection k, how many of its chunks come before step t (send and receive side).
-        let count_k = |k: usize, n: usize| if n > k { (n - k).div_ceil(k_streams) } else { 0 };
+        let count_k = |k: usize, n: usize| {
+            if n > k {
+                (n - k).div_ceil(k_streams)
+            } else {
+                0
+            }
+        };
         let bases = |k: usize, pick: &dyn Fn(&Step) -> usize| {
             let mut acc = 0;
             let mut v = Vec::with_capacity(steps.len());
@@ -644,7 +691,10 @@ impl TcpRing {
             sender_threads: (0..k_streams).map(|_| OnceLock::new()).collect(),
             receiver_threads: (0..k_streams).map(|_| OnceLock::new()).collect(),
         };
-        let raw = RawBuf { ptr: data.as_mut_ptr(), len: data.len() };
+        let raw = RawBuf {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+        };
         let scratch = &mut self.scratch;
         thread::scope(|scope| {
             for (k, scratch) in scratch.iter_mut().enumerate() {
@@ -659,14 +709,21 @@ impl TcpRing {
                         let mut done = 0;
                         for (t, step) in steps.iter().enumerate() {
                             for (jj, j) in (k..nchunks(step.send)).step_by(k_streams).enumerate() {
-                                if t > 0 && !shared.wait(&shared.received[k], recv_base[t - 1] + jj + 1) {
+                                if t > 0
+                                    && !shared.wait(&shared.received[k], recv_base[t - 1] + jj + 1)
+                                {
                                     return;
                                 }
                                 // SAFETY: our receiver finished this chunk (waited above) and
                                 // will not write it again before we report it sent.
                                 let c = unsafe { raw.slice(chunk_range(step.send, j)) };
                                 if let Err(e) = conn.write_all(bytes(c)) {
-                                    shared.fail(peer_error(shared.links.next, &shared.op, shared.timeout, e));
+                                    shared.fail(peer_error(
+                                        shared.links.next,
+                                        &shared.op,
+                                        shared.timeout,
+                                        e,
+                                    ));
                                     return;
                                 }
                                 done += 1;
@@ -689,11 +746,15 @@ impl TcpRing {
                                 let range = chunk_range(step.recv, j);
                                 // Our sender must have finished reading this region in the
                                 // previous step before we overwrite it.
-                                let wait_sender = || t == 0 || shared.wait(&shared.sent[k], send_base[t - 1] + jj + 1);
+                                let wait_sender = || {
+                                    t == 0
+                                        || shared.wait(&shared.sent[k], send_base[t - 1] + jj + 1)
+                                };
                                 let res = if step.reduce {
                                     // Sum in cache-sized pieces right after each read, while the
                                     // bytes the kernel just copied are still in cache.
-                                    let piece = (REDUCE_PIECE_BYTES / std::mem::size_of::<T>()).max(1);
+                                    let piece =
+                                        (REDUCE_PIECE_BYTES / std::mem::size_of::<T>()).max(1);
                                     let tmp = scratch_as::<T>(scratch, piece.min(range.len()));
                                     let mut waited = false;
                                     let mut res = Ok(true);
@@ -717,13 +778,19 @@ impl TcpRing {
                                     Ok(false)
                                 } else {
                                     // SAFETY: as above.
-                                    conn.read_exact(bytes_mut(unsafe { raw.slice(range.clone()) })).map(|()| true)
+                                    conn.read_exact(bytes_mut(unsafe { raw.slice(range.clone()) }))
+                                        .map(|()| true)
                                 };
                                 match res {
                                     Ok(true) => {}
                                     Ok(false) => return,
                                     Err(e) => {
-                                        shared.fail(peer_error(shared.links.prev, &shared.op, shared.timeout, e));
+                                        shared.fail(peer_error(
+                                            shared.links.prev,
+                                            &shared.op,
+                                            shared.timeout,
+                                            e,
+                                        ));
                                         return;
                                     }
                                 }
@@ -738,7 +805,11 @@ impl TcpRing {
                     .expect("spawning a ring receiver thread");
             }
         });
-        match shared.first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        match shared
+            .first_error
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+        {
             Some(e) => Err(Failure::Recorded(e)),
             None => Ok(()),
         }
@@ -797,7 +868,14 @@ mod tests {
 
     #[test]
     fn header_roundtrip_and_rejects_foreign_bytes() {
-        let h = Header { kind: 1, dtype: 1, seq: 7, count: 12345, root: 2, step: 3 };
+        let h = Header {
+            kind: 1,
+            dtype: 1,
+            seq: 7,
+            count: 12345,
+            root: 2,
+            step: 3,
+        };
         assert_eq!(Header::decode(&h.encode()), Some(h));
         assert_eq!(Header::decode(&[0u8; HEADER_LEN]), None);
     }

@@ -173,7 +173,9 @@ fn serve_connection(mut s: TcpStream, state: &State, token: &Token) -> Result<()
         }
         let len = u32::from_le_bytes(len) as usize;
         if len > MAX_FRAME {
-            return Err(format!("request of {len} bytes exceeds the {MAX_FRAME}-byte limit"));
+            return Err(format!(
+                "request of {len} bytes exceeds the {MAX_FRAME}-byte limit"
+            ));
         }
         body.resize(len, 0);
         s.read_exact(&mut body)
@@ -225,7 +227,9 @@ fn handle_request(body: &[u8], state: &State, out: &mut Vec<u8>) -> Result<(), S
                 Some(v) if v.len() == 8 => i64::from_le_bytes(v[..].try_into().unwrap()),
                 Some(_) => {
                     out.push(ST_ERROR);
-                    out.extend_from_slice(format!("key {key} holds a value, not a counter").as_bytes());
+                    out.extend_from_slice(
+                        format!("key {key} holds a value, not a counter").as_bytes(),
+                    );
                     return Ok(());
                 }
             };
@@ -236,7 +240,11 @@ fn handle_request(body: &[u8], state: &State, out: &mut Vec<u8>) -> Result<(), S
             out.extend_from_slice(&new.to_le_bytes());
         }
         OP_GET | OP_WAIT_GE => {
-            let target = if op == OP_WAIT_GE { Some(c.u64()? as i64) } else { None };
+            let target = if op == OP_WAIT_GE {
+                Some(c.u64()? as i64)
+            } else {
+                None
+            };
             let deadline = Instant::now() + Duration::from_millis(c.u64()?);
             loop {
                 let ready = match (map.get(&key), target) {
@@ -301,8 +309,10 @@ impl StoreClient {
             ),
         };
         s.set_nodelay(true).map_err(io_err)?;
-        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io_err)?;
-        s.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io_err)?;
+        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(io_err)?;
+        s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(io_err)?;
         let client_nonce: [u8; NONCE_LEN] = random_bytes()?;
         let mut hello = Vec::with_capacity(4 + 2 + NONCE_LEN);
         hello.extend_from_slice(&MAGIC);
@@ -314,7 +324,8 @@ impl StoreClient {
         if reply[..4] != MAGIC {
             return Err(Error::Protocol {
                 peer: format!("the store at {addr}"),
-                reason: "the server is not a ringmaster store (check MASTER_ADDR/MASTER_PORT)".into(),
+                reason: "the server is not a ringmaster store (check MASTER_ADDR/MASTER_PORT)"
+                    .into(),
             });
         }
         let version = u16::from_le_bytes([reply[4], reply[5]]);
@@ -327,7 +338,10 @@ impl StoreClient {
             });
         }
         let server_nonce = &reply[6..6 + NONCE_LEN];
-        if !token.verify(&[SERVER_LABEL, &client_nonce, server_nonce], &reply[6 + NONCE_LEN..]) {
+        if !token.verify(
+            &[SERVER_LABEL, &client_nonce, server_nonce],
+            &reply[6 + NONCE_LEN..],
+        ) {
             return Err(Error::Auth {
                 peer: format!("the store at {addr}"),
                 reason: "the store could not prove it holds the job token".into(),
@@ -361,7 +375,10 @@ impl StoreClient {
 
     fn request(&mut self, op: u8, key: &str, args: &[u8], wait: Duration) -> Result<(u8, Vec<u8>)> {
         if key.len() > u16::MAX as usize {
-            return Err(Error::InvalidArgument(format!("store key of {} bytes is too long", key.len())));
+            return Err(Error::InvalidArgument(format!(
+                "store key of {} bytes is too long",
+                key.len()
+            )));
         }
         let body_len = 1 + 2 + key.len() + args.len();
         if body_len > MAX_FRAME {
@@ -373,13 +390,16 @@ impl StoreClient {
         self.buf.clear();
         self.buf.extend_from_slice(&(body_len as u32).to_le_bytes());
         self.buf.push(op);
-        self.buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(key.len() as u16).to_le_bytes());
         self.buf.extend_from_slice(key.as_bytes());
         self.buf.extend_from_slice(args);
         let addr = self.addr.clone();
         let lost = |e: io::Error| Error::Store {
             addr: addr.clone(),
-            reason: format!("connection lost ({e}); rank 0, which hosts the store, probably exited or failed"),
+            reason: format!(
+                "connection lost ({e}); rank 0, which hosts the store, probably exited or failed"
+            ),
         };
         // The server answers a timed-out wait itself; the margin only catches a dead server.
         self.stream

@@ -8,12 +8,19 @@ use ringmaster_collective::{Communicator, Error, ReduceOp, RingConfig, bf16};
 /// Small chunks and a small fast-path threshold exercise many chunks, both paths and
 /// uneven chunk counts per connection on modest buffers.
 fn tight() -> RingConfig {
-    RingConfig { chunk_bytes: 4096, small_max_bytes: 256, streams: 3, ..RingConfig::default() }
+    RingConfig {
+        chunk_bytes: 4096,
+        small_max_bytes: 256,
+        streams: 3,
+        ..RingConfig::default()
+    }
 }
 
 fn check_all_reduce(n: usize, len: usize, ring: RingConfig, order: Option<Vec<usize>>) {
     let inputs: Vec<Vec<f32>> = (0..n).map(|r| integer_floats(len, r)).collect();
-    let exact: Vec<f32> = (0..len).map(|i| inputs.iter().map(|v| v[i]).sum()).collect();
+    let exact: Vec<f32> = (0..len)
+        .map(|i| inputs.iter().map(|v| v[i]).sum())
+        .collect();
     let randoms: Vec<Vec<f32>> = (0..n).map(|r| random_floats(len, r, len as u64)).collect();
     let results = run_ranks(n, ring, order, |c| {
         let r = c.rank();
@@ -24,11 +31,18 @@ fn check_all_reduce(n: usize, len: usize, ring: RingConfig, order: Option<Vec<us
         (a, b)
     });
     for (rank, (a, b)) in results.iter().enumerate() {
-        assert!(a == &exact, "world {n} len {len}: rank {rank} differs from the exact sum");
+        assert!(
+            a == &exact,
+            "world {n} len {len}: rank {rank} differs from the exact sum"
+        );
         for i in 0..len {
             let mag: f32 = randoms.iter().map(|v| v[i].abs()).sum();
             let want: f32 = randoms.iter().map(|v| v[i]).sum();
-            assert!((b[i] - want).abs() <= 1e-6 * mag + 1e-30, "world {n} len {len} rank {rank} elem {i}: {} vs {want}", b[i]);
+            assert!(
+                (b[i] - want).abs() <= 1e-6 * mag + 1e-30,
+                "world {n} len {len} rank {rank} elem {i}: {} vs {want}",
+                b[i]
+            );
         }
         assert_eq!(b, &results[0].1, "every rank must hold identical bits");
     }
@@ -54,7 +68,15 @@ fn all_reduce_64_mib_with_odd_length() {
 fn ring_order_is_an_input() {
     for len in [7, 50_000] {
         check_all_reduce(4, len, tight(), Some(vec![2, 0, 3, 1]));
-        check_all_reduce(5, len, RingConfig { streams: 1, ..tight() }, Some(vec![4, 3, 2, 1, 0]));
+        check_all_reduce(
+            5,
+            len,
+            RingConfig {
+                streams: 1,
+                ..tight()
+            },
+            Some(vec![4, 3, 2, 1, 0]),
+        );
     }
 }
 
@@ -95,7 +117,11 @@ fn broadcast_and_all_gather() {
             });
             let want_g: Vec<f32> = (0..n).flat_map(|r| integer_floats(len, r)).collect();
             for (b, g) in out {
-                assert_eq!(b, integer_floats(len, root), "broadcast world {n} len {len}");
+                assert_eq!(
+                    b,
+                    integer_floats(len, root),
+                    "broadcast world {n} len {len}"
+                );
                 assert_eq!(g, want_g, "all_gather world {n} len {len}");
             }
         }
@@ -128,10 +154,15 @@ fn mismatched_buffer_sizes_are_reported_naming_the_ranks() {
             let second = c.barrier();
             (first, second)
         });
-        let errs: Vec<String> = out.iter().filter_map(|(r, _)| r.as_ref().err().map(|e| e.to_string())).collect();
+        let errs: Vec<String> = out
+            .iter()
+            .filter_map(|(r, _)| r.as_ref().err().map(|e| e.to_string()))
+            .collect();
         assert!(!errs.is_empty());
         assert!(
-            errs.iter().any(|e| e.contains("disagree") && e.contains("rank 1") && e.contains(&format!("{} f32", len + 1))),
+            errs.iter().any(|e| e.contains("disagree")
+                && e.contains("rank 1")
+                && e.contains(&format!("{} f32", len + 1))),
             "{errs:#?}"
         );
         for (first, second) in &out {

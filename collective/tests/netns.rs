@@ -10,7 +10,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ringmaster_collective::{Communicator, RendezvousConfig, ReduceOp, connect_tcp};
+use ringmaster_collective::{Communicator, ReduceOp, RendezvousConfig, connect_tcp};
 
 /// Entry point of a rank process inside a namespace (re-executed test binary).
 #[test]
@@ -22,7 +22,9 @@ fn netns_rank_process() {
         let mut comm = connect_tcp(&RendezvousConfig::from_env()?)?;
         let n = comm.world_size();
         for len in [1usize, 1000, 77_777, 1 << 20] {
-            let mut buf: Vec<f32> = (0..len).map(|i| (i % 97) as f32 + comm.rank() as f32).collect();
+            let mut buf: Vec<f32> = (0..len)
+                .map(|i| (i % 97) as f32 + comm.rank() as f32)
+                .collect();
             comm.all_reduce_f32(&mut buf, ReduceOp::Sum)?;
             let ranks: f32 = (0..n).map(|r| r as f32).sum();
             for (i, x) in buf.iter().enumerate() {
@@ -48,7 +50,11 @@ fn ip(args: &[&str]) -> Result<Output, String> {
     if out.status.success() {
         Ok(out)
     } else {
-        Err(format!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -62,7 +68,10 @@ struct Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         for ns in self.ranks.iter().chain(std::iter::once(&self.hub)) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -73,7 +82,10 @@ fn rank_ip(i: usize) -> String {
 
 fn build(n: usize) -> Result<Topology, String> {
     let id = std::process::id() % 100_000;
-    let mut topo = Topology { hub: format!("rmc{id}hub"), ranks: Vec::new() };
+    let mut topo = Topology {
+        hub: format!("rmc{id}hub"),
+        ranks: Vec::new(),
+    };
     ip(&["netns", "add", &topo.hub])?;
     ip(&["-n", &topo.hub, "link", "add", "br0", "type", "bridge"])?;
     ip(&["-n", &topo.hub, "link", "set", "br0", "up"])?;
@@ -82,12 +94,39 @@ fn build(n: usize) -> Result<Topology, String> {
         ip(&["netns", "add", &ns])?;
         topo.ranks.push(ns.clone());
         let host_end = format!("rm{id}h{i}");
-        ip(&["link", "add", &host_end, "type", "veth", "peer", "name", &format!("rm{id}p{i}")])?;
+        ip(&[
+            "link",
+            "add",
+            &host_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("rm{id}p{i}"),
+        ])?;
         ip(&["link", "set", &host_end, "netns", &topo.hub])?;
         ip(&["link", "set", &format!("rm{id}p{i}"), "netns", &ns])?;
-        ip(&["-n", &topo.hub, "link", "set", &host_end, "master", "br0", "up"])?;
-        ip(&["-n", &ns, "link", "set", &format!("rm{id}p{i}"), "name", "eth0"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{}/24", rank_ip(i)), "dev", "eth0"])?;
+        ip(&[
+            "-n", &topo.hub, "link", "set", &host_end, "master", "br0", "up",
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "link",
+            "set",
+            &format!("rm{id}p{i}"),
+            "name",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", rank_ip(i)),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
     }
@@ -98,8 +137,16 @@ fn tx_bytes(ns: &str) -> u64 {
     let out = ip(&["-n", ns, "-s", "-j", "link", "show", "eth0"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     // JSON: ..."tx":{"bytes":N,... ; a dependency-free scan is enough here.
-    let after = text.split("\"tx\":{\"bytes\":").nth(1).expect("ip -s -j output has tx bytes");
-    after.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    let after = text
+        .split("\"tx\":{\"bytes\":")
+        .nth(1)
+        .expect("ip -s -j output has tx bytes");
+    after
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -109,10 +156,14 @@ fn ring_across_network_namespaces() {
     let topo = match build(n) {
         Ok(t) => t,
         Err(why) if !required => {
-            eprintln!("SKIPPED: network namespaces unavailable ({why}); set RINGMASTER_REQUIRE_NETNS=1 to make this a failure");
+            eprintln!(
+                "SKIPPED: network namespaces unavailable ({why}); set RINGMASTER_REQUIRE_NETNS=1 to make this a failure"
+            );
             return;
         }
-        Err(why) => panic!("RINGMASTER_REQUIRE_NETNS=1 but network namespaces cannot be set up: {why} (needs root and iproute2)"),
+        Err(why) => panic!(
+            "RINGMASTER_REQUIRE_NETNS=1 but network namespaces cannot be set up: {why} (needs root and iproute2)"
+        ),
     };
     let port = 29_500 + (std::process::id() % 1000) as u16;
     let before: Vec<u64> = topo.ranks.iter().map(|ns| tx_bytes(ns)).collect();
@@ -122,7 +173,13 @@ fn ring_across_network_namespaces() {
             Command::new("ip")
                 .args(["netns", "exec", &topo.ranks[r]])
                 .arg(&exe)
-                .args(["netns_rank_process", "--exact", "--nocapture", "--test-threads=1", "-q"])
+                .args([
+                    "netns_rank_process",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads=1",
+                    "-q",
+                ])
                 .env("RINGMASTER_TEST_ROLE", "netns")
                 .env("RANK", r.to_string())
                 .env("WORLD_SIZE", n.to_string())

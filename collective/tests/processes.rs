@@ -9,13 +9,15 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ringmaster_collective::{Communicator, RendezvousConfig, ReduceOp, connect_tcp};
+use ringmaster_collective::{Communicator, ReduceOp, RendezvousConfig, connect_tcp};
 
 /// Entry point of a rank process. Roles: `once` (one verified all-reduce), `loop`
 /// (all-reduce until failure, printing `ready` after the first).
 #[test]
 fn rank_process() {
-    let Ok(role) = std::env::var("RINGMASTER_TEST_ROLE") else { return };
+    let Ok(role) = std::env::var("RINGMASTER_TEST_ROLE") else {
+        return;
+    };
     if let Ok(ms) = std::env::var("RINGMASTER_TEST_DELAY_MS") {
         std::thread::sleep(Duration::from_millis(ms.parse().unwrap()));
     }
@@ -46,16 +48,22 @@ fn rank_process() {
 
 fn spawn_rank(rank: usize, n: usize, port: u16, role: &str, extra: &[(&str, String)]) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["rank_process", "--exact", "--nocapture", "--test-threads=1", "-q"])
-        .env("RINGMASTER_TEST_ROLE", role)
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", n.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("RINGMASTER_TOKEN", common::TOKEN)
-        .env("RINGMASTER_RENDEZVOUS_TIMEOUT_S", "30")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "rank_process",
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+        "-q",
+    ])
+    .env("RINGMASTER_TEST_ROLE", role)
+    .env("RANK", rank.to_string())
+    .env("WORLD_SIZE", n.to_string())
+    .env("MASTER_ADDR", "127.0.0.1")
+    .env("MASTER_PORT", port.to_string())
+    .env("RINGMASTER_TOKEN", common::TOKEN)
+    .env("RINGMASTER_RENDEZVOUS_TIMEOUT_S", "30")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     for (k, v) in extra {
         cmd.env(k, v);
     }
@@ -99,7 +107,15 @@ fn rendezvous_with_ranks_started_in_any_order_and_with_delays() {
     let delays = [900, 0, 300, 100];
     let kids: Vec<Child> = [3, 1, 2, 0]
         .into_iter()
-        .map(|r| spawn_rank(r, n, port, "once", &[("RINGMASTER_TEST_DELAY_MS", delays[r].to_string())]))
+        .map(|r| {
+            spawn_rank(
+                r,
+                n,
+                port,
+                "once",
+                &[("RINGMASTER_TEST_DELAY_MS", delays[r].to_string())],
+            )
+        })
         .collect();
     for k in kids {
         let (ok, err, _) = finish(k, Duration::from_secs(60));
@@ -113,7 +129,9 @@ fn a_killed_rank_makes_every_other_rank_fail_fast_naming_it() {
     let port = common::free_port();
     // A generous timeout: the failure must come from the closed sockets, not the timer.
     let extra = [("RINGMASTER_TIMEOUT_S", "30".to_string())];
-    let mut kids: Vec<Child> = (0..n).map(|r| spawn_rank(r, n, port, "loop", &extra)).collect();
+    let mut kids: Vec<Child> = (0..n)
+        .map(|r| spawn_rank(r, n, port, "loop", &extra))
+        .collect();
     for k in &mut kids {
         wait_ready(k);
     }
@@ -127,7 +145,10 @@ fn a_killed_rank_makes_every_other_rank_fail_fast_naming_it() {
         let (ok, err, took) = finish(k, Duration::from_secs(20));
         assert!(!ok, "rank {r} must exit non-zero");
         assert!(took < Duration::from_secs(10), "rank {r} took {took:?}");
-        assert!(err.contains("RANK-ERROR") && err.contains("rank 2 ("), "rank {r} error does not name rank 2: {err}");
+        assert!(
+            err.contains("RANK-ERROR") && err.contains("rank 2 ("),
+            "rank {r} error does not name rank 2: {err}"
+        );
     }
 }
 
@@ -136,13 +157,21 @@ fn a_stalled_rank_times_out_with_an_error_naming_it() {
     let n = 3;
     let port = common::free_port();
     let extra = [("RINGMASTER_TIMEOUT_S", "2".to_string())];
-    let mut kids: Vec<Child> = (0..n).map(|r| spawn_rank(r, n, port, "loop", &extra)).collect();
+    let mut kids: Vec<Child> = (0..n)
+        .map(|r| spawn_rank(r, n, port, "loop", &extra))
+        .collect();
     for k in &mut kids {
         wait_ready(k);
     }
     let victim = 1;
     let pid = kids[victim].id().to_string();
-    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let mut results = Vec::new();
     for (r, k) in kids.iter_mut().enumerate() {
         if r == victim {
@@ -150,7 +179,10 @@ fn a_stalled_rank_times_out_with_an_error_naming_it() {
         }
         let t = Instant::now();
         while k.try_wait().unwrap().is_none() {
-            assert!(t.elapsed() < Duration::from_secs(20), "rank {r} hangs next to a stalled peer");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "rank {r} hangs next to a stalled peer"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let mut err = String::new();
@@ -161,9 +193,17 @@ fn a_stalled_rank_times_out_with_an_error_naming_it() {
     let _ = Command::new("kill").args(["-CONT", &pid]).status();
     let _ = kids[victim].wait();
     for (r, err) in results {
-        assert!(err.contains("RANK-ERROR") && err.contains("stopped responding"), "rank {r}: {err}");
+        assert!(
+            err.contains("RANK-ERROR") && err.contains("stopped responding"),
+            "rank {r}: {err}"
+        );
         let suspects = err.split("stopped responding").nth(1).unwrap();
-        assert!(suspects.contains("rank 1") && !suspects.contains("rank 0,") && !suspects.contains("rank 2,"), "rank {r} must name exactly rank 1: {err}");
+        assert!(
+            suspects.contains("rank 1")
+                && !suspects.contains("rank 0,")
+                && !suspects.contains("rank 2,"),
+            "rank {r} must name exactly rank 1: {err}"
+        );
     }
 }
 
@@ -171,10 +211,19 @@ fn a_stalled_rank_times_out_with_an_error_naming_it() {
 fn mismatched_world_sizes_are_reported() {
     let port = common::free_port();
     let a = spawn_rank(0, 2, port, "once", &[]);
-    let b = spawn_rank(1, 3, port, "once", &[("RINGMASTER_RENDEZVOUS_TIMEOUT_S", "10".to_string())]);
+    let b = spawn_rank(
+        1,
+        3,
+        port,
+        "once",
+        &[("RINGMASTER_RENDEZVOUS_TIMEOUT_S", "10".to_string())],
+    );
     let (ok_b, err_b, _) = finish(b, Duration::from_secs(30));
     assert!(!ok_b);
-    assert!(err_b.contains("WORLD_SIZE") && err_b.contains("rank 0"), "{err_b}");
+    assert!(
+        err_b.contains("WORLD_SIZE") && err_b.contains("rank 0"),
+        "{err_b}"
+    );
     let (ok_a, err_a, _) = finish(a, Duration::from_secs(40));
     assert!(!ok_a, "rank 0 cannot complete a job whose rank 1 failed");
     assert!(err_a.contains("RANK-ERROR"), "{err_a}");

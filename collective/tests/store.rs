@@ -10,7 +10,11 @@ use common::config;
 use ringmaster_collective::{Error, StoreClient, StoreServer, Token, connect_tcp};
 
 fn server() -> (StoreServer, String) {
-    let s = StoreServer::bind("127.0.0.1:0".parse::<SocketAddr>().unwrap(), Token::new("secret").unwrap()).unwrap();
+    let s = StoreServer::bind(
+        "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
+        Token::new("secret").unwrap(),
+    )
+    .unwrap();
     let addr = s.local_addr().to_string();
     (s, addr)
 }
@@ -29,7 +33,10 @@ fn set_get_add_wait_barrier() {
     assert_eq!(b.try_get("missing").unwrap(), None);
     assert_eq!(a.add("c", 5).unwrap(), 5);
     assert_eq!(b.add("c", -2).unwrap(), 3);
-    assert!(matches!(a.add("k", 1), Err(Error::Store { .. })), "a value is not a counter");
+    assert!(
+        matches!(a.add("k", 1), Err(Error::Store { .. })),
+        "a value is not a counter"
+    );
 
     // get blocks until another client sets the key.
     let addr2 = addr.clone();
@@ -43,7 +50,10 @@ fn set_get_add_wait_barrier() {
     setter.join().unwrap();
 
     let t = Instant::now();
-    assert!(matches!(a.get("never", Duration::from_millis(300)), Err(Error::RendezvousTimeout { .. })));
+    assert!(matches!(
+        a.get("never", Duration::from_millis(300)),
+        Err(Error::RendezvousTimeout { .. })
+    ));
     assert!(t.elapsed() < Duration::from_secs(3));
 
     let addrs: Vec<String> = (0..4).map(|_| addr.clone()).collect();
@@ -59,9 +69,13 @@ fn set_get_add_wait_barrier() {
 #[test]
 fn wrong_token_is_rejected_and_the_store_survives() {
     let (_s, addr) = server();
-    let err = StoreClient::connect(&addr, &Token::new("not-the-secret").unwrap(), Duration::from_secs(5))
-        .err()
-        .expect("a wrong token must not connect");
+    let err = StoreClient::connect(
+        &addr,
+        &Token::new("not-the-secret").unwrap(),
+        Duration::from_secs(5),
+    )
+    .err()
+    .expect("a wrong token must not connect");
     assert!(matches!(err, Error::Auth { .. }), "{err}");
     assert!(err.to_string().contains("RINGMASTER_TOKEN"), "{err}");
     let mut ok = client(&addr);
@@ -72,14 +86,23 @@ fn wrong_token_is_rejected_and_the_store_survives() {
 fn foreign_protocols_and_garbage_are_dropped_without_crashing() {
     let (_s, addr) = server();
     // An HTTP probe, random bytes, a truncated hello, and a connection that closes at once.
-    for junk in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0xffu8; 100][..], &b"RMST\x01"[..], &b""[..]] {
+    for junk in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0xffu8; 100][..],
+        &b"RMST\x01"[..],
+        &b""[..],
+    ] {
         let mut s = TcpStream::connect(&addr).unwrap();
         s.write_all(junk).unwrap();
         let _ = s.shutdown(std::net::Shutdown::Write);
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf);
-        assert!(buf.is_empty() || buf.len() <= 70, "the store must only send its hello, got {} bytes", buf.len());
+        assert!(
+            buf.is_empty() || buf.len() <= 70,
+            "the store must only send its hello, got {} bytes",
+            buf.len()
+        );
     }
     // A client of another protocol version.
     let mut s = TcpStream::connect(&addr).unwrap();
@@ -87,7 +110,10 @@ fn foreign_protocols_and_garbage_are_dropped_without_crashing() {
     s.write_all(&[0u8; 32]).unwrap();
     let mut buf = [0u8; 1];
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)), "version mismatch closes the connection");
+    assert!(
+        matches!(s.read(&mut buf), Ok(0) | Err(_)),
+        "version mismatch closes the connection"
+    );
     let mut ok = client(&addr);
     ok.set("k", b"v").unwrap();
     assert_eq!(ok.get("k", Duration::from_secs(1)).unwrap(), b"v");

@@ -22,6 +22,10 @@ struct Cli {
     /// Comma-separated numbers of ranks to run.
     #[arg(long, default_value = "2,4", value_delimiter = ',')]
     world_sizes: Vec<usize>,
+    /// `tcp` (the TCP ring, host buffers) or `nccl` (device buffers, one GPU per rank;
+    /// needs a build with `--features nccl`).
+    #[arg(long, default_value = "tcp")]
+    backend: String,
     #[command(flatten)]
     args: BenchArgs,
 }
@@ -31,6 +35,8 @@ enum Worker {
     /// One rank of the benchmark (started by this program; reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, RINGMASTER_TOKEN).
     #[command(hide = true)]
     Rank {
+        #[arg(long, default_value = "tcp")]
+        backend: String,
         #[command(flatten)]
         args: BenchArgs,
     },
@@ -38,15 +44,15 @@ enum Worker {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.worker {
-        Some(Worker::Rank { args }) => RendezvousConfig::from_env()
-            .and_then(|cfg| connect_tcp(&cfg))
-            .and_then(|mut comm| bench::run_rank(&mut comm, &args).map(|_| ())),
-        None => drive(&cli.world_sizes, &cli.args),
+        Some(Worker::Rank { backend, args }) => rank(&backend, &args),
+        None => drive(&cli.world_sizes, &cli.backend, &cli.args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -57,13 +63,49 @@ fn main() -> ExitCode {
     }
 }
 
-fn drive(world_sizes: &[usize], args: &BenchArgs) -> ringmaster_collective::Result<()> {
-    let exe = std::env::current_exe().map_err(|e| ringmaster_collective::Error::Config(format!("cannot find this executable: {e}")))?;
-    let mut child_args = vec!["rank".to_string()];
+fn rank(backend: &str, args: &BenchArgs) -> ringmaster_collective::Result<()> {
+    let cfg = RendezvousConfig::from_env()?;
+    match backend {
+        "tcp" => bench::run_rank(&mut connect_tcp(&cfg)?, args).map(|_| ()),
+        #[cfg(feature = "nccl")]
+        "nccl" => {
+            let device = std::env::var("LOCAL_RANK")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(cfg.rank);
+            let mut comm = ringmaster_collective::connect_nccl(&cfg, device)?;
+            for row in comm.bench_device(args)? {
+                if cfg.rank == 0 {
+                    bench::emit_row(&row);
+                }
+            }
+            Ok(())
+        }
+        other => Err(ringmaster_collective::Error::Config(format!(
+            "unknown backend {other:?}: use tcp, or nccl in a build with --features nccl"
+        ))),
+    }
+}
+
+fn drive(
+    world_sizes: &[usize],
+    backend: &str,
+    args: &BenchArgs,
+) -> ringmaster_collective::Result<()> {
+    let exe = std::env::current_exe().map_err(|e| {
+        ringmaster_collective::Error::Config(format!("cannot find this executable: {e}"))
+    })?;
+    let mut child_args = vec![
+        "rank".to_string(),
+        "--backend".to_string(),
+        backend.to_string(),
+    ];
     child_args.extend(args.to_args());
     println!("{}", bench::TABLE_HEADER);
     for &n in world_sizes {
-        bench::run_local(&exe, &child_args, n, |row| println!("{}", bench::table_row(row)))?;
+        bench::run_local(&exe, &child_args, n, |row| {
+            println!("{}", bench::table_row(row))
+        })?;
     }
     Ok(())
 }

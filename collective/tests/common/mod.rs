@@ -8,7 +8,11 @@ use ringmaster_collective::{RendezvousConfig, RingConfig, TcpRing, Token, connec
 pub const TOKEN: &str = "test-job-token";
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn config(rank: usize, n: usize, port: u16) -> RendezvousConfig {
@@ -39,13 +43,17 @@ pub fn run_ranks<T: Send>(
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread panicked"))
+            .collect()
     })
 }
 
 /// Deterministic pseudo-random floats in [-1, 1), different per rank and seed.
 pub fn random_floats(len: usize, rank: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (rank as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (rank as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -58,5 +66,7 @@ pub fn random_floats(len: usize, rank: usize, seed: u64) -> Vec<f32> {
 
 /// Integer-valued floats whose sums over five ranks stay exact in f32.
 pub fn integer_floats(len: usize, rank: usize) -> Vec<f32> {
-    (0..len).map(|i| ((i * 7 + rank * 13) % 1001) as f32 - 500.0).collect()
+    (0..len)
+        .map(|i| ((i * 7 + rank * 13) % 1001) as f32 - 500.0)
+        .collect()
 }
