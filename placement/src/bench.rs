@@ -32,14 +32,21 @@ pub struct BenchResult {
 fn stats(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(f64::total_cmp);
     let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let p99 = v.get((v.len() * 99 / 100).min(v.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    let p99 = v
+        .get((v.len() * 99 / 100).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0);
     (mean, p99)
 }
 
 pub fn bench_policy(workload: &Workload, nodes: &[Node], name: &str) -> Result<BenchResult> {
     let prepared = prepare(workload, 42, 1.3);
     let scorer = policy::by_name(name, &workload.frag, prepared.rng)?;
-    let fill_target = (FILL * nodes.iter().map(|n| n.gpu_count() as f64 * 1000.0).sum::<f64>()) as u64;
+    let fill_target = (FILL
+        * nodes
+            .iter()
+            .map(|n| n.gpu_count() as f64 * 1000.0)
+            .sum::<f64>()) as u64;
     let mut pods = prepared.pods.iter().cycle();
     let mut timings = Vec::new();
     for warm in [false, true] {
@@ -101,7 +108,10 @@ pub fn run(args: &SimulateArgs) -> Result<String> {
     let names: Vec<String> = if args.policies == "all" {
         POLICY_NAMES.iter().map(|s| s.to_string()).collect()
     } else {
-        args.policies.split(',').map(|s| s.trim().to_string()).collect()
+        args.policies
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect()
     };
     let mut s = String::new();
     let _ = writeln!(
@@ -110,7 +120,11 @@ pub fn run(args: &SimulateArgs) -> Result<String> {
         nodes.len(),
         FILL * 100.0
     );
-    let _ = writeln!(s, "{:<14} {:>10} {:>10} {:>10} {:>10}", "policy", "cold mean", "cold p99", "warm mean", "warm p99");
+    let _ = writeln!(
+        s,
+        "{:<14} {:>10} {:>10} {:>10} {:>10}",
+        "policy", "cold mean", "cold p99", "warm mean", "warm p99"
+    );
     for name in &names {
         let r = bench_policy(&workload, &nodes, name)?;
         let _ = writeln!(

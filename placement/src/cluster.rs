@@ -168,7 +168,10 @@ impl Node {
     fn check_gpus(&self, pod: &PodRequest, gpus: &[usize]) -> std::result::Result<(), String> {
         let (devices, milli) = pod.gpu.devices_and_milli();
         if gpus.len() != devices as usize {
-            return Err(format!("{} GPU indices given, {devices} needed", gpus.len()));
+            return Err(format!(
+                "{} GPU indices given, {devices} needed",
+                gpus.len()
+            ));
         }
         for (i, &g) in gpus.iter().enumerate() {
             if gpus[..i].contains(&g) {
@@ -186,14 +189,12 @@ impl Node {
     }
 
     fn assume(&mut self, pod: &PodRequest, gpus: &[usize]) -> Result<()> {
-        let fits = self
-            .check_gpus(pod, gpus)
-            .and_then(|()| match () {
-                () if self.cpu_free() < pod.cpu_milli => Err("not enough CPU".to_string()),
-                () if self.memory_free() < pod.memory_mib => Err("not enough memory".into()),
-                () if self.pods >= self.max_pods => Err("no pod slot left".into()),
-                () => Ok(()),
-            });
+        let fits = self.check_gpus(pod, gpus).and_then(|()| match () {
+            () if self.cpu_free() < pod.cpu_milli => Err("not enough CPU".to_string()),
+            () if self.memory_free() < pod.memory_mib => Err("not enough memory".into()),
+            () if self.pods >= self.max_pods => Err("no pod slot left".into()),
+            () => Ok(()),
+        });
         fits.map_err(|message| Error::DoesNotFit {
             pod: pod.name.clone(),
             node: self.name.clone(),
@@ -238,12 +239,12 @@ impl Node {
         self.cpu_used -= pod.cpu_milli;
         self.memory_used -= pod.memory_mib;
         self.pods -= 1;
-        if let Some(a) = GpuAffinity::of(pod.gpu) {
-            if let Some(i) = self.affinities.iter().position(|(k, _)| *k == a) {
-                self.affinities[i].1 -= 1;
-                if self.affinities[i].1 == 0 {
-                    self.affinities.remove(i);
-                }
+        if let Some(i) =
+            GpuAffinity::of(pod.gpu).and_then(|a| self.affinities.iter().position(|(k, _)| *k == a))
+        {
+            self.affinities[i].1 -= 1;
+            if self.affinities[i].1 == 0 {
+                self.affinities.remove(i);
             }
         }
         self.generation = next_generation();

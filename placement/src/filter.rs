@@ -188,13 +188,19 @@ mod tests {
     fn selectors_and_affinity() {
         let n = node();
         let base = PodRequest::new("p", 0, 0, GpuDemand::None);
-        assert_eq!(check_pod(&n, &base.clone().with_selector("zone", "a")), Ok(()));
+        assert_eq!(
+            check_pod(&n, &base.clone().with_selector("zone", "a")),
+            Ok(())
+        );
         assert_eq!(
             check_pod(&n, &base.clone().with_selector("zone", "b")),
             Err(FilterReason::LabelMismatch)
         );
         let mut aff = base.clone();
-        let req = |key: &str, op| LabelRequirement { key: key.into(), op };
+        let req = |key: &str, op| LabelRequirement {
+            key: key.into(),
+            op,
+        };
         aff.affinity_terms = vec![
             vec![req("zone", LabelOp::In(vec!["b".into()]))],
             vec![
@@ -230,7 +236,10 @@ mod tests {
             value: "true".into(),
             effect: Some(TaintEffect::NoSchedule),
         };
-        assert_eq!(check_pod(&n, &pod.clone().with_toleration(equal.clone())), Ok(()));
+        assert_eq!(
+            check_pod(&n, &pod.clone().with_toleration(equal.clone())),
+            Ok(())
+        );
         let wrong_value = Toleration {
             value: "false".into(),
             ..equal.clone()

@@ -87,7 +87,10 @@ pub fn place_gang(
     let domains = domains_of(state, &topology.key);
     // Tightest domain that could hold the gang first, so large domains stay free for
     // large gangs.
-    let mut candidates: Vec<&Domain> = domains.values().filter(|d| d.free_milli >= needed).collect();
+    let mut candidates: Vec<&Domain> = domains
+        .values()
+        .filter(|d| d.free_milli >= needed)
+        .collect();
     candidates.sort_by_key(|d| (d.free_milli, d.name.clone()));
     let mut last_error = None;
     for d in candidates {
@@ -305,7 +308,10 @@ mod tests {
         assert_eq!(err.domains.len(), 2);
         assert_eq!(err.domains[0].free_milli, 16_000);
         assert_eq!(err.domains[0].needed_milli, 20_000);
-        assert!(err.to_string().contains("zone=b: 2 nodes, 12.0 GPUs free"), "{err}");
+        assert!(
+            err.to_string().contains("zone=b: 2 nodes, 12.0 GPUs free"),
+            "{err}"
+        );
         assert!(place_gang(&state, &gang(5, 4, None), &BestFit).is_ok());
     }
 
@@ -318,7 +324,10 @@ mod tests {
         assert_eq!(placed.assignments.len(), 5);
         let fits = gang(2, 8, Some(("zone", false)));
         assert_eq!(
-            place_gang(&state, &fits, &BestFit).unwrap().domain.as_deref(),
+            place_gang(&state, &fits, &BestFit)
+                .unwrap()
+                .domain
+                .as_deref(),
             Some("zone=a")
         );
     }

@@ -61,8 +61,16 @@ impl GoRand {
     }
 
     pub fn uint64(&mut self) -> u64 {
-        self.tap = if self.tap == 0 { RNG_LEN - 1 } else { self.tap - 1 };
-        self.feed = if self.feed == 0 { RNG_LEN - 1 } else { self.feed - 1 };
+        self.tap = if self.tap == 0 {
+            RNG_LEN - 1
+        } else {
+            self.tap - 1
+        };
+        self.feed = if self.feed == 0 {
+            RNG_LEN - 1
+        } else {
+            self.feed - 1
+        };
         let x = self.vec[self.feed].wrapping_add(self.vec[self.tap]);
         self.vec[self.feed] = x;
         x as u64

@@ -23,4 +23,6 @@ pub use filter::FilterReason;
 pub use gang::{Assignment, GangPlacement, GangRequest, TopologyConstraint, place_gang};
 pub use place::{DomainShortfall, Placement, Placer, Tie, Unplaceable, place_pod};
 pub use policy::{Scored, Scorer};
-pub use request::{GpuDemand, LabelOp, LabelRequirement, PodRequest, Taint, TaintEffect, Toleration};
+pub use request::{
+    GpuDemand, LabelOp, LabelRequirement, PodRequest, Taint, TaintEffect, Toleration,
+};

@@ -91,7 +91,12 @@ impl Measure {
 }
 
 /// Bucket means for arrived demand 0..=max_pct (`None` where no event is near).
-pub fn curve(events: &[Event], total_gpus: u64, measure: Measure, max_pct: usize) -> Vec<Option<f64>> {
+pub fn curve(
+    events: &[Event],
+    total_gpus: u64,
+    measure: Measure,
+    max_pct: usize,
+) -> Vec<Option<f64>> {
     let total = total_gpus as f64;
     let mut buckets: Vec<Vec<f64>> = vec![Vec::new(); max_pct + 1];
     let mut arrive: Vec<(i64, f64)> = Vec::with_capacity(events.len());

@@ -249,7 +249,10 @@ mod tests {
         assert_eq!(place_pod(&state, &p, &BestFit).unwrap().node_name, "b");
         // GpuPacking scores idle nodes max(33 - n, n): a=25, b=31.
         let placed = place_pod(&state, &p, &GpuPacking).unwrap();
-        assert_eq!((placed.node_name.as_str(), placed.gpus.clone()), ("b", vec![0]));
+        assert_eq!(
+            (placed.node_name.as_str(), placed.gpus.clone()),
+            ("b", vec![0])
+        );
         // Equal scores go to the lowest rank.
         let cpu = PodRequest::new("c", 1000, 1024, GpuDemand::None);
         assert_eq!(place_pod(&state, &cpu, &GpuPacking).unwrap().node, 0);
@@ -288,7 +291,10 @@ mod tests {
         state.assume(first.node, &p, &first.gpus).unwrap();
         // The half-used GPU now scores higher than any idle node.
         let second = placer.place(&state, &p, Tie::Rank).unwrap();
-        assert_eq!((second.node, second.gpus.clone()), (first.node, first.gpus.clone()));
+        assert_eq!(
+            (second.node, second.gpus.clone()),
+            (first.node, first.gpus.clone())
+        );
         assert_eq!(second.score, 95);
     }
 
@@ -304,7 +310,10 @@ mod tests {
         let mut placer = Placer::new(&GpuPacking);
         let mut seen = [false; 4];
         for _ in 0..50 {
-            seen[placer.place(&state, &p, Tie::Random(&mut rng)).unwrap().node] = true;
+            seen[placer
+                .place(&state, &p, Tie::Random(&mut rng))
+                .unwrap()
+                .node] = true;
         }
         assert_eq!(seen, [true; 4]);
     }

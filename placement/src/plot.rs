@@ -73,7 +73,13 @@ impl Canvas {
         let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
         let (mut x, mut y, mut err) = (x0, y0, dx + dy);
         loop {
-            self.rect(x - width / 2, y - width / 2, x + (width - 1) / 2, y + (width - 1) / 2, c);
+            self.rect(
+                x - width / 2,
+                y - width / 2,
+                x + (width - 1) / 2,
+                y + (width - 1) / 2,
+                c,
+            );
             if x == x1 && y == y1 {
                 break;
             }
@@ -171,7 +177,13 @@ fn fmt_tick(v: f64) -> String {
     }
 }
 
-fn draw_panel(cv: &mut Canvas, area: (i64, i64, i64, i64), panel: &Panel, series: &[Series], y_label: &str) {
+fn draw_panel(
+    cv: &mut Canvas,
+    area: (i64, i64, i64, i64),
+    panel: &Panel,
+    series: &[Series],
+    y_label: &str,
+) {
     let (left, top, right, bottom) = area;
     let (x0, x1) = panel.x;
     let (y0, y1) = panel.y;
@@ -181,21 +193,39 @@ fn draw_panel(cv: &mut Canvas, area: (i64, i64, i64, i64), panel: &Panel, series
     while v <= x1 + 1e-9 {
         cv.line((sx(v), top), (sx(v), bottom), GRID, 1);
         let label = fmt_tick(v);
-        cv.text(sx(v) - text_width(&label, 2) / 2, bottom + 8, &label, 2, BLACK);
+        cv.text(
+            sx(v) - text_width(&label, 2) / 2,
+            bottom + 8,
+            &label,
+            2,
+            BLACK,
+        );
         v += panel.x_step;
     }
     let mut v = y0;
     while v <= y1 + 1e-9 {
         cv.line((left, sy(v)), (right, sy(v)), GRID, 1);
         let label = fmt_tick(v);
-        cv.text(left - 8 - text_width(&label, 2), sy(v) - 7, &label, 2, BLACK);
+        cv.text(
+            left - 8 - text_width(&label, 2),
+            sy(v) - 7,
+            &label,
+            2,
+            BLACK,
+        );
         v += panel.y_step;
     }
     cv.line((left, bottom), (right, bottom), BLACK, 2);
     cv.line((left, top), (left, bottom), BLACK, 2);
     cv.text(left, top - 26, &panel.title, 2, BLACK);
     let xl = "ARRIVED GPU DEMAND (% OF CAPACITY)";
-    cv.text((left + right) / 2 - text_width(xl, 2) / 2, bottom + 32, xl, 2, BLACK);
+    cv.text(
+        (left + right) / 2 - text_width(xl, 2) / 2,
+        bottom + 32,
+        xl,
+        2,
+        BLACK,
+    );
     cv.text(left - 70, top - 26, y_label, 2, BLACK);
     for (k, s) in series.iter().enumerate() {
         let color = PALETTE[k % PALETTE.len()];
@@ -215,7 +245,13 @@ fn draw_panel(cv: &mut Canvas, area: (i64, i64, i64, i64), panel: &Panel, series
 }
 
 /// Writes a chart with one panel per entry of `panels` side by side, and a legend.
-pub fn line_chart(path: &Path, title: &str, y_label: &str, panels: &[Panel], series: &[Series]) -> Result<()> {
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    panels: &[Panel],
+    series: &[Series],
+) -> Result<()> {
     let (pw, ph) = (720i64, 560i64);
     let legend_h = 40 + 28 * series.len().div_ceil(4) as i64;
     let w = pw * panels.len() as i64;
@@ -224,7 +260,13 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, panels: &[Panel], ser
     cv.text(20, 14, title, 3, BLACK);
     for (i, panel) in panels.iter().enumerate() {
         let x = i as i64 * pw;
-        draw_panel(&mut cv, (x + 100, 100, x + pw - 30, ph - 20), panel, series, y_label);
+        draw_panel(
+            &mut cv,
+            (x + 100, 100, x + pw - 30, ph - 20),
+            panel,
+            series,
+            y_label,
+        );
     }
     let ly = ph + 50;
     for (k, s) in series.iter().enumerate() {
@@ -244,7 +286,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -272,7 +318,11 @@ pub fn encode_png(w: usize, h: usize, rgb: &[u8]) -> Vec<u8> {
     ihdr.extend_from_slice(&(h as u32).to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
     chunk(&mut out, b"IHDR", &ihdr);
-    chunk(&mut out, b"IDAT", &miniz_oxide::deflate::compress_to_vec_zlib(&raw, 9));
+    chunk(
+        &mut out,
+        b"IDAT",
+        &miniz_oxide::deflate::compress_to_vec_zlib(&raw, 9),
+    );
     chunk(&mut out, b"IEND", &[]);
     out
 }

@@ -176,7 +176,11 @@ pub fn replay(workload: &Workload, policy: &str, seed: u64, options: ReplayOptio
             state.add_node(n);
         }
     }
-    let mut frag: Vec<f64> = state.nodes().iter().map(|n| workload.frag.node_frag(n)).collect();
+    let mut frag: Vec<f64> = state
+        .nodes()
+        .iter()
+        .map(|n| workload.frag.node_frag(n))
+        .collect();
     let mut frag_total: f64 = frag.iter().sum();
     let mut placer = Placer::new(scorer.as_ref());
     let mut run = Run {

@@ -61,19 +61,28 @@ pub struct SimulateArgs {
 fn parse_seeds(s: &str) -> Result<Vec<u64>> {
     let bad = || Error::Usage(format!("bad --seeds {s:?}: use 42-51, 42,43 or 42"));
     if let Some((a, b)) = s.split_once('-') {
-        let (a, b): (u64, u64) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        let (a, b): (u64, u64) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
         if a > b {
             return Err(bad());
         }
         return Ok((a..=b).collect());
     }
-    s.split(',').map(|x| x.trim().parse().map_err(|_| bad())).collect()
+    s.split(',')
+        .map(|x| x.trim().parse().map_err(|_| bad()))
+        .collect()
 }
 
 fn parse_list(s: &str, all: &[&str]) -> Vec<String> {
     match s {
         "all" | "paper" => all.iter().map(|x| x.to_string()).collect(),
-        _ => s.split(',').map(|x| x.trim().to_ascii_lowercase()).filter(|x| !x.is_empty()).collect(),
+        _ => s
+            .split(',')
+            .map(|x| x.trim().to_ascii_lowercase())
+            .filter(|x| !x.is_empty())
+            .collect(),
     }
 }
 
@@ -91,15 +100,21 @@ pub fn run_grid(
     options: ReplayOptions,
     jobs: usize,
 ) -> Result<Vec<Run>> {
-    let tasks: Vec<(&String, u64)> = policies.iter().flat_map(|p| seeds.iter().map(move |&s| (p, s))).collect();
+    let tasks: Vec<(&String, u64)> = policies
+        .iter()
+        .flat_map(|p| seeds.iter().map(move |&s| (p, s)))
+        .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Result<Run>>>> = tasks.iter().map(|_| Default::default()).collect();
+    let results: Vec<std::sync::Mutex<Option<Result<Run>>>> =
+        tasks.iter().map(|_| Default::default()).collect();
     std::thread::scope(|scope| {
         for _ in 0..jobs.max(1) {
             scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&(policy, seed)) = tasks.get(i) else { break };
+                    let Some(&(policy, seed)) = tasks.get(i) else {
+                        break;
+                    };
                     let r = replay(workload, policy, seed, options);
                     *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                 }
@@ -108,7 +123,11 @@ pub fn run_grid(
     });
     results
         .into_iter()
-        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every task ran"))
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every task ran")
+        })
         .collect()
 }
 
@@ -123,14 +142,23 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map_or_else(String::new, |v| format!("{v}"))
 }
 
-fn curves_csv(workload: &str, runs: &[Run], curves: &[Vec<Option<f64>>], total_gpus: u64) -> String {
+fn curves_csv(
+    workload: &str,
+    runs: &[Run],
+    curves: &[Vec<Option<f64>>],
+    total_gpus: u64,
+) -> String {
     let mut s = String::from("workload,sc_policy,tune,seed,total_gpus");
     for x in 0..=130 {
         let _ = write!(s, ",{x}");
     }
     s.push('\n');
     for (run, c) in runs.iter().zip(curves) {
-        let _ = write!(s, "openb_pod_list_{workload},{},1.3,{},{total_gpus}", run.policy, run.seed);
+        let _ = write!(
+            s,
+            "openb_pod_list_{workload},{},1.3,{},{total_gpus}",
+            run.policy, run.seed
+        );
         for v in c {
             let _ = write!(s, ",{}", fmt_opt(*v));
         }
@@ -162,11 +190,16 @@ pub struct Report {
     pub table: String,
 }
 
-fn paper_curve<'a>(paper: &'a [PaperCurve], trace: &str, policy: &str, seed: u64) -> Option<&'a PaperCurve> {
+fn paper_curve<'a>(
+    paper: &'a [PaperCurve],
+    trace: &str,
+    policy: &str,
+    seed: u64,
+) -> Option<&'a PaperCurve> {
     let label = paper_label(policy)?;
-    paper
-        .iter()
-        .find(|c| c.workload == format!("openb_pod_list_{trace}") && c.policy == label && c.seed == seed)
+    paper.iter().find(|c| {
+        c.workload == format!("openb_pod_list_{trace}") && c.policy == label && c.seed == seed
+    })
 }
 
 /// Runs the whole command (the bench mode excepted).
@@ -201,8 +234,14 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report> {
                 gang_split: args.gang_split,
             };
             let runs = run_grid(&workload, &policies, &seeds, options, args.jobs)?;
-            let alloc: Vec<_> = runs.iter().map(|r| curve(&r.events, total_gpus, Measure::Allocation, 130)).collect();
-            let frag: Vec<_> = runs.iter().map(|r| curve(&r.events, total_gpus, Measure::Fragmentation, 130)).collect();
+            let alloc: Vec<_> = runs
+                .iter()
+                .map(|r| curve(&r.events, total_gpus, Measure::Allocation, 130))
+                .collect();
+            let frag: Vec<_> = runs
+                .iter()
+                .map(|r| curve(&r.events, total_gpus, Measure::Fragmentation, 130))
+                .collect();
             let ratio: Vec<_> = runs
                 .iter()
                 .map(|r| curve(&r.events, total_gpus, Measure::FragmentationRatio, 130))
@@ -219,26 +258,42 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report> {
             }
             let mut series = Vec::new();
             for policy in &policies {
-                let idx: Vec<usize> = (0..runs.len()).filter(|&i| &runs[i].policy == policy).collect();
-                let pick = |cs: &[Vec<Option<f64>>]| idx.iter().map(|&i| cs[i].clone()).collect::<Vec<_>>();
+                let idx: Vec<usize> = (0..runs.len())
+                    .filter(|&i| &runs[i].policy == policy)
+                    .collect();
+                let pick = |cs: &[Vec<Option<f64>>]| {
+                    idx.iter().map(|&i| cs[i].clone()).collect::<Vec<_>>()
+                };
                 let (a, f) = (pick(&alloc), pick(&frag));
-                let paper_curves: Vec<_> = seeds.iter().filter_map(|&s| paper_curve(&paper, trace, policy, s)).collect();
+                let paper_curves: Vec<_> = seeds
+                    .iter()
+                    .filter_map(|&s| paper_curve(&paper, trace, policy, s))
+                    .collect();
                 let paper_130 = (paper_curves.len() == seeds.len())
-                    .then(|| mean_at(&paper_curves.iter().map(|c| c.values.clone()).collect::<Vec<_>>(), 130))
+                    .then(|| {
+                        mean_at(
+                            &paper_curves
+                                .iter()
+                                .map(|c| c.values.clone())
+                                .collect::<Vec<_>>(),
+                            130,
+                        )
+                    })
                     .flatten();
-                let exact_seeds = (tie == TieMode::Fixed && paper_curves.len() == seeds.len()).then(|| {
-                    let same = idx
-                        .iter()
-                        .zip(&paper_curves)
-                        .filter(|(i, p)| {
-                            alloc[**i].iter().zip(&p.values).all(|(a, b)| match (a, b) {
-                                (Some(a), Some(b)) => (a - b).abs() < 1e-9,
-                                (a, b) => a.is_some() == b.is_some(),
+                let exact_seeds = (tie == TieMode::Fixed && paper_curves.len() == seeds.len())
+                    .then(|| {
+                        let same = idx
+                            .iter()
+                            .zip(&paper_curves)
+                            .filter(|(i, p)| {
+                                alloc[**i].iter().zip(&p.values).all(|(a, b)| match (a, b) {
+                                    (Some(a), Some(b)) => (a - b).abs() < 1e-9,
+                                    (a, b) => a.is_some() == b.is_some(),
+                                })
                             })
-                        })
-                        .count();
-                    (same, seeds.len())
-                });
+                            .count();
+                        (same, seeds.len())
+                    });
                 let n = idx.len().max(1) as f64;
                 rows.push(Row {
                     trace: trace.clone(),
@@ -298,7 +353,9 @@ fn tie_name(t: TieMode) -> &'static str {
 }
 
 fn summary_csv(rows: &[Row]) -> String {
-    let mut s = String::from("trace,policy,tie_mode,alloc_130,paper_alloc_130,frag_130,exact_seeds,failed_pods,gangs,gang_gpus\n");
+    let mut s = String::from(
+        "trace,policy,tie_mode,alloc_130,paper_alloc_130,frag_130,exact_seeds,failed_pods,gangs,gang_gpus\n",
+    );
     for r in rows {
         let _ = writeln!(
             s,
@@ -309,7 +366,8 @@ fn summary_csv(rows: &[Row]) -> String {
             fmt_opt(r.alloc_130),
             fmt_opt(r.paper_130),
             fmt_opt(r.frag_130),
-            r.exact_seeds.map_or_else(String::new, |(a, b)| format!("{a}/{b}")),
+            r.exact_seeds
+                .map_or_else(String::new, |(a, b)| format!("{a}/{b}")),
             r.failed_pods,
             r.gangs,
             r.gang_gpus
@@ -344,11 +402,16 @@ pub fn table(rows: &[Row], gangs: bool) -> String {
             continue;
         }
         seen.push(key);
-        let get = |t| rows.iter().find(|x| x.trace == r.trace && x.policy == r.policy && x.tie == t);
+        let get = |t| {
+            rows.iter()
+                .find(|x| x.trace == r.trace && x.policy == r.policy && x.tie == t)
+        };
         let fixed = get(TieMode::Fixed);
         let random = get(TieMode::Random);
         let ours = fixed.and_then(|f| f.alloc_130);
-        let paper = fixed.and_then(|f| f.paper_130).or(random.and_then(|x| x.paper_130));
+        let paper = fixed
+            .and_then(|f| f.paper_130)
+            .or(random.and_then(|x| x.paper_130));
         let delta = ours.zip(paper).map(|(a, b)| a - b);
         let exact = fixed
             .and_then(|f| f.exact_seeds)
@@ -384,6 +447,9 @@ mod tests {
         assert!(parse_seeds("9-7").is_err());
         assert!(parse_seeds("x").is_err());
         assert_eq!(parse_list("all", &POLICY_NAMES).len(), POLICY_NAMES.len());
-        assert_eq!(parse_list("FGD, bestfit", &POLICY_NAMES), vec!["fgd", "bestfit"]);
+        assert_eq!(
+            parse_list("FGD, bestfit", &POLICY_NAMES),
+            vec!["fgd", "bestfit"]
+        );
     }
 }

@@ -68,7 +68,10 @@ impl<'a> Csv<'a> {
                     return Err(parse_error(
                         path,
                         i + 1,
-                        &format!("expected {width} fields, found {} (truncated row?)", fields.len()),
+                        &format!(
+                            "expected {width} fields, found {} (truncated row?)",
+                            fields.len()
+                        ),
                     ));
                 }
                 Ok(Row {
@@ -115,7 +118,8 @@ fn parse_error(path: &Path, line: usize, message: &str) -> Error {
 pub fn read_nodes(path: &Path) -> Result<Vec<Node>> {
     let text = read(path)?;
     let csv = Csv::new(path, &text)?;
-    let [sn, cpu, mem, gpu, model] = csv.columns(["sn", "cpu_milli", "memory_mib", "gpu", "model"])?;
+    let [sn, cpu, mem, gpu, model] =
+        csv.columns(["sn", "cpu_milli", "memory_mib", "gpu", "model"])?;
     csv.rows()
         .map(|row| {
             let row = row?;
@@ -170,7 +174,12 @@ pub fn read_pods(path: &Path) -> Result<Vec<PodRequest>> {
             }
             Ok(PodRequest {
                 gpu_models: models,
-                ..PodRequest::new(pod_name, row.num(cpu, "cpu_milli")?, row.num(mem, "memory_mib")?, gpu)
+                ..PodRequest::new(
+                    pod_name,
+                    row.num(cpu, "cpu_milli")?,
+                    row.num(mem, "memory_mib")?,
+                    gpu,
+                )
             })
         })
         .collect()
@@ -229,14 +238,36 @@ mod tests {
             "name,cpu_milli,memory_mib,num_gpu,gpu_milli\np0,1000,10,1,500\np1,1000,10\n",
         );
         let err = read_pods(&p).unwrap_err().to_string();
-        assert!(err.ends_with("pods.csv:3: expected 5 fields, found 3 (truncated row?)"), "{err}");
-        let p = temp("bad.csv", "name,cpu_milli,memory_mib,num_gpu,gpu_milli\np0,x,10,1,500\n");
+        assert!(
+            err.ends_with("pods.csv:3: expected 5 fields, found 3 (truncated row?)"),
+            "{err}"
+        );
+        let p = temp(
+            "bad.csv",
+            "name,cpu_milli,memory_mib,num_gpu,gpu_milli\np0,x,10,1,500\n",
+        );
         let err = read_pods(&p).unwrap_err().to_string();
-        assert!(err.ends_with("bad.csv:2: field cpu_milli is \"x\", expected a number"), "{err}");
-        let p = temp("share.csv", "name,cpu_milli,memory_mib,num_gpu,gpu_milli\np0,1,1,2,500\n");
-        assert!(read_pods(&p).unwrap_err().to_string().contains("share.csv:2:"));
+        assert!(
+            err.ends_with("bad.csv:2: field cpu_milli is \"x\", expected a number"),
+            "{err}"
+        );
+        let p = temp(
+            "share.csv",
+            "name,cpu_milli,memory_mib,num_gpu,gpu_milli\np0,1,1,2,500\n",
+        );
+        assert!(
+            read_pods(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("share.csv:2:")
+        );
         let p = temp("nodes.csv", "sn,cpu_milli,memory_mib,gpu\n");
-        assert!(read_nodes(&p).unwrap_err().to_string().contains("missing column \"model\""));
+        assert!(
+            read_nodes(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("missing column \"model\"")
+        );
         assert!(read_nodes(Path::new("/nonexistent.csv")).is_err());
     }
 
@@ -253,7 +284,9 @@ mod tests {
         assert_eq!(pods[1].gpu, GpuDemand::Whole(4));
         assert_eq!(pods[2].gpu, GpuDemand::None);
         assert!(pods[2].gpu_models.is_empty());
-        let nodes = read_nodes(&default_dir().join("alibaba-gpu-v2023/openb_node_list_gpu_node.csv")).unwrap();
+        let nodes =
+            read_nodes(&default_dir().join("alibaba-gpu-v2023/openb_node_list_gpu_node.csv"))
+                .unwrap();
         assert_eq!(nodes.len(), 1213);
         assert_eq!(nodes.iter().map(|n| n.gpu_count()).sum::<usize>(), 6212);
     }

@@ -62,10 +62,7 @@ mod tests {
         assert_eq!(b.score, 21);
         let mut all = [a, b, Scored::new(60)];
         BestFit.normalize(&mut all);
-        assert_eq!(
-            all.map(|s| s.score),
-            [100, 0, (60 - 21) * 100 / (100 - 21)]
-        );
+        assert_eq!(all.map(|s| s.score), [100, 0, (60 - 21) * 100 / (100 - 21)]);
         let mut flat = [Scored::new(7), Scored::new(7)];
         BestFit.normalize(&mut flat);
         assert_eq!(flat.map(|s| s.score), [0, 0]);

@@ -66,7 +66,11 @@ impl FragModel {
         let mut total = 0.0;
         for p in pods {
             let (count, milli) = p.gpu.devices_and_milli();
-            let cpu = if p.cpu_milli == 0 { 100 } else { p.cpu_milli as i64 };
+            let cpu = if p.cpu_milli == 0 {
+                100
+            } else {
+                p.cpu_milli as i64
+            };
             let key = (cpu, milli, count, p.gpu_models.join("|"));
             *counts.entry(key).or_insert(0.0) += 1.0;
             total += 1.0;
@@ -301,7 +305,9 @@ mod tests {
         // counts all 2000 free milli.
         assert!((f(&[1000, 1000], 64_000) - 200.0).abs() < 1e-9);
         // A 300 milli leftover fits neither GPU shape: fragmented for 90% of pods.
-        assert!((f(&[300, 1000], 64_000) - (0.6 * 300.0 + 0.3 * 300.0 + 0.1 * 1300.0)).abs() < 1e-9);
+        assert!(
+            (f(&[300, 1000], 64_000) - (0.6 * 300.0 + 0.3 * 300.0 + 0.1 * 1300.0)).abs() < 1e-9
+        );
         // No CPU left: everything is fragmented.
         assert!((f(&[1000, 1000], 0) - 2000.0).abs() < 1e-9);
     }

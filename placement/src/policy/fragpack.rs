@@ -40,13 +40,15 @@ impl Scorer for FragPack {
 
     fn score(&self, node: &Node, pod: &Resolved) -> Scored {
         match pod.pod.gpu {
-            GpuDemand::Share(m) => match best_device(node, m, |d| self.packed(node, pod, Some(d))) {
-                Some((d, s)) => Scored {
-                    score: s,
-                    device: Some(d),
-                },
-                None => Scored::new(0),
-            },
+            GpuDemand::Share(m) => {
+                match best_device(node, m, |d| self.packed(node, pod, Some(d))) {
+                    Some((d, s)) => Scored {
+                        score: s,
+                        device: Some(d),
+                    },
+                    None => Scored::new(0),
+                }
+            }
             _ => Scored::new(self.packed(node, pod, None)),
         }
     }
@@ -80,7 +82,10 @@ mod tests {
         // Whole-GPU pods keep FGD's ordering and ties.
         let whole = pod(1000, GpuDemand::Whole(1));
         let w = resolved(&whole);
-        assert_eq!(ours.score(&idle, &w).score >> 20, fgd.score(&idle, &w).score);
+        assert_eq!(
+            ours.score(&idle, &w).score >> 20,
+            fgd.score(&idle, &w).score
+        );
         assert_eq!(ours.score(&idle, &w).score, ours.score(&used, &w).score);
         // A better FGD score always wins over packing, and the device is FGD's.
         let share = pod(1000, GpuDemand::Share(500));

@@ -60,7 +60,9 @@ mod tests {
         let idle = node_with(&[1000; 8], 64_000, 64_000);
         let used = node_with(&[1000, 1000, 0, 0], 64_000, 64_000);
         let shared = node_with(&[1000, 400, 0, 0], 64_000, 64_000);
-        let s = |n: &Node, p| GpuPacking.score(n, &resolved(p)).score;
+        fn s(n: &Node, p: &crate::request::PodRequest) -> i64 {
+            GpuPacking.score(n, &resolved(p)).score
+        }
         assert_eq!(s(&idle, &share), 25);
         assert_eq!(s(&used, &share), 49);
         // Takes the 400 device: 100 - (40)/10 = 96.
