@@ -32,8 +32,10 @@ pub struct BenchArgs {
     /// Untimed iterations per size.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Fewest timed iterations per size.
     #[arg(long, default_value_t = 10)]
     pub min_iters: usize,
+    /// Most timed iterations per size.
     #[arg(long, default_value_t = 200)]
     pub max_iters: usize,
     /// Timed seconds aimed for per size.

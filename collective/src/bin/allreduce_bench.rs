@@ -1,6 +1,7 @@
 //! Benchmarks the TCP ring all-reduce with the Gloo baseline's definitions, starting the
 //! ranks as processes on loopback, and prints a markdown table.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -13,7 +14,7 @@ use ringmaster_collective::{RendezvousConfig, connect_tcp};
     about = "All-reduce (f32 sum) bus bandwidth of the TCP ring on loopback, with the same sizes, \
              iteration rules and busbw formula as bench-baselines/allreduce_bench.py (Gloo).",
     after_help = "Ring tuning is read from the environment by every rank: RINGMASTER_RING_STREAMS (2), \
-                  RINGMASTER_RING_CHUNK_BYTES (1048576), RINGMASTER_RING_SMALL_BYTES (65536).\n\
+                  RINGMASTER_RING_CHUNK_BYTES (1048576), RINGMASTER_RING_SMALL_BYTES (1048576), RINGMASTER_TIMEOUT_S (60).\n\
                   Example: ringmaster-allreduce-bench --world-sizes 2,4 --max-bytes 268435456"
 )]
 struct Cli {
@@ -26,6 +27,10 @@ struct Cli {
     /// needs a build with `--features nccl`).
     #[arg(long, default_value = "tcp")]
     backend: String,
+    /// Also append one JSON object per measurement (JSON Lines) to this file, with the
+    /// field names of the Gloo script's --json output.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
     #[command(flatten)]
     args: BenchArgs,
 }
@@ -52,7 +57,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.worker {
         Some(Worker::Rank { backend, args }) => rank(&backend, &args),
-        None => drive(&cli.world_sizes, &cli.backend, &cli.args),
+        None => drive(
+            &cli.world_sizes,
+            &cli.backend,
+            cli.json.as_deref(),
+            &cli.args,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,8 +100,23 @@ fn rank(backend: &str, args: &BenchArgs) -> ringmaster_collective::Result<()> {
 fn drive(
     world_sizes: &[usize],
     backend: &str,
+    json: Option<&std::path::Path>,
     args: &BenchArgs,
 ) -> ringmaster_collective::Result<()> {
+    let mut json = json
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| {
+                    ringmaster_collective::Error::Config(format!(
+                        "cannot open {}: {e}",
+                        p.display()
+                    ))
+                })
+        })
+        .transpose()?;
     let exe = std::env::current_exe().map_err(|e| {
         ringmaster_collective::Error::Config(format!("cannot find this executable: {e}"))
     })?;
@@ -104,7 +129,22 @@ fn drive(
     println!("{}", bench::TABLE_HEADER);
     for &n in world_sizes {
         bench::run_local(&exe, &child_args, n, |row| {
-            println!("{}", bench::table_row(row))
+            println!("{}", bench::table_row(row));
+            if let Some(f) = json.as_mut() {
+                // Field names follow the Gloo script's JSON Lines, so both load alike.
+                let _ = writeln!(
+                    f,
+                    "{{\"bench\": \"ringmaster_{backend}_allreduce\", \"world_size\": {}, \"bytes\": {}, \"dtype\": \"float32\", \"op\": \"sum\", \"iters\": {}, \"median_s\": {:e}, \"min_s\": {:e}, \"algbw_GBps\": {}, \"busbw_GBps\": {}, \"correct\": {}}}",
+                    row.world_size,
+                    row.bytes,
+                    row.iters,
+                    row.median_s,
+                    row.min_s,
+                    row.algbw_gbps,
+                    row.busbw_gbps,
+                    row.correct
+                );
+            }
         })?;
     }
     Ok(())
