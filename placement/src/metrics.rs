@@ -119,7 +119,11 @@ pub fn curve(
             } else {
                 std::mem::take(&mut buckets[x])
             };
-            (!values.is_empty()).then(|| round2_numpy(numpy_mean(&values)))
+            // The paper rounds allocation and fragmentation means, not ratios.
+            (!values.is_empty()).then(|| match measure {
+                Measure::FragmentationRatio => numpy_mean(&values),
+                _ => round2_numpy(numpy_mean(&values)),
+            })
         })
         .collect()
 }

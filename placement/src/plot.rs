@@ -217,7 +217,13 @@ fn draw_panel(
     }
     cv.line((left, bottom), (right, bottom), BLACK, 2);
     cv.line((left, top), (left, bottom), BLACK, 2);
-    cv.text(left, top - 26, &panel.title, 2, BLACK);
+    cv.text(
+        (left + right) / 2 - text_width(&panel.title, 2) / 2,
+        top - 26,
+        &panel.title,
+        2,
+        BLACK,
+    );
     let xl = "ARRIVED GPU DEMAND (% OF CAPACITY)";
     cv.text(
         (left + right) / 2 - text_width(xl, 2) / 2,

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::cluster::{ClusterState, Node};
 use crate::error::Result;
+use crate::filter::{self, Resolved};
 use crate::gang::{GangRequest, TopologyConstraint, place_gang};
 use crate::gorand::GoRand;
 use crate::metrics::Event;
@@ -109,6 +110,8 @@ pub struct Run {
     pub events: Vec<Event>,
     pub pods: usize,
     pub failed: usize,
+    /// Failed pods that no node of the cluster could host even when empty.
+    pub impossible: usize,
     /// Multi-GPU pods placed as zone-confined gangs (with `gang_split`).
     pub gangs: usize,
     pub gang_gpus: u64,
@@ -189,6 +192,7 @@ pub fn replay(workload: &Workload, policy: &str, seed: u64, options: ReplayOptio
         events: Vec::with_capacity(pods.len()),
         pods: pods.len(),
         failed: 0,
+        impossible: 0,
         gangs: 0,
         gang_gpus: 0,
     };
@@ -222,6 +226,16 @@ pub fn replay(workload: &Workload, policy: &str, seed: u64, options: ReplayOptio
                 }
                 _ => run.failed += 1,
             },
+        }
+        if touched.is_empty() {
+            let resolved = Resolved::new(pod);
+            if !workload
+                .nodes
+                .iter()
+                .any(|n| filter::check(n, &resolved).is_ok())
+            {
+                run.impossible += 1;
+            }
         }
         for i in touched {
             let f = workload.frag.node_frag(state.node(i));

@@ -1,7 +1,7 @@
 //! The `simulate` command as a library: replay traces for policies × seeds × tie modes,
 //! write CSV and PNG, and return the table of 130% means beside the paper's. The binary
-//! `ringmaster-simulate` is `simulate::run(&SimulateArgs::parse())`, and another binary
-//! can embed [`SimulateArgs`] as a subcommand.
+//! `ringmaster-simulate` prints `simulate::run(&args)`, and another binary can embed
+//! [`SimulateArgs`] as a subcommand the same way.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -179,6 +179,7 @@ pub struct Row {
     /// Fraction of (policy, seed) curves equal to the paper's at every point.
     pub exact_seeds: Option<(usize, usize)>,
     pub failed_pods: f64,
+    pub impossible_pods: f64,
     pub gangs: f64,
     pub gang_gpus: f64,
 }
@@ -202,7 +203,21 @@ fn paper_curve<'a>(
     })
 }
 
-/// Runs the whole command (the bench mode excepted).
+/// The whole command, bench mode included; returns what to print. This is all another
+/// binary needs to offer `simulate` as a subcommand.
+pub fn run(args: &SimulateArgs) -> Result<String> {
+    if args.bench {
+        return crate::bench::run(args);
+    }
+    let report = simulate(args)?;
+    let mut out = report.table;
+    for f in &report.files {
+        let _ = writeln!(out, "wrote {}", f.display());
+    }
+    Ok(out)
+}
+
+/// Replays and writes the files (the bench mode excepted).
 pub fn simulate(args: &SimulateArgs) -> Result<Report> {
     let dir = args.traces_dir.clone().unwrap_or_else(default_dir);
     let traces = parse_list(&args.trace, &PAPER_TRACES);
@@ -304,6 +319,8 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report> {
                     paper_130,
                     exact_seeds,
                     failed_pods: idx.iter().map(|&i| runs[i].failed as f64).sum::<f64>() / n,
+                    impossible_pods: idx.iter().map(|&i| runs[i].impossible as f64).sum::<f64>()
+                        / n,
                     gangs: idx.iter().map(|&i| runs[i].gangs as f64).sum::<f64>() / n,
                     gang_gpus: idx.iter().map(|&i| runs[i].gang_gpus as f64).sum::<f64>() / n,
                 });
@@ -354,12 +371,12 @@ fn tie_name(t: TieMode) -> &'static str {
 
 fn summary_csv(rows: &[Row]) -> String {
     let mut s = String::from(
-        "trace,policy,tie_mode,alloc_130,paper_alloc_130,frag_130,exact_seeds,failed_pods,gangs,gang_gpus\n",
+        "trace,policy,tie_mode,alloc_130,paper_alloc_130,frag_130,exact_seeds,failed_pods,impossible_pods,gangs,gang_gpus\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{}",
             r.trace,
             r.policy,
             tie_name(r.tie),
@@ -369,6 +386,7 @@ fn summary_csv(rows: &[Row]) -> String {
             r.exact_seeds
                 .map_or_else(String::new, |(a, b)| format!("{a}/{b}")),
             r.failed_pods,
+            r.impossible_pods,
             r.gangs,
             r.gang_gpus
         );

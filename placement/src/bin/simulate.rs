@@ -1,5 +1,5 @@
 use clap::Parser;
-use ringmaster_placement::{bench, simulate};
+use ringmaster_placement::simulate;
 
 #[derive(Parser)]
 #[command(name = "ringmaster-simulate", version)]
@@ -9,19 +9,11 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let result = if cli.args.bench {
-        bench::run(&cli.args).map(|table| print!("{table}"))
-    } else {
-        simulate::simulate(&cli.args).map(|report| {
-            print!("{}", report.table);
-            for f in &report.files {
-                println!("wrote {}", f.display());
-            }
-        })
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    match simulate::run(&Cli::parse().args) {
+        Ok(text) => {
+            print!("{text}");
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("ringmaster-simulate: {e}");
             std::process::ExitCode::FAILURE
