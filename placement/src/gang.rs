@@ -59,7 +59,7 @@ pub fn place_gang(
     for m in &gang.members {
         if let Err(e) = m.validate() {
             return Err(Unplaceable {
-                pod: gang.name.clone(),
+                pod: format!("gang {}", gang.name),
                 nodes: state.nodes().len(),
                 rejected: Vec::new(),
                 domains: Vec::new(),
@@ -142,7 +142,7 @@ pub fn place_gang(
     }
     let mut err = last_error.map_or_else(
         || Unplaceable {
-            pod: gang.name.clone(),
+            pod: format!("gang {}", gang.name),
             nodes: state.nodes().len(),
             rejected: Vec::new(),
             domains: Vec::new(),
@@ -308,9 +308,11 @@ mod tests {
         assert_eq!(err.domains.len(), 2);
         assert_eq!(err.domains[0].free_milli, 16_000);
         assert_eq!(err.domains[0].needed_milli, 20_000);
-        assert!(
-            err.to_string().contains("zone=b: 2 nodes, 12.0 GPUs free"),
-            "{err}"
+        assert_eq!(
+            err.to_string(),
+            "gang g: 0/4 nodes are available; no zone domain has 20.0 free GPUs; \
+             zone=a: 2 nodes, 16.0 GPUs free (16 whole), 20.0 needed; \
+             zone=b: 2 nodes, 12.0 GPUs free (12 whole), 20.0 needed"
         );
         assert!(place_gang(&state, &gang(5, 4, None), &BestFit).is_ok());
     }
