@@ -120,6 +120,15 @@ impl<'s> Placer<'s> {
         tie: Tie<'_>,
         allowed: impl Fn(usize) -> bool,
     ) -> Result<Placement, Unplaceable> {
+        if let Err(e) = pod.validate() {
+            return Err(Unplaceable {
+                pod: pod.name.clone(),
+                nodes: state.nodes().len(),
+                rejected: Vec::new(),
+                domains: Vec::new(),
+                note: Some(e.to_string()),
+            });
+        }
         let resolved = Resolved::new(pod);
         let mut rejected: BTreeMap<FilterReason, usize> = BTreeMap::new();
         self.feasible.clear();
@@ -279,7 +288,17 @@ mod tests {
              1 not enough free GPU on any device"
         );
         let huge = PodRequest::new("huge", 1, 1, GpuDemand::Whole(9));
-        assert!(place_pod(&state, &huge, &BestFit).is_err());
+        let err = place_pod(&state, &huge, &BestFit).unwrap_err();
+        assert_eq!(
+            err.rejected,
+            vec![
+                (FilterReason::NoGpus, 1),
+                (FilterReason::InsufficientGpu, 2)
+            ]
+        );
+        let invalid = PodRequest::new("zero", 1, 1, GpuDemand::Share(0));
+        let err = place_pod(&state, &invalid, &BestFit).unwrap_err();
+        assert!(err.to_string().contains("between 1 and 999"), "{err}");
     }
 
     #[test]
