@@ -271,3 +271,48 @@ fn split_gang(pod: &PodRequest, k: u32) -> GangRequest {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 16 two-GPU nodes in 8 zones of two: a 4-GPU pod fits no node but fits each zone.
+    fn small() -> Workload {
+        let nodes: Vec<Node> = (0..16)
+            .map(|i| Node::new(format!("n{i:02}"), 32_000, 1 << 20, 2, Some("T4")))
+            .collect();
+        let pods = vec![PodRequest::new("big", 8000, 1024, GpuDemand::Whole(4))];
+        Workload {
+            name: "small".into(),
+            frag: FragModel::from_workload(&pods),
+            nodes,
+            pods,
+        }
+    }
+
+    #[test]
+    fn inflation_clones_until_130_percent() {
+        let prepared = prepare(&small(), 42, 1.3);
+        // 32 GPUs: clones of the 4-GPU pod are added while the total stays <= 41.6 GPUs
+        // under the per-GPU guard (the last one overshoots to 44).
+        assert_eq!(prepared.pods.len(), 11);
+        assert!(prepared.pods[1].name.starts_with("big-tuned-"));
+        let mut ranks = prepared.ranks.clone();
+        ranks.sort();
+        assert_eq!(ranks, (0..16).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn gang_split_places_unfit_pods_inside_one_zone() {
+        let w = small();
+        let plain = replay(&w, "bestfit", 42, ReplayOptions::default()).unwrap();
+        assert_eq!((plain.gangs, plain.failed, plain.impossible), (0, 11, 11));
+        let options = ReplayOptions {
+            gang_split: true,
+            ..ReplayOptions::default()
+        };
+        let run = replay(&w, "bestfit", 42, options).unwrap();
+        assert_eq!((run.gangs, run.gang_gpus, run.failed), (8, 32, 3));
+        assert_eq!(run.events.last().unwrap().used_milli, 32_000);
+    }
+}
