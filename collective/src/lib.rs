@@ -9,6 +9,7 @@ mod failure;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod net;
+mod pipeline;
 mod rendezvous;
 mod ring;
 mod store;

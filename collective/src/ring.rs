@@ -2,11 +2,7 @@
 //!
 //! All-reduce is reduce-scatter followed by all-gather around the ring: each rank sends
 //! and receives 2(n-1)/n of the buffer, the bandwidth lower bound. Segments are cut into
-//! chunks; chunk j of every segment travels on connection j mod K, and each connection
-//! has its own sender and receiver thread. Because the segment a rank receives in step t
-//! is exactly the one it sends in step t+1, every connection is an independent pipeline:
-//! its sender forwards chunk j as soon as its receiver has summed chunk j, while the
-//! other connections keep the link and the CPU busy.
+//! chunks and pipelined over K connections per neighbour (see `pipeline`).
 //!
 //! Small buffers take another path: one connection, n-1 hops in which every rank forwards
 //! whole buffers, then each rank sums all n buffers in rank order. That halves the number
@@ -15,9 +11,6 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::thread::{self, Thread};
 use std::time::Duration;
 
 use half::bf16;
@@ -26,6 +19,7 @@ use crate::communicator::{Communicator, ReduceOp};
 use crate::error::{Error, Peer, Result};
 use crate::failure::FailureLog;
 use crate::net::peer_error;
+use crate::pipeline::{self, Plan};
 use crate::store::StoreServer;
 
 /// Tuning knobs; every rank of a job must use the same values (checked at connection time).
@@ -95,18 +89,18 @@ unsafe impl Elem for bf16 {
     }
 }
 
-fn bytes<T: Elem>(s: &[T]) -> &[u8] {
+pub(crate) fn bytes<T: Elem>(s: &[T]) -> &[u8] {
     // SAFETY: Elem guarantees plain-old-data without padding.
     unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), std::mem::size_of_val(s)) }
 }
 
-fn bytes_mut<T: Elem>(s: &mut [T]) -> &mut [u8] {
+pub(crate) fn bytes_mut<T: Elem>(s: &mut [T]) -> &mut [u8] {
     // SAFETY: Elem guarantees every bit pattern is a valid value.
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), std::mem::size_of_val(s)) }
 }
 
 /// Reinterprets reusable f32 storage (4-byte aligned) as `len` elements of `T`.
-fn scratch_as<T: Elem>(store: &mut Vec<f32>, len: usize) -> &mut [T] {
+pub(crate) fn scratch_as<T: Elem>(store: &mut Vec<f32>, len: usize) -> &mut [T] {
     let words = (len * std::mem::size_of::<T>()).div_ceil(4);
     if store.len() < words {
         store.resize(words, 0.0);
@@ -118,8 +112,6 @@ fn scratch_as<T: Elem>(store: &mut Vec<f32>, len: usize) -> &mut [T] {
 }
 
 const OP_MAGIC: [u8; 4] = *b"RMOP";
-/// Received data is summed in pieces of this size, small enough to stay in L2.
-const REDUCE_PIECE_BYTES: usize = 64 << 10;
 const HEADER_LEN: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,91 +216,19 @@ pub struct TcpRing {
     gather: Vec<f32>,
     sendbuf: Vec<u8>,
     poisoned: Option<String>,
-    failures: Mutex<FailureLog>,
+    failures: FailureLog,
     _store: Option<StoreServer>,
 }
 
-struct Step {
-    send: usize,
-    recv: usize,
-    reduce: bool,
-}
-
-/// State shared by the sender and receiver threads of one pipelined collective.
-struct Shared<'a> {
-    links: &'a Links,
-    failures: &'a Mutex<FailureLog>,
-    timeout: Duration,
-    op: String,
-    abort: AtomicBool,
-    first_error: Mutex<Option<Error>>,
-    sent: Vec<AtomicUsize>,
-    received: Vec<AtomicUsize>,
-    sender_threads: Vec<OnceLock<Thread>>,
-    receiver_threads: Vec<OnceLock<Thread>>,
-}
-
-impl Shared<'_> {
-    fn fail(&self, err: Error) {
-        {
-            let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
-            // Errors after an abort are the echo of our own shutdown, not news.
-            if first.is_some() || self.abort.load(Ordering::SeqCst) {
-                return;
-            }
-            // Publish before shutting sockets down: neighbours see the shutdown as a cascade
-            // and then find this report as the root cause.
-            let err = self
-                .failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .record(err);
-            *first = Some(err);
-            self.abort.store(true, Ordering::SeqCst);
-        }
-        shutdown_links(self.links);
-        for t in self.sender_threads.iter().chain(&self.receiver_threads) {
-            if let Some(t) = t.get() {
-                t.unpark();
-            }
-        }
-    }
-
-    /// Parks until `counter` reaches `need`; false when the collective was aborted.
-    fn wait(&self, counter: &AtomicUsize, need: usize) -> bool {
-        while counter.load(Ordering::SeqCst) < need {
-            if self.abort.load(Ordering::SeqCst) {
-                return false;
-            }
-            // Partners unpark us on progress; the timeout only guards against a missed abort.
-            thread::park_timeout(Duration::from_millis(100));
-        }
-        !self.abort.load(Ordering::SeqCst)
-    }
+pub(crate) struct Step {
+    pub send: usize,
+    pub recv: usize,
+    pub reduce: bool,
 }
 
 fn shutdown_links(links: &Links) {
     for s in links.to_next.iter().chain(&links.from_prev) {
         let _ = s.shutdown(Shutdown::Both);
-    }
-}
-
-/// A raw view of the user's buffer shared by the pipeline threads. The step/chunk
-/// dependencies guarantee no region is written while another thread reads or writes it.
-#[derive(Clone, Copy)]
-struct RawBuf<T> {
-    ptr: *mut T,
-    len: usize,
-}
-unsafe impl<T: Send> Send for RawBuf<T> {}
-unsafe impl<T: Send> Sync for RawBuf<T> {}
-
-impl<T> RawBuf<T> {
-    /// # Safety
-    /// No other live reference may overlap `r` while the slice is used.
-    unsafe fn slice<'a>(self, r: Range<usize>) -> &'a mut [T] {
-        assert!(r.start <= r.end && r.end <= self.len);
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.end - r.start) }
     }
 }
 
@@ -341,7 +261,7 @@ impl TcpRing {
             gather: Vec::new(),
             sendbuf: Vec::new(),
             poisoned: None,
-            failures: Mutex::new(failures),
+            failures,
             _store: store,
         }
     }
@@ -361,26 +281,21 @@ impl TcpRing {
 
     /// Runs one collective: refuses after an earlier failure, and turns a new failure into
     /// a recorded error and a disconnected communicator, so neighbours fail fast too.
-    fn guarded<R>(&mut self, f: impl FnOnce(&mut Self) -> Result<R, Failure>) -> Result<R> {
+    fn guarded<R>(&mut self, f: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
         if let Some(first) = &self.poisoned {
             return Err(Error::Poisoned(first.clone()));
         }
         self.seq += 1;
         let err = match f(self) {
             Ok(v) => return Ok(v),
-            Err(Failure::Recorded(e)) => e,
-            Err(Failure::New(e)) => {
-                let e = self
-                    .failures
-                    .get_mut()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .record(e);
-                if let Some(links) = &self.links {
-                    shutdown_links(links);
-                }
-                e
-            }
+            Err(e) => e,
         };
+        // Publish before shutting the links: neighbours see the shutdown as a cascade and
+        // then find this report as the root cause.
+        let err = self.failures.record(err);
+        if let Some(links) = &self.links {
+            shutdown_links(links);
+        }
         self.poisoned = Some(err.to_string());
         Err(err)
     }
@@ -395,33 +310,29 @@ impl TcpRing {
         self.links.as_ref().expect("world size > 1 has links")
     }
 
-    fn send(&self, what: &[u8], op: &str) -> Result<(), Failure> {
+    fn send(&self, what: &[u8], op: &str) -> Result<()> {
         let l = self.links();
         (&l.to_next[0])
             .write_all(what)
-            .map_err(|e| peer_error(l.next, op, self.cfg.timeout, e).into())
+            .map_err(|e| peer_error(l.next, op, self.cfg.timeout, e))
     }
 
-    fn recv(&self, into: &mut [u8], op: &str) -> Result<(), Failure> {
+    fn recv(&self, into: &mut [u8], op: &str) -> Result<()> {
         let l = self.links();
         (&l.from_prev[0])
             .read_exact(into)
-            .map_err(|e| peer_error(l.prev, op, self.cfg.timeout, e).into())
+            .map_err(|e| peer_error(l.prev, op, self.cfg.timeout, e))
     }
 
-    fn check_header(
-        &self,
-        mine: &Header,
-        theirs: &[u8; HEADER_LEN],
-        op: &str,
-    ) -> Result<(), Failure> {
+    fn check_header(&self, mine: &Header, theirs: &[u8; HEADER_LEN], op: &str) -> Result<()> {
         let prev = self.links().prev;
         match Header::decode(theirs) {
             None => Err(Error::Protocol {
                 peer: prev.to_string(),
-                reason: format!("expected a collective header during {op}, got other bytes; the ranks are out of step"),
-            }
-            .into()),
+                reason: format!(
+                    "expected a collective header during {op}, got other bytes; the ranks are out of step"
+                ),
+            }),
             Some(h) if h != *mine => Err(Error::Mismatch {
                 rank: self.rank,
                 peer: prev.to_string(),
@@ -433,14 +344,13 @@ impl TcpRing {
                     mine.describe(),
                     mine.step
                 ),
-            }
-            .into()),
+            }),
             Some(_) => Ok(()),
         }
     }
 
     /// Sends our header to the next rank and checks the previous rank's against it.
-    fn exchange_header(&self, h: &Header, op: &str) -> Result<(), Failure> {
+    fn exchange_header(&self, h: &Header, op: &str) -> Result<()> {
         self.send(&h.encode(), op)?;
         let mut theirs = [0u8; HEADER_LEN];
         self.recv(&mut theirs, op)?;
@@ -501,7 +411,7 @@ impl TcpRing {
     }
 
     /// The low-latency path: n-1 hops forwarding whole buffers, then a sum in rank order.
-    fn small_all_reduce<T: Elem>(&mut self, buf: &mut [T], h: Header) -> Result<(), Failure> {
+    fn small_all_reduce<T: Elem>(&mut self, buf: &mut [T], h: Header) -> Result<()> {
         let n = self.world;
         let len = buf.len();
         let mut gather = std::mem::take(&mut self.gather);
@@ -530,7 +440,7 @@ impl TcpRing {
         h: Header,
         sendbuf: &mut Vec<u8>,
         op: &str,
-    ) -> Result<(), Failure> {
+    ) -> Result<()> {
         let n = self.world;
         let mut theirs = [0u8; HEADER_LEN];
         for s in 0..n - 1 {
@@ -636,195 +546,22 @@ impl TcpRing {
         })
     }
 
-    /// Runs `steps` over `data` with K connections, each with a sender and a receiver
-    /// thread. Requires `steps[t+1].send == steps[t].recv`, which makes the chunk j a
-    /// sender forwards in step t+1 the one its own receiver finished in step t.
     fn pipeline<T: Elem>(
         &mut self,
         data: &mut [T],
         segs: &[Range<usize>],
         steps: &[Step],
         op: &str,
-    ) -> Result<(), Failure> {
-        let k_streams = self.cfg.streams;
-        let max_seg = segs.iter().map(|r| r.len()).max().unwrap_or(0);
-        let elem = std::mem::size_of::<T>();
-        // At least ~4 chunks per connection and segment keep the pipeline full on mid-sized
-        // buffers; every rank derives the same chunking from the same inputs.
-        let max_chunk = (self.cfg.chunk_bytes / elem).max(1);
-        let chunk = max_seg
-            .div_ceil(4 * k_streams)
-            .clamp(((16 << 10) / elem).min(max_chunk), max_chunk);
-        let nchunks = |seg: usize| segs[seg].len().div_ceil(chunk);
-        let chunk_range = |seg: usize, j: usize| {
-            let r = &segs[seg];
-            r.start + j * chunk..(r.start + (j + 1) * chunk).min(r.end)
-        };
-        // Per connection k, how many of its chunks come before step t (send and receive side).
-        let count_k = |k: usize, n: usize| {
-            if n > k {
-                (n - k).div_ceil(k_streams)
-            } else {
-                0
-            }
-        };
-        let bases = |k: usize, pick: &dyn Fn(&Step) -> usize| {
-            let mut acc = 0;
-            let mut v = Vec::with_capacity(steps.len());
-            for s in steps {
-                v.push(acc);
-                acc += count_k(k, nchunks(pick(s)));
-            }
-            v
-        };
-
+    ) -> Result<()> {
         let links = self.links.as_ref().expect("world size > 1 has links");
-        let shared = Shared {
-            links,
-            failures: &self.failures,
-            timeout: self.cfg.timeout,
-            op: format!("{op} #{}", self.seq),
-            abort: AtomicBool::new(false),
-            first_error: Mutex::new(None),
-            sent: (0..k_streams).map(|_| AtomicUsize::new(0)).collect(),
-            received: (0..k_streams).map(|_| AtomicUsize::new(0)).collect(),
-            sender_threads: (0..k_streams).map(|_| OnceLock::new()).collect(),
-            receiver_threads: (0..k_streams).map(|_| OnceLock::new()).collect(),
+        let plan = Plan {
+            segs,
+            steps,
+            streams: self.cfg.streams,
+            chunk_bytes: self.cfg.chunk_bytes,
         };
-        let raw = RawBuf {
-            ptr: data.as_mut_ptr(),
-            len: data.len(),
-        };
-        let scratch = &mut self.scratch;
-        thread::scope(|scope| {
-            for (k, scratch) in scratch.iter_mut().enumerate() {
-                let shared = &shared;
-                let send_base = bases(k, &|s: &Step| s.send);
-                let recv_base = bases(k, &|s: &Step| s.recv);
-                thread::Builder::new()
-                    .name(format!("ring-send-{k}"))
-                    .spawn_scoped(scope, move || {
-                        let _ = shared.sender_threads[k].set(thread::current());
-                        let mut conn = &shared.links.to_next[k];
-                        let mut done = 0;
-                        for (t, step) in steps.iter().enumerate() {
-                            for (jj, j) in (k..nchunks(step.send)).step_by(k_streams).enumerate() {
-                                if t > 0
-                                    && !shared.wait(&shared.received[k], recv_base[t - 1] + jj + 1)
-                                {
-                                    return;
-                                }
-                                // SAFETY: our receiver finished this chunk (waited above) and
-                                // will not write it again before we report it sent.
-                                let c = unsafe { raw.slice(chunk_range(step.send, j)) };
-                                if let Err(e) = conn.write_all(bytes(c)) {
-                                    shared.fail(peer_error(
-                                        shared.links.next,
-                                        &shared.op,
-                                        shared.timeout,
-                                        e,
-                                    ));
-                                    return;
-                                }
-                                done += 1;
-                                shared.sent[k].store(done, Ordering::SeqCst);
-                                if let Some(t) = shared.receiver_threads[k].get() {
-                                    t.unpark();
-                                }
-                            }
-                        }
-                    })
-                    .expect("spawning a ring sender thread");
-                thread::Builder::new()
-                    .name(format!("ring-recv-{k}"))
-                    .spawn_scoped(scope, move || {
-                        let _ = shared.receiver_threads[k].set(thread::current());
-                        let mut conn = &shared.links.from_prev[k];
-                        let mut done = 0;
-                        for (t, step) in steps.iter().enumerate() {
-                            for (jj, j) in (k..nchunks(step.recv)).step_by(k_streams).enumerate() {
-                                let range = chunk_range(step.recv, j);
-                                // Our sender must have finished reading this region in the
-                                // previous step before we overwrite it.
-                                let wait_sender = || {
-                                    t == 0
-                                        || shared.wait(&shared.sent[k], send_base[t - 1] + jj + 1)
-                                };
-                                let res = if step.reduce {
-                                    // Sum in cache-sized pieces right after each read, while the
-                                    // bytes the kernel just copied are still in cache.
-                                    let piece =
-                                        (REDUCE_PIECE_BYTES / std::mem::size_of::<T>()).max(1);
-                                    let tmp = scratch_as::<T>(scratch, piece.min(range.len()));
-                                    let mut waited = false;
-                                    let mut res = Ok(true);
-                                    for start in range.clone().step_by(piece) {
-                                        let part = start..(start + piece).min(range.end);
-                                        let tmp = &mut tmp[..part.len()];
-                                        if let Err(e) = conn.read_exact(bytes_mut(tmp)) {
-                                            res = Err(e);
-                                            break;
-                                        }
-                                        if !waited && !wait_sender() {
-                                            res = Ok(false);
-                                            break;
-                                        }
-                                        waited = true;
-                                        // SAFETY: see `wait_sender`; nobody else touches this chunk now.
-                                        T::add_assign(unsafe { raw.slice(part) }, tmp);
-                                    }
-                                    res
-                                } else if !wait_sender() {
-                                    Ok(false)
-                                } else {
-                                    // SAFETY: as above.
-                                    conn.read_exact(bytes_mut(unsafe { raw.slice(range.clone()) }))
-                                        .map(|()| true)
-                                };
-                                match res {
-                                    Ok(true) => {}
-                                    Ok(false) => return,
-                                    Err(e) => {
-                                        shared.fail(peer_error(
-                                            shared.links.prev,
-                                            &shared.op,
-                                            shared.timeout,
-                                            e,
-                                        ));
-                                        return;
-                                    }
-                                }
-                                done += 1;
-                                shared.received[k].store(done, Ordering::SeqCst);
-                                if let Some(t) = shared.sender_threads[k].get() {
-                                    t.unpark();
-                                }
-                            }
-                        }
-                    })
-                    .expect("spawning a ring receiver thread");
-            }
-        });
-        match shared
-            .first_error
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-        {
-            Some(e) => Err(Failure::Recorded(e)),
-            None => Ok(()),
-        }
-    }
-}
-
-/// A collective's error, and whether it was already published and the links shut.
-enum Failure {
-    New(Error),
-    Recorded(Error),
-}
-
-impl From<Error> for Failure {
-    fn from(e: Error) -> Self {
-        Failure::New(e)
+        let op = format!("{op} #{}", self.seq);
+        pipeline::run(links, self.cfg.timeout, &mut self.scratch, data, &plan, &op)
     }
 }
 
