@@ -19,7 +19,7 @@ pub mod trace;
 
 pub use cluster::{ClusterState, GpuAffinity, ModelId, Node, Snapshot};
 pub use error::{Error, Result};
-pub use filter::FilterReason;
+pub use filter::{FilterReason, Resolved};
 pub use gang::{Assignment, GangPlacement, GangRequest, TopologyConstraint, place_gang};
 pub use place::{DomainShortfall, Placement, Placer, Tie, Unplaceable, place_pod};
 pub use policy::{Scored, Scorer};

@@ -88,20 +88,16 @@ pub trait Scorer: Send + Sync {
 pub fn best_gpus(free: &[u32], demand: GpuDemand) -> Vec<usize> {
     match demand {
         GpuDemand::None => Vec::new(),
-        GpuDemand::Whole(k) => lowest_free_devices(free, k),
+        GpuDemand::Whole(k) => (0..free.len())
+            .filter(|&i| free[i] == MILLI)
+            .take(k as usize)
+            .collect(),
         GpuDemand::Share(m) => (0..free.len())
             .filter(|&i| free[i] >= m)
             .min_by_key(|&i| (free[i], i))
             .into_iter()
             .collect(),
     }
-}
-
-fn lowest_free_devices(free: &[u32], k: u32) -> Vec<usize> {
-    (0..free.len())
-        .filter(|&i| free[i] == MILLI)
-        .take(k as usize)
-        .collect()
 }
 
 /// Policies by their command-line names.

@@ -4,7 +4,7 @@ use super::{Scored, Scorer};
 use crate::cluster::{ClusterState, Node};
 use crate::filter::Resolved;
 use crate::gorand::GoRand;
-use crate::request::{GpuDemand, MILLI};
+use crate::request::GpuDemand;
 
 /// A uniform choice among the feasible nodes (`random_score.go`) and, for sharing pods,
 /// a uniform device among those that fit. Draws come from Go's stream in the simulator's
@@ -65,11 +65,7 @@ impl Scorer for RandomScorer {
                 }
                 pick.into_iter().collect()
             }
-            GpuDemand::Whole(k) => (0..free.len())
-                .filter(|&i| free[i] == MILLI)
-                .take(k as usize)
-                .collect(),
-            GpuDemand::None => Vec::new(),
+            demand => super::best_gpus(free, demand),
         }
     }
 }
