@@ -3,12 +3,14 @@
 
 use std::time::Duration;
 
-use tracing::error;
+use tracing::{error, warn};
 
 use crate::error::Error;
 use crate::store::StoreClient;
 
 const COUNTER: &str = "failures";
+/// Counts ranks that finished reporting (and reading the first report).
+const DONE: &str = "failures/done";
 
 pub(crate) struct FailureLog {
     store: Option<StoreClient>,
@@ -44,12 +46,20 @@ impl FailureLog {
         // A stall propagates: every live rank ends up waiting on someone and times out at
         // about the same moment, while the stalled rank never reports. The ranks that did
         // not report within the grace period are the suspects.
-        let _ = store.set(&format!("responsive/{}", self.rank), b"");
+        if let Err(e) = store.set(&format!("responsive/{}", self.rank), b"") {
+            warn!(rank = self.rank, error = %e, "cannot report the failure to the store");
+        }
         if matches!(err, Error::PeerTimeout { .. }) {
             std::thread::sleep(self.grace);
             let silent: Vec<String> = (0..self.world)
                 .filter(|&r| r != self.rank)
-                .filter(|&r| matches!(store.try_get(&format!("responsive/{r}")), Ok(None)))
+                .filter(|&r| match store.try_get(&format!("responsive/{r}")) {
+                    Ok(v) => v.is_none(),
+                    Err(e) => {
+                        warn!(rank = self.rank, error = %e, "cannot read failure reports from the store");
+                        false
+                    }
+                })
                 .map(|r| format!("rank {r}"))
                 .collect();
             if !silent.is_empty() {
@@ -74,7 +84,20 @@ impl FailureLog {
                 ));
             }
         }
+        let _ = store.add(DONE, 1);
         error!(rank = self.rank, error = %err, "collective failed");
         err
+    }
+
+    /// Rank 0 serves the store from its own process: if it returned (and its process
+    /// exited) at once, the other ranks could no longer read or publish the failure
+    /// reports. It waits, bounded, until every other live rank has reported.
+    pub(crate) fn linger_if_hosting(&mut self, hosting: bool) {
+        let Some(store) = self.store.as_mut().filter(|_| hosting) else {
+            return;
+        };
+        let bound = self.grace + Duration::from_secs(5);
+        // The failed rank (dead or stalled) never reports; everyone else does.
+        let _ = store.wait_at_least(DONE, self.world.saturating_sub(1) as i64, bound);
     }
 }

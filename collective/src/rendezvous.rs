@@ -284,7 +284,12 @@ pub fn connect_tcp(cfg: &RendezvousConfig) -> Result<TcpRing> {
                 server,
             ))
         }
-        Err(e) => Err(FailureLog::new(Some(store), cfg.rank, n, cfg.ring.timeout).record(e)),
+        Err(e) => {
+            let mut log = FailureLog::new(Some(store), cfg.rank, n, cfg.ring.timeout);
+            let e = log.record(e);
+            log.linger_if_hosting(server.is_some());
+            Err(e)
+        }
     }
 }
 

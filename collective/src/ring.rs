@@ -217,7 +217,8 @@ pub struct TcpRing {
     sendbuf: Vec<u8>,
     poisoned: Option<String>,
     failures: FailureLog,
-    _store: Option<StoreServer>,
+    /// Rank 0 serves the store for as long as its ring lives.
+    store_server: Option<StoreServer>,
 }
 
 pub(crate) struct Step {
@@ -262,7 +263,7 @@ impl TcpRing {
             sendbuf: Vec::new(),
             poisoned: None,
             failures,
-            _store: store,
+            store_server: store,
         }
     }
 
@@ -296,6 +297,7 @@ impl TcpRing {
         if let Some(links) = &self.links {
             shutdown_links(links);
         }
+        self.failures.linger_if_hosting(self.store_server.is_some());
         self.poisoned = Some(err.to_string());
         Err(err)
     }
