@@ -7,7 +7,10 @@ pub enum Error {
     #[error("TrainingJob {0} has no name, namespace or uid (not read from the API server?)")]
     MissingMetadata(String),
     #[error("could not serialise {what}: {source}")]
-    Serialize { what: &'static str, source: serde_json::Error },
+    Serialize {
+        what: &'static str,
+        source: serde_json::Error,
+    },
     #[error("leader election failed: {0}")]
     LeaderElection(#[from] kube_lease_manager::LeaseManagerError),
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube::runtime::reflector::Store;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -10,7 +11,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use ringmaster_crds::TrainingJob;
-use kube::runtime::reflector::Store;
 
 use crate::error::Error;
 
@@ -42,18 +42,45 @@ impl Metrics {
         let restarts = Counter::default();
         let jobs_by_phase = Family::<PhaseLabels, Gauge>::default();
         registry.register("reconciles", "TrainingJob reconciles", reconciles.clone());
-        registry.register("reconcile_errors", "Failed reconciles by error kind", failures.clone());
-        registry.register("reconcile_duration_seconds", "Time per reconcile", duration.clone());
-        registry.register("gang_restarts", "Whole-gang restarts after worker failures", restarts.clone());
-        registry.register("trainingjobs", "TrainingJobs by phase", jobs_by_phase.clone());
-        Arc::new(Self { reconciles, failures, duration, restarts, jobs_by_phase, registry })
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by error kind",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time per reconcile",
+            duration.clone(),
+        );
+        registry.register(
+            "gang_restarts",
+            "Whole-gang restarts after worker failures",
+            restarts.clone(),
+        );
+        registry.register(
+            "trainingjobs",
+            "TrainingJobs by phase",
+            jobs_by_phase.clone(),
+        );
+        Arc::new(Self {
+            reconciles,
+            failures,
+            duration,
+            restarts,
+            jobs_by_phase,
+            registry,
+        })
     }
 
     pub fn observe_reconcile(&self, took: Duration, error: Option<&Error>) {
         self.reconciles.inc();
         self.duration.observe(took.as_secs_f64());
         if let Some(e) = error {
-            self.failures.get_or_create(&ErrorLabels { error: e.metric_label() }).inc();
+            self.failures
+                .get_or_create(&ErrorLabels {
+                    error: e.metric_label(),
+                })
+                .inc();
         }
     }
 
@@ -67,10 +94,13 @@ impl Metrics {
                 .as_ref()
                 .and_then(|s| s.phase)
                 .map_or("Unknown".to_string(), |p| format!("{p:?}"));
-            self.jobs_by_phase.get_or_create(&PhaseLabels { phase }).inc();
+            self.jobs_by_phase
+                .get_or_create(&PhaseLabels { phase })
+                .inc();
         }
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

@@ -50,7 +50,11 @@ struct Http {
 pub async fn run(client: Client, settings: Settings) -> Result<()> {
     let metrics = Metrics::new();
     let (jobs_reader, jobs_writer) = reflector::store::<TrainingJob>();
-    let http = Arc::new(Http { ready: AtomicBool::new(false), metrics: metrics.clone(), jobs: jobs_reader });
+    let http = Arc::new(Http {
+        ready: AtomicBool::new(false),
+        metrics: metrics.clone(),
+        jobs: jobs_reader,
+    });
     let server = tokio::spawn(serve_http(settings.listen, http.clone()));
 
     let lease = LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
@@ -76,19 +80,34 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     info!(identity = %settings.identity, "leading: starting the TrainingJob controller");
 
     let (jobs_api, pods_api): (Api<TrainingJob>, Api<Pod>) = match &settings.namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let (pods_reader, pods_writer) = reflector::store::<Pod>();
-    let pod_events = watcher(pods_api, watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE}")))
+    let pod_events = watcher(
+        pods_api,
+        watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE}")),
+    )
+    .default_backoff()
+    .reflect(pods_writer)
+    .touched_objects();
+    let job_events = watcher(jobs_api, watcher::Config::default())
         .default_backoff()
-        .reflect(pods_writer)
+        .reflect(jobs_writer)
         .touched_objects();
-    let job_events = watcher(jobs_api, watcher::Config::default()).default_backoff().reflect(jobs_writer).touched_objects();
     let ctx = Arc::new(Context {
         client: client.clone(),
         pods: pods_reader,
-        recorder: Recorder::new(client.clone(), Reporter { controller: "ringmaster-operator".into(), instance: Some(settings.identity.clone()) }),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "ringmaster-operator".into(),
+                instance: Some(settings.identity.clone()),
+            },
+        ),
         metrics,
         restart_backoff: settings.restart_backoff,
     });
@@ -131,10 +150,17 @@ async fn serve_http(addr: SocketAddr, state: Arc<Http>) {
         .route(
             "/readyz",
             get(|State(s): State<Arc<Http>>| async move {
-                if s.ready.load(Ordering::Relaxed) { (StatusCode::OK, "leading") } else { (StatusCode::SERVICE_UNAVAILABLE, "standby") }
+                if s.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "leading")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "standby")
+                }
             }),
         )
-        .route("/metrics", get(|State(s): State<Arc<Http>>| async move { s.metrics.render(&s.jobs) }))
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<Http>>| async move { s.metrics.render(&s.jobs) }),
+        )
         .with_state(state);
     match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => {
@@ -147,7 +173,8 @@ async fn serve_http(addr: SocketAddr, state: Arc<Http>) {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},

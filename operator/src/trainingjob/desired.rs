@@ -93,7 +93,10 @@ pub fn support_objects(job: &JobRef) -> SupportObjects {
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
             publish_not_ready_addresses: Some(true),
-            selector: Some(BTreeMap::from([(JOB_NAME.to_string(), job.name.to_string())])),
+            selector: Some(BTreeMap::from([(
+                JOB_NAME.to_string(),
+                job.name.to_string(),
+            )])),
             ports: Some(vec![ServicePort {
                 name: Some("rendezvous".into()),
                 port: job.job.spec.distribution.master_port,
@@ -144,7 +147,13 @@ pub fn support_objects(job: &JobRef) -> SupportObjects {
             ..Subject::default()
         }]),
     };
-    SupportObjects { config_map, service, service_account, role, role_binding }
+    SupportObjects {
+        config_map,
+        service,
+        service_account,
+        role,
+        role_binding,
+    }
 }
 
 /// The pod of worker `index` for gang attempt `attempt`. Pods start behind the gang
@@ -199,8 +208,14 @@ pub fn worker_pod(job: &JobRef, index: i32, attempt: i32) -> Pod {
     let mut resources = spec.resources.clone().unwrap_or_default();
     if dist.gpus_per_worker > 0 {
         let gpus = Quantity(dist.gpus_per_worker.to_string());
-        resources.limits.get_or_insert_with(BTreeMap::new).insert(GPU_RESOURCE.into(), gpus.clone());
-        resources.requests.get_or_insert_with(BTreeMap::new).insert(GPU_RESOURCE.into(), gpus);
+        resources
+            .limits
+            .get_or_insert_with(BTreeMap::new)
+            .insert(GPU_RESOURCE.into(), gpus.clone());
+        resources
+            .requests
+            .get_or_insert_with(BTreeMap::new)
+            .insert(GPU_RESOURCE.into(), gpus);
     }
 
     let mut volumes = spec.volumes.clone();
@@ -230,7 +245,8 @@ pub fn worker_pod(job: &JobRef, index: i32, attempt: i32) -> Pod {
             format!("{SPEC_MOUNT_DIR}/{SPEC_FILE}"),
         ]),
         env: Some(env),
-        resources: Some(resources).filter(|r: &ResourceRequirements| *r != ResourceRequirements::default()),
+        resources: Some(resources)
+            .filter(|r: &ResourceRequirements| *r != ResourceRequirements::default()),
         volume_mounts: Some(volume_mounts),
         ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
             name: Some("rendezvous".into()),
@@ -249,9 +265,14 @@ pub fn worker_pod(job: &JobRef, index: i32, attempt: i32) -> Pod {
             subdomain: Some(job.name.to_string()),
             scheduler_name: Some(spec.scheduling.scheduler_name.clone()),
             priority_class_name: spec.scheduling.priority_class_name.clone(),
-            scheduling_gates: Some(vec![PodSchedulingGate { name: GANG_GATE.into() }]),
+            scheduling_gates: Some(vec![PodSchedulingGate {
+                name: GANG_GATE.into(),
+            }]),
             service_account_name: Some(
-                overlay.service_account_name.clone().unwrap_or_else(|| trainer_account_name(job.name)),
+                overlay
+                    .service_account_name
+                    .clone()
+                    .unwrap_or_else(|| trainer_account_name(job.name)),
             ),
             node_selector: Some(overlay.node_selector.clone()).filter(|m| !m.is_empty()),
             tolerations: Some(overlay.tolerations.clone()).filter(|t| !t.is_empty()),
@@ -267,7 +288,11 @@ pub fn worker_pod(job: &JobRef, index: i32, attempt: i32) -> Pod {
 /// several processes per worker the trainer starts `LOCAL_WORLD_SIZE` ranks from there.
 fn rendezvous_env(job: &JobRef, index: i32) -> Vec<EnvVar> {
     let dist = &job.job.spec.distribution;
-    let var = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..EnvVar::default() };
+    let var = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..EnvVar::default()
+    };
     vec![
         var("RANK", (index * dist.processes_per_worker).to_string()),
         var("WORLD_SIZE", job.job.spec.world_size().to_string()),
@@ -277,7 +302,12 @@ fn rendezvous_env(job: &JobRef, index: i32) -> Vec<EnvVar> {
         var("NNODES", dist.workers.to_string()),
         var(
             "MASTER_ADDR",
-            format!("{}.{}.{}.svc", worker_name(job.name, 0), job.name, job.namespace),
+            format!(
+                "{}.{}.{}.svc",
+                worker_name(job.name, 0),
+                job.name,
+                job.namespace
+            ),
         ),
         var("MASTER_PORT", dist.master_port.to_string()),
         var("RINGMASTER_JOB", job.name.into()),
@@ -330,16 +360,25 @@ spec:
         let meta = &pod.metadata;
         assert_eq!(meta.name.as_deref(), Some("spam-worker-2"));
         let labels = meta.labels.as_ref().unwrap();
-        assert_eq!(labels[GANG], "spam", "the gang label cannot be overridden by the overlay");
+        assert_eq!(
+            labels[GANG], "spam",
+            "the gang label cannot be overridden by the overlay"
+        );
         assert_eq!(labels[REPLICA_INDEX], "2");
         assert_eq!(labels[ATTEMPT], "1");
         assert_eq!(labels[MANAGED_BY], "ringmaster");
         let annotations = meta.annotations.as_ref().unwrap();
         assert_eq!(annotations[GANG_SIZE], "3");
         assert_eq!(annotations[PLACEMENT], "spread");
-        assert_eq!(annotations[REQUIRED_TOPOLOGY_KEY], "topology.kubernetes.io/zone");
+        assert_eq!(
+            annotations[REQUIRED_TOPOLOGY_KEY],
+            "topology.kubernetes.io/zone"
+        );
         assert_eq!(annotations["team"], "nlp");
-        assert_eq!(meta.owner_references.as_ref().unwrap()[0].controller, Some(true));
+        assert_eq!(
+            meta.owner_references.as_ref().unwrap()[0].controller,
+            Some(true)
+        );
 
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.scheduler_name.as_deref(), Some("ringmaster-scheduler"));
@@ -348,7 +387,13 @@ spec:
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
         assert_eq!(spec.scheduling_gates.as_ref().unwrap()[0].name, GANG_GATE);
         assert_eq!(spec.node_selector.as_ref().unwrap()["pool"], "a100");
-        let limits = spec.containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap();
+        let limits = spec.containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap();
         assert_eq!(limits[GPU_RESOURCE], Quantity("2".into()));
 
         let env = env_of(&pod);
@@ -362,7 +407,10 @@ spec:
 
     #[test]
     fn cpu_job_has_no_gpu_resources() {
-        let job = job(&BASE.replace("gpusPerWorker: 2, processesPerWorker: 2", "gpusPerWorker: 0"));
+        let job = job(&BASE.replace(
+            "gpusPerWorker: 2, processesPerWorker: 2",
+            "gpusPerWorker: 0",
+        ));
         let pod = worker_pod(&JobRef::new(&job).unwrap(), 0, 0);
         assert!(pod.spec.unwrap().containers[0].resources.is_none());
     }
@@ -373,7 +421,10 @@ spec:
         let objects = support_objects(&JobRef::new(&job).unwrap());
         let spec: TrainingJob =
             serde_yaml::from_str(&objects.config_map.data.unwrap()[SPEC_FILE]).unwrap();
-        assert_eq!(spec.spec, job.spec, "the trainer reads back exactly the job's spec");
+        assert_eq!(
+            spec.spec, job.spec,
+            "the trainer reads back exactly the job's spec"
+        );
         let svc = objects.service.spec.unwrap();
         assert_eq!(svc.cluster_ip.as_deref(), Some("None"));
         assert_eq!(svc.selector.unwrap()[JOB_NAME], "spam");
@@ -381,6 +432,9 @@ spec:
             assert_eq!(rule.resource_names.unwrap(), vec!["spam".to_string()]);
             assert!(!rule.verbs.contains(&"delete".to_string()));
         }
-        assert_eq!(objects.role_binding.subjects.unwrap()[0].name, "spam-trainer");
+        assert_eq!(
+            objects.role_binding.subjects.unwrap()[0].name,
+            "spam-trainer"
+        );
     }
 }

@@ -36,7 +36,8 @@ pub struct Context {
 pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let result = reconcile_inner(&job, &ctx).await;
-    ctx.metrics.observe_reconcile(started.elapsed(), result.as_ref().err());
+    ctx.metrics
+        .observe_reconcile(started.elapsed(), result.as_ref().err());
     result
 }
 
@@ -52,14 +53,28 @@ async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
         .pods
         .state()
         .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns) && p.labels().get(JOB_NAME).map(String::as_str) == Some(job_ref.name))
+        .filter(|p| {
+            p.namespace().as_deref() == Some(ns)
+                && p.labels().get(JOB_NAME).map(String::as_str) == Some(job_ref.name)
+        })
         .map(|p| (**p).clone())
         .collect();
 
     let plan = status::plan(job, &pods, Timestamp::now(), ctx.restart_backoff);
     if plan.delete_job {
-        info!(job = job_ref.name, namespace = ns, "deleting finished job after ttlSecondsAfterFinished");
-        publish(ctx, job, "Deleted", "ttlSecondsAfterFinished elapsed; deleting the job", false).await;
+        info!(
+            job = job_ref.name,
+            namespace = ns,
+            "deleting finished job after ttlSecondsAfterFinished"
+        );
+        publish(
+            ctx,
+            job,
+            "Deleted",
+            "ttlSecondsAfterFinished elapsed; deleting the job",
+            false,
+        )
+        .await;
         Api::<TrainingJob>::namespaced(ctx.client.clone(), ns)
             .delete(job_ref.name, &DeleteParams::background())
             .await
@@ -100,13 +115,24 @@ async fn apply_actions(ctx: &Context, job: &JobRef<'_>, plan: &Plan) -> Result<(
     let ungate = serde_json::json!({"spec": {"schedulingGates": []}});
     let releases = plan.release_gates.iter().map(|name| {
         let pods = pods.clone();
-        let patch = Patch::Strategic(ungate.clone());
-        async move { pods.patch(name, &PatchParams::default(), &patch).await.map(|_| ()).or_else(ignore_not_found) }
+        // A JSON merge patch replaces the list; a strategic one would merge `[]` into it.
+        let patch = Patch::Merge(ungate.clone());
+        async move {
+            pods.patch(name, &PatchParams::default(), &patch)
+                .await
+                .map(|_| ())
+                .or_else(ignore_not_found)
+        }
     });
     futures::future::try_join_all(releases).await?;
     let deletes = plan.delete_pods.iter().map(|name| {
         let pods = pods.clone();
-        async move { pods.delete(name, &DeleteParams::default()).await.map(|_| ()).or_else(ignore_not_found) }
+        async move {
+            pods.delete(name, &DeleteParams::default())
+                .await
+                .map(|_| ())
+                .or_else(ignore_not_found)
+        }
     });
     futures::future::try_join_all(deletes).await?;
     Ok(())
@@ -148,7 +174,12 @@ where
     K: Resource + Serialize + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
     let name = obj.meta().name.clone().unwrap_or_default();
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await?;
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await?;
     Ok(())
 }
 
@@ -156,7 +187,16 @@ async fn create_if_absent<K>(api: &Api<K>, obj: &K) -> Result<()>
 where
     K: Resource + Serialize + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
-    match api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, obj).await {
+    match api
+        .create(
+            &PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            obj,
+        )
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
@@ -170,10 +210,14 @@ async fn write_status(ctx: &Context, job: &JobRef<'_>, status: &TrainingJobStatu
         "kind": "TrainingJob",
         "status": status,
     });
-    api.patch_status(job.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await
-        .map(|_| ())
-        .or_else(ignore_not_found)
+    api.patch_status(
+        job.name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map(|_| ())
+    .or_else(ignore_not_found)
 }
 
 fn ignore_not_found(e: kube::Error) -> Result<()> {
@@ -185,7 +229,11 @@ fn ignore_not_found(e: kube::Error) -> Result<()> {
 
 async fn publish(ctx: &Context, job: &TrainingJob, reason: &str, message: &str, warning: bool) {
     let event = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: reason.into(),
         note: Some(message.chars().take(1000).collect()),
         action: "Reconcile".into(),

@@ -105,7 +105,10 @@ impl Worker {
         let spec = pod.spec.as_ref();
         let unschedulable = status
             .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "PodScheduled" && c.status == "False"))
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+            })
             .and_then(|c| c.message.clone());
         Some(Self {
             name: pod.metadata.name.clone()?,
@@ -113,7 +116,9 @@ impl Worker {
             attempt,
             state,
             node: spec.and_then(|s| s.node_name.clone()),
-            gated: spec.and_then(|s| s.scheduling_gates.as_ref()).is_some_and(|g| !g.is_empty()),
+            gated: spec
+                .and_then(|s| s.scheduling_gates.as_ref())
+                .is_some_and(|g| !g.is_empty()),
             unschedulable,
         })
     }
@@ -134,7 +139,10 @@ pub fn plan(job: &TrainingJob, pods: &[Pod], now: Timestamp, backoff_base: Durat
     let spec = &job.spec;
     let workers: Vec<Worker> = pods.iter().filter_map(Worker::from_pod).collect();
     let set = |p: &mut Plan, type_: &str, on: bool, reason: &str, msg: String| {
-        upsert_condition(&mut p.status.conditions, condition(type_, on, reason, msg, generation, Time(now)));
+        upsert_condition(
+            &mut p.status.conditions,
+            condition(type_, on, reason, msg, generation, Time(now)),
+        );
     };
 
     if let Some(phase) = old.phase.filter(|ph| ph.is_finished()) {
@@ -150,27 +158,60 @@ pub fn plan(job: &TrainingJob, pods: &[Pod], now: Timestamp, backoff_base: Durat
     }
 
     if spec.run_policy.suspend {
-        p.delete_pods = workers.iter().filter(|w| w.state != WorkerState::Terminating).map(|w| w.name.clone()).collect();
+        p.delete_pods = workers
+            .iter()
+            .filter(|w| w.state != WorkerState::Terminating)
+            .map(|w| w.name.clone())
+            .collect();
         if old.phase != Some(JobPhase::Suspended) {
-            p.events.push(event("Suspended", "spec.runPolicy.suspend is true: worker pods removed, job kept", false));
+            p.events.push(event(
+                "Suspended",
+                "spec.runPolicy.suspend is true: worker pods removed, job kept",
+                false,
+            ));
         }
         p.status.phase = Some(JobPhase::Suspended);
         p.status.start_time = None;
-        set(&mut p, cond::SUSPENDED, true, "Suspended", "spec.runPolicy.suspend is true; set it to false to resume".into());
-        set(&mut p, cond::RUNNING, false, "Suspended", "the job is suspended".into());
+        set(
+            &mut p,
+            cond::SUSPENDED,
+            true,
+            "Suspended",
+            "spec.runPolicy.suspend is true; set it to false to resume".into(),
+        );
+        set(
+            &mut p,
+            cond::RUNNING,
+            false,
+            "Suspended",
+            "the job is suspended".into(),
+        );
         p.status.workers = count(&workers, old.restarts);
         p.status.workers_ready = Some(format!("0/{}", spec.distribution.workers));
         return p;
     }
     if old.phase == Some(JobPhase::Suspended) {
-        set(&mut p, cond::SUSPENDED, false, "Resumed", "spec.runPolicy.suspend is false".into());
-        p.events.push(event("Resumed", "recreating the worker pods", false));
+        set(
+            &mut p,
+            cond::SUSPENDED,
+            false,
+            "Resumed",
+            "spec.runPolicy.suspend is false".into(),
+        );
+        p.events
+            .push(event("Resumed", "recreating the worker pods", false));
         p.status.phase = Some(JobPhase::Pending);
     }
 
     let attempt = old.restarts;
-    let (current, stale): (Vec<&Worker>, Vec<&Worker>) = workers.iter().partition(|w| w.attempt == attempt);
-    p.delete_pods.extend(stale.iter().filter(|w| w.state != WorkerState::Terminating).map(|w| w.name.clone()));
+    let (current, stale): (Vec<&Worker>, Vec<&Worker>) =
+        workers.iter().partition(|w| w.attempt == attempt);
+    p.delete_pods.extend(
+        stale
+            .iter()
+            .filter(|w| w.state != WorkerState::Terminating)
+            .map(|w| w.name.clone()),
+    );
     let total = spec.distribution.workers;
     p.status.workers = count(&workers, attempt);
     let running = p.status.workers.running;
@@ -193,21 +234,50 @@ pub fn plan(job: &TrainingJob, pods: &[Pod], now: Timestamp, backoff_base: Durat
         return p;
     }
 
-    if current.iter().any(|w| w.index == 0 && w.state == WorkerState::Succeeded) {
+    if current
+        .iter()
+        .any(|w| w.index == 0 && w.state == WorkerState::Succeeded)
+    {
         p.status.phase = Some(JobPhase::Succeeded);
         p.status.completion_time = Some(Time(now));
-        set(&mut p, cond::SUCCEEDED, true, "Rank0Succeeded", "worker 0 exited 0: training finished".into());
-        set(&mut p, cond::RUNNING, false, "Succeeded", "training finished".into());
-        set(&mut p, cond::RESTARTING, false, "Succeeded", "training finished".into());
-        p.events.push(event("Succeeded", "worker 0 exited 0: training finished", false));
+        set(
+            &mut p,
+            cond::SUCCEEDED,
+            true,
+            "Rank0Succeeded",
+            "worker 0 exited 0: training finished".into(),
+        );
+        set(
+            &mut p,
+            cond::RUNNING,
+            false,
+            "Succeeded",
+            "training finished".into(),
+        );
+        set(
+            &mut p,
+            cond::RESTARTING,
+            false,
+            "Succeeded",
+            "training finished".into(),
+        );
+        p.events.push(event(
+            "Succeeded",
+            "worker 0 exited 0: training finished",
+            false,
+        ));
         finish_cleanup(job, &workers, JobPhase::Succeeded, now, &mut p);
         return p;
     }
 
-    if let (Some(start), Some(deadline)) = (&old.start_time, spec.run_policy.active_deadline_seconds) {
+    if let (Some(start), Some(deadline)) =
+        (&old.start_time, spec.run_policy.active_deadline_seconds)
+    {
         let ends = start.0 + SignedDuration::from_secs(deadline);
         if now >= ends {
-            let msg = format!("the job ran longer than spec.runPolicy.activeDeadlineSeconds ({deadline}s)");
+            let msg = format!(
+                "the job ran longer than spec.runPolicy.activeDeadlineSeconds ({deadline}s)"
+            );
             fail(&mut p, "DeadlineExceeded", msg, now);
             finish_cleanup(job, &workers, JobPhase::Failed, now, &mut p);
             return p;
@@ -222,25 +292,41 @@ pub fn plan(job: &TrainingJob, pods: &[Pod], now: Timestamp, backoff_base: Durat
             .filter(|c| c.status == "True")
             .map(|c| c.last_transition_time.0)
             .unwrap_or(now);
-        let ready_at = since + SignedDuration::try_from(backoff(backoff_base, attempt)).unwrap_or_default();
+        let ready_at =
+            since + SignedDuration::try_from(backoff(backoff_base, attempt)).unwrap_or_default();
         if now < ready_at {
             requeue_at(&mut p, now, ready_at);
             return p;
         }
     }
     if !stale.is_empty() {
-        p.requeue_after = Some(p.requeue_after.map_or(Duration::from_secs(1), |d| d.min(Duration::from_secs(1))));
+        p.requeue_after = Some(
+            p.requeue_after
+                .map_or(Duration::from_secs(1), |d| d.min(Duration::from_secs(1))),
+        );
         return p;
     }
 
-    p.create = (0..total).filter(|i| !current.iter().any(|w| w.index == *i)).collect();
+    p.create = (0..total)
+        .filter(|i| !current.iter().any(|w| w.index == *i))
+        .collect();
     if p.create.is_empty() {
-        p.release_gates = current.iter().filter(|w| w.gated).map(|w| w.name.clone()).collect();
+        p.release_gates = current
+            .iter()
+            .filter(|w| w.gated)
+            .map(|w| w.name.clone())
+            .collect();
     }
     let created = p.create.is_empty();
     if find_condition(&old.conditions, cond::CREATED).is_none_or(|c| c.status != "True") {
         if created {
-            set(&mut p, cond::CREATED, true, "WorkersCreated", format!("{total} worker pods and their Service exist"));
+            set(
+                &mut p,
+                cond::CREATED,
+                true,
+                "WorkersCreated",
+                format!("{total} worker pods and their Service exist"),
+            );
         } else {
             let msg = format!("creating {} of {total} worker pods", p.create.len());
             set(&mut p, cond::CREATED, false, "CreatingWorkers", msg);
@@ -249,23 +335,53 @@ pub fn plan(job: &TrainingJob, pods: &[Pod], now: Timestamp, backoff_base: Durat
 
     let scheduled = current.iter().filter(|w| w.node.is_some()).count() as i32;
     if created && scheduled == total {
-        set(&mut p, cond::SCHEDULED, true, "GangScheduled", format!("all {total} workers are bound to nodes"));
+        set(
+            &mut p,
+            cond::SCHEDULED,
+            true,
+            "GangScheduled",
+            format!("all {total} workers are bound to nodes"),
+        );
     } else if let Some(reason) = current.iter().find_map(|w| w.unschedulable.clone()) {
         set(&mut p, cond::SCHEDULED, false, "Unschedulable", reason);
     } else {
-        set(&mut p, cond::SCHEDULED, false, "WaitingForScheduler",
-            format!("{scheduled}/{total} workers bound; the gang is placed all-or-nothing by {}", spec.scheduling.scheduler_name));
+        set(
+            &mut p,
+            cond::SCHEDULED,
+            false,
+            "WaitingForScheduler",
+            format!(
+                "{scheduled}/{total} workers bound; the gang is placed all-or-nothing by {}",
+                spec.scheduling.scheduler_name
+            ),
+        );
     }
 
     if created && running == total {
         if old.phase != Some(JobPhase::Running) {
-            p.events.push(event("Running", &format!("all {total} workers are running"), false));
+            p.events.push(event(
+                "Running",
+                &format!("all {total} workers are running"),
+                false,
+            ));
         }
         p.status.phase = Some(JobPhase::Running);
         p.status.start_time.get_or_insert(Time(now));
-        set(&mut p, cond::RUNNING, true, "AllWorkersRunning", format!("{total}/{total} workers running"));
+        set(
+            &mut p,
+            cond::RUNNING,
+            true,
+            "AllWorkersRunning",
+            format!("{total}/{total} workers running"),
+        );
         if old.phase == Some(JobPhase::Restarting) {
-            set(&mut p, cond::RESTARTING, false, "GangRestarted", format!("attempt {} is running", attempt + 1));
+            set(
+                &mut p,
+                cond::RESTARTING,
+                false,
+                "GangRestarted",
+                format!("attempt {} is running", attempt + 1),
+            );
         }
         if let Some(deadline) = spec.run_policy.active_deadline_seconds {
             let start = p.status.start_time.as_ref().map_or(now, |t| t.0);
@@ -289,14 +405,23 @@ pub fn validate(job: &TrainingJob) -> Result<(), String> {
             ));
         }
     }
-    if spec.volume_mounts.iter().any(|m| m.mount_path == ringmaster_crds::keys::SPEC_MOUNT_DIR) {
-        return Err(format!("spec.volumeMounts: {} is reserved for the job spec", ringmaster_crds::keys::SPEC_MOUNT_DIR));
+    if spec
+        .volume_mounts
+        .iter()
+        .any(|m| m.mount_path == ringmaster_crds::keys::SPEC_MOUNT_DIR)
+    {
+        return Err(format!(
+            "spec.volumeMounts: {} is reserved for the job spec",
+            ringmaster_crds::keys::SPEC_MOUNT_DIR
+        ));
     }
     let name = job.metadata.name.as_deref().unwrap_or_default();
     // Pod hostnames `<job>-worker-<i>` must stay DNS labels (63 characters).
     let longest = desired::worker_name(name, spec.distribution.workers - 1);
     if longest.len() > 63 {
-        return Err(format!("metadata.name: {name:?} is too long: worker hostname {longest:?} exceeds 63 characters"));
+        return Err(format!(
+            "metadata.name: {name:?} is too long: worker hostname {longest:?} exceeds 63 characters"
+        ));
     }
     Ok(())
 }
@@ -314,7 +439,9 @@ fn handle_failure(
     let restarts = job.status.as_ref().map_or(0, |s| s.restarts);
     let what = match code {
         Some(code) => format!("worker {index} exited with code {code}"),
-        None => format!("worker {index} was lost (no exit code: evicted, deleted or its node failed)"),
+        None => {
+            format!("worker {index} was lost (no exit code: evicted, deleted or its node failed)")
+        }
     };
     let retryable = match policy.restart_policy {
         RestartPolicy::Never => false,
@@ -322,7 +449,11 @@ fn handle_failure(
         RestartPolicy::ExitCode => code.is_none_or(|c| c >= 128),
     };
     if !retryable {
-        let reason = if policy.restart_policy == RestartPolicy::Never { "WorkerFailed" } else { "NonRetryableExitCode" };
+        let reason = if policy.restart_policy == RestartPolicy::Never {
+            "WorkerFailed"
+        } else {
+            "NonRetryableExitCode"
+        };
         let hint = if policy.restart_policy == RestartPolicy::Never {
             "restartPolicy is Never"
         } else {
@@ -330,7 +461,15 @@ fn handle_failure(
         };
         fail(p, reason, format!("{what}; {hint}"), now);
     } else if restarts >= policy.backoff_limit {
-        fail(p, "BackoffLimitExceeded", format!("{what}; the gang was already restarted {restarts} times (backoffLimit {})", policy.backoff_limit), now);
+        fail(
+            p,
+            "BackoffLimitExceeded",
+            format!(
+                "{what}; the gang was already restarted {restarts} times (backoffLimit {})",
+                policy.backoff_limit
+            ),
+            now,
+        );
     } else {
         let delay = backoff(backoff_base, restarts + 1);
         let msg = format!(
@@ -342,10 +481,39 @@ fn handle_failure(
         p.status.restarts = restarts + 1;
         p.status.phase = Some(JobPhase::Restarting);
         p.status.start_time = None;
-        p.delete_pods.extend(current.iter().filter(|w| w.state != WorkerState::Terminating).map(|w| w.name.clone()));
-        upsert_condition(&mut p.status.conditions, condition(cond::RESTARTING, true, "WorkerFailed", msg.clone(), job.metadata.generation, Time(now)));
-        upsert_condition(&mut p.status.conditions, condition(cond::RUNNING, false, "Restarting", msg.clone(), job.metadata.generation, Time(now)));
-        p.events.push(JobEvent { reason: "Restarting", message: msg, warning: true });
+        p.delete_pods.extend(
+            current
+                .iter()
+                .filter(|w| w.state != WorkerState::Terminating)
+                .map(|w| w.name.clone()),
+        );
+        upsert_condition(
+            &mut p.status.conditions,
+            condition(
+                cond::RESTARTING,
+                true,
+                "WorkerFailed",
+                msg.clone(),
+                job.metadata.generation,
+                Time(now),
+            ),
+        );
+        upsert_condition(
+            &mut p.status.conditions,
+            condition(
+                cond::RUNNING,
+                false,
+                "Restarting",
+                msg.clone(),
+                job.metadata.generation,
+                Time(now),
+            ),
+        );
+        p.events.push(JobEvent {
+            reason: "Restarting",
+            message: msg,
+            warning: true,
+        });
         p.requeue_after = Some(delay);
         return;
     }
@@ -357,14 +525,54 @@ fn fail(p: &mut Plan, reason: &'static str, msg: String, now: Timestamp) {
     p.status.phase = Some(JobPhase::Failed);
     p.status.completion_time = Some(Time(now));
     let generation = p.status.observed_generation;
-    upsert_condition(&mut p.status.conditions, condition(cond::FAILED, true, reason, msg.clone(), generation, Time(now)));
-    upsert_condition(&mut p.status.conditions, condition(cond::RUNNING, false, reason, msg.clone(), generation, Time(now)));
-    upsert_condition(&mut p.status.conditions, condition(cond::RESTARTING, false, reason, "the job failed", generation, Time(now)));
-    p.events.push(JobEvent { reason, message: msg, warning: true });
+    upsert_condition(
+        &mut p.status.conditions,
+        condition(
+            cond::FAILED,
+            true,
+            reason,
+            msg.clone(),
+            generation,
+            Time(now),
+        ),
+    );
+    upsert_condition(
+        &mut p.status.conditions,
+        condition(
+            cond::RUNNING,
+            false,
+            reason,
+            msg.clone(),
+            generation,
+            Time(now),
+        ),
+    );
+    upsert_condition(
+        &mut p.status.conditions,
+        condition(
+            cond::RESTARTING,
+            false,
+            reason,
+            "the job failed",
+            generation,
+            Time(now),
+        ),
+    );
+    p.events.push(JobEvent {
+        reason,
+        message: msg,
+        warning: true,
+    });
 }
 
 /// After the end: delete pods as `cleanPodPolicy` says and the job itself after its TTL.
-fn finish_cleanup(job: &TrainingJob, workers: &[Worker], phase: JobPhase, now: Timestamp, p: &mut Plan) {
+fn finish_cleanup(
+    job: &TrainingJob,
+    workers: &[Worker],
+    phase: JobPhase,
+    now: Timestamp,
+    p: &mut Plan,
+) {
     let policy = &job.spec.run_policy;
     let doomed = workers.iter().filter(|w| match policy.clean_pod_policy {
         CleanPodPolicy::All => w.state != WorkerState::Terminating,
@@ -404,17 +612,24 @@ fn count(workers: &[Worker], attempt: i32) -> WorkerCounts {
 }
 
 fn backoff(base: Duration, restart: i32) -> Duration {
-    let exp = u32::try_from(restart.saturating_sub(1)).unwrap_or(0).min(16);
+    let exp = u32::try_from(restart.saturating_sub(1))
+        .unwrap_or(0)
+        .min(16);
     base.saturating_mul(1 << exp).min(MAX_BACKOFF)
 }
 
 fn requeue_at(p: &mut Plan, now: Timestamp, at: Timestamp) {
-    let wait = Duration::try_from(at.duration_since(now)).unwrap_or_default() + Duration::from_millis(50);
+    let wait =
+        Duration::try_from(at.duration_since(now)).unwrap_or_default() + Duration::from_millis(50);
     p.requeue_after = Some(p.requeue_after.map_or(wait, |d| d.min(wait)));
 }
 
 fn event(reason: &'static str, message: &str, warning: bool) -> JobEvent {
-    JobEvent { reason, message: message.to_string(), warning }
+    JobEvent {
+        reason,
+        message: message.to_string(),
+        warning,
+    }
 }
 
 /// The conditions a finished job shows; used by tests and `kubectl wait`.
@@ -425,7 +640,9 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, PodSpec, PodStatus};
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodSpec, PodStatus,
+    };
     use kube::api::ObjectMeta;
     use std::collections::BTreeMap;
 
@@ -449,14 +666,20 @@ mod tests {
                 ])),
                 ..Default::default()
             },
-            spec: Some(PodSpec { node_name: Some("n".into()), ..Default::default() }),
+            spec: Some(PodSpec {
+                node_name: Some("n".into()),
+                ..Default::default()
+            }),
             status: Some(PodStatus {
                 phase: Some(phase.into()),
                 container_statuses: exit.map(|code| {
                     vec![ContainerStatus {
                         name: TRAINER_CONTAINER.into(),
                         state: Some(ContainerState {
-                            terminated: Some(ContainerStateTerminated { exit_code: code, ..Default::default() }),
+                            terminated: Some(ContainerStateTerminated {
+                                exit_code: code,
+                                ..Default::default()
+                            }),
                             ..Default::default()
                         }),
                         ..Default::default()
@@ -468,7 +691,11 @@ mod tests {
     }
 
     fn with_status(mut job: TrainingJob, phase: JobPhase, restarts: i32) -> TrainingJob {
-        job.status = Some(TrainingJobStatus { phase: Some(phase), restarts, ..Default::default() });
+        job.status = Some(TrainingJobStatus {
+            phase: Some(phase),
+            restarts,
+            ..Default::default()
+        });
         job
     }
 
@@ -494,9 +721,17 @@ mod tests {
         assert!(p.release_gates.is_empty(), "half a gang must stay gated");
         let mut second = gated.clone();
         second.metadata.name = Some("j-worker-1".into());
-        second.metadata.labels.as_mut().unwrap().insert(REPLICA_INDEX.into(), "1".into());
+        second
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(REPLICA_INDEX.into(), "1".into());
         let p = plan(&job(""), &[gated, second], now(), BASE);
-        assert_eq!(p.release_gates, vec!["j-worker-0".to_string(), "j-worker-1".to_string()]);
+        assert_eq!(
+            p.release_gates,
+            vec!["j-worker-0".to_string(), "j-worker-1".to_string()]
+        );
         assert!(is_true(&p.status.conditions, cond::CREATED));
     }
 
@@ -514,50 +749,106 @@ mod tests {
     #[test]
     fn failure_under_on_failure_restarts_the_whole_gang_with_backoff() {
         let pods = [pod(0, 0, "Running", None), pod(1, 0, "Failed", Some(1))];
-        let p = plan(&with_status(job(""), JobPhase::Running, 0), &pods, now(), BASE);
+        let p = plan(
+            &with_status(job(""), JobPhase::Running, 0),
+            &pods,
+            now(),
+            BASE,
+        );
         assert_eq!(p.status.phase, Some(JobPhase::Restarting));
         assert_eq!(p.status.restarts, 1);
-        assert_eq!(p.delete_pods, vec!["j-worker-0".to_string(), "j-worker-1".to_string()]);
+        assert_eq!(
+            p.delete_pods,
+            vec!["j-worker-0".to_string(), "j-worker-1".to_string()]
+        );
         assert_eq!(p.requeue_after, Some(BASE));
         assert!(p.events[0].message.contains("worker 1 exited with code 1"));
         // Second restart waits twice as long.
         let pods = [pod(0, 1, "Failed", Some(1)), pod(1, 1, "Running", None)];
-        let p = plan(&with_status(job(""), JobPhase::Running, 1), &pods, now(), BASE);
+        let p = plan(
+            &with_status(job(""), JobPhase::Running, 1),
+            &pods,
+            now(),
+            BASE,
+        );
         assert_eq!(p.requeue_after, Some(BASE * 2));
     }
 
     #[test]
     fn backoff_limit_fails_the_job() {
         let pods = [pod(0, 3, "Failed", Some(2)), pod(1, 3, "Running", None)];
-        let p = plan(&with_status(job(""), JobPhase::Running, 3), &pods, now(), BASE);
+        let p = plan(
+            &with_status(job(""), JobPhase::Running, 3),
+            &pods,
+            now(),
+            BASE,
+        );
         assert_eq!(p.status.phase, Some(JobPhase::Failed));
         let failed = find_condition(&p.status.conditions, cond::FAILED).unwrap();
         assert_eq!(failed.reason, "BackoffLimitExceeded");
-        assert_eq!(p.delete_pods, vec!["j-worker-1".to_string()], "cleanPodPolicy Running deletes the running one");
+        assert_eq!(
+            p.delete_pods,
+            vec!["j-worker-1".to_string()],
+            "cleanPodPolicy Running deletes the running one"
+        );
     }
 
     #[test]
     fn exit_code_policy_retries_signals_only() {
         let policy = "  runPolicy: {restartPolicy: ExitCode}\n";
         let killed = [pod(0, 0, "Failed", Some(137)), pod(1, 0, "Running", None)];
-        let p = plan(&with_status(job(policy), JobPhase::Running, 0), &killed, now(), BASE);
+        let p = plan(
+            &with_status(job(policy), JobPhase::Running, 0),
+            &killed,
+            now(),
+            BASE,
+        );
         assert_eq!(p.status.phase, Some(JobPhase::Restarting));
         let bug = [pod(0, 0, "Failed", Some(3)), pod(1, 0, "Running", None)];
-        let p = plan(&with_status(job(policy), JobPhase::Running, 0), &bug, now(), BASE);
-        assert_eq!(find_condition(&p.status.conditions, cond::FAILED).unwrap().reason, "NonRetryableExitCode");
+        let p = plan(
+            &with_status(job(policy), JobPhase::Running, 0),
+            &bug,
+            now(),
+            BASE,
+        );
+        assert_eq!(
+            find_condition(&p.status.conditions, cond::FAILED)
+                .unwrap()
+                .reason,
+            "NonRetryableExitCode"
+        );
     }
 
     #[test]
     fn never_policy_fails_at_once() {
         let pods = [pod(0, 0, "Failed", Some(137)), pod(1, 0, "Running", None)];
-        let p = plan(&with_status(job("  runPolicy: {restartPolicy: Never}\n"), JobPhase::Running, 0), &pods, now(), BASE);
-        assert_eq!(find_condition(&p.status.conditions, cond::FAILED).unwrap().reason, "WorkerFailed");
+        let p = plan(
+            &with_status(
+                job("  runPolicy: {restartPolicy: Never}\n"),
+                JobPhase::Running,
+                0,
+            ),
+            &pods,
+            now(),
+            BASE,
+        );
+        assert_eq!(
+            find_condition(&p.status.conditions, cond::FAILED)
+                .unwrap()
+                .reason,
+            "WorkerFailed"
+        );
     }
 
     #[test]
     fn a_worker_vanishing_from_a_running_gang_is_a_failure() {
         let pods = [pod(0, 0, "Running", None)];
-        let p = plan(&with_status(job(""), JobPhase::Running, 0), &pods, now(), BASE);
+        let p = plan(
+            &with_status(job(""), JobPhase::Running, 0),
+            &pods,
+            now(),
+            BASE,
+        );
         assert_eq!(p.status.phase, Some(JobPhase::Restarting));
         assert!(p.create.is_empty(), "no replacement joins a broken ring");
     }
@@ -566,14 +857,24 @@ mod tests {
     fn restart_waits_for_backoff_and_old_pods() {
         let mut j = with_status(job(""), JobPhase::Restarting, 1);
         let since = Timestamp::from_second(1_000_000 - 4).unwrap();
-        j.status.as_mut().unwrap().conditions.push(condition(cond::RESTARTING, true, "WorkerFailed", "x", None, Time(since)));
+        j.status.as_mut().unwrap().conditions.push(condition(
+            cond::RESTARTING,
+            true,
+            "WorkerFailed",
+            "x",
+            None,
+            Time(since),
+        ));
         let p = plan(&j, &[], now(), BASE);
         assert!(p.create.is_empty());
         assert!(p.requeue_after.unwrap() > Duration::from_secs(5));
         let later = Timestamp::from_second(1_000_000 + 7).unwrap();
         let stale = [pod(0, 0, "Failed", Some(1))];
         let p = plan(&j, &stale, later, BASE);
-        assert!(p.create.is_empty(), "new pods reuse the names of the old ones");
+        assert!(
+            p.create.is_empty(),
+            "new pods reuse the names of the old ones"
+        );
         assert_eq!(p.delete_pods, vec!["j-worker-0".to_string()]);
         let p = plan(&j, &[], later, BASE);
         assert_eq!(p.create, vec![0, 1]);
@@ -583,7 +884,12 @@ mod tests {
     #[test]
     fn rank_zero_success_succeeds_and_cleans_running_workers() {
         let pods = [pod(0, 0, "Succeeded", Some(0)), pod(1, 0, "Running", None)];
-        let p = plan(&with_status(job(""), JobPhase::Running, 0), &pods, now(), BASE);
+        let p = plan(
+            &with_status(job(""), JobPhase::Running, 0),
+            &pods,
+            now(),
+            BASE,
+        );
         assert_eq!(p.status.phase, Some(JobPhase::Succeeded));
         assert!(is_true(&p.status.conditions, cond::SUCCEEDED));
         assert_eq!(p.delete_pods, vec!["j-worker-1".to_string()]);
@@ -592,41 +898,89 @@ mod tests {
     #[test]
     fn clean_pod_policy_all_and_none() {
         let pods = [pod(0, 0, "Succeeded", Some(0)), pod(1, 0, "Running", None)];
-        let all = plan(&with_status(job("  runPolicy: {cleanPodPolicy: All}\n"), JobPhase::Running, 0), &pods, now(), BASE);
+        let all = plan(
+            &with_status(
+                job("  runPolicy: {cleanPodPolicy: All}\n"),
+                JobPhase::Running,
+                0,
+            ),
+            &pods,
+            now(),
+            BASE,
+        );
         assert_eq!(all.delete_pods.len(), 2);
-        let none = plan(&with_status(job("  runPolicy: {cleanPodPolicy: None}\n"), JobPhase::Running, 0), &pods, now(), BASE);
+        let none = plan(
+            &with_status(
+                job("  runPolicy: {cleanPodPolicy: None}\n"),
+                JobPhase::Running,
+                0,
+            ),
+            &pods,
+            now(),
+            BASE,
+        );
         assert!(none.delete_pods.is_empty());
     }
 
     #[test]
     fn ttl_deletes_the_job_after_it_finishes() {
-        let mut j = with_status(job("  runPolicy: {ttlSecondsAfterFinished: 60}\n"), JobPhase::Succeeded, 0);
-        j.status.as_mut().unwrap().completion_time = Some(Time(Timestamp::from_second(1_000_000 - 30).unwrap()));
+        let mut j = with_status(
+            job("  runPolicy: {ttlSecondsAfterFinished: 60}\n"),
+            JobPhase::Succeeded,
+            0,
+        );
+        j.status.as_mut().unwrap().completion_time =
+            Some(Time(Timestamp::from_second(1_000_000 - 30).unwrap()));
         let p = plan(&j, &[], now(), BASE);
         assert!(!p.delete_job);
         assert!(p.requeue_after.unwrap() <= Duration::from_secs(31));
-        let p = plan(&j, &[], Timestamp::from_second(1_000_000 + 31).unwrap(), BASE);
+        let p = plan(
+            &j,
+            &[],
+            Timestamp::from_second(1_000_000 + 31).unwrap(),
+            BASE,
+        );
         assert!(p.delete_job);
     }
 
     #[test]
     fn deadline_fails_a_job_that_runs_too_long() {
-        let mut j = with_status(job("  runPolicy: {activeDeadlineSeconds: 100}\n"), JobPhase::Running, 0);
-        j.status.as_mut().unwrap().start_time = Some(Time(Timestamp::from_second(1_000_000 - 101).unwrap()));
+        let mut j = with_status(
+            job("  runPolicy: {activeDeadlineSeconds: 100}\n"),
+            JobPhase::Running,
+            0,
+        );
+        j.status.as_mut().unwrap().start_time =
+            Some(Time(Timestamp::from_second(1_000_000 - 101).unwrap()));
         let pods = [pod(0, 0, "Running", None), pod(1, 0, "Running", None)];
         let p = plan(&j, &pods, now(), BASE);
-        assert_eq!(find_condition(&p.status.conditions, cond::FAILED).unwrap().reason, "DeadlineExceeded");
+        assert_eq!(
+            find_condition(&p.status.conditions, cond::FAILED)
+                .unwrap()
+                .reason,
+            "DeadlineExceeded"
+        );
         assert_eq!(p.delete_pods.len(), 2);
     }
 
     #[test]
     fn suspend_removes_pods_and_resume_recreates_them() {
         let pods = [pod(0, 0, "Running", None), pod(1, 0, "Running", None)];
-        let p = plan(&with_status(job("  runPolicy: {suspend: true}\n"), JobPhase::Running, 0), &pods, now(), BASE);
+        let p = plan(
+            &with_status(job("  runPolicy: {suspend: true}\n"), JobPhase::Running, 0),
+            &pods,
+            now(),
+            BASE,
+        );
         assert_eq!(p.status.phase, Some(JobPhase::Suspended));
         assert_eq!(p.delete_pods.len(), 2);
         assert!(is_true(&p.status.conditions, cond::SUSPENDED));
-        let p = plan(&with_status(job(""), JobPhase::Suspended, 0), &[], now(), BASE);
+        let p = plan(
+            &with_status(job(""), JobPhase::Suspended, 0),
+            &[],
+            now(),
+            BASE,
+        );
         assert_eq!(p.create, vec![0, 1]);
         assert!(!is_true(&p.status.conditions, cond::SUSPENDED));
     }
@@ -637,7 +991,9 @@ mod tests {
         let p = plan(&j, &[], now(), BASE);
         let failed = find_condition(&p.status.conditions, cond::FAILED).unwrap();
         assert_eq!(failed.reason, "InvalidSpec");
-        assert!(failed.message.contains("spec.volumeMounts") && failed.message.contains("\"data\""));
+        assert!(
+            failed.message.contains("spec.volumeMounts") && failed.message.contains("\"data\"")
+        );
         assert!(p.create.is_empty());
     }
 
@@ -645,15 +1001,21 @@ mod tests {
     fn unschedulable_reason_reaches_the_scheduled_condition() {
         let mut waiting = pod(0, 0, "Pending", None);
         waiting.spec.as_mut().unwrap().node_name = None;
-        waiting.status.as_mut().unwrap().conditions = Some(vec![k8s_openapi::api::core::v1::PodCondition {
-            type_: "PodScheduled".into(),
-            status: "False".into(),
-            message: Some("gang 1/2 placeable: zone-a has 6 free GPUs but needs 8".into()),
-            ..Default::default()
-        }]);
+        waiting.status.as_mut().unwrap().conditions =
+            Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                message: Some("gang 1/2 placeable: zone-a has 6 free GPUs but needs 8".into()),
+                ..Default::default()
+            }]);
         let mut other = waiting.clone();
         other.metadata.name = Some("j-worker-1".into());
-        other.metadata.labels.as_mut().unwrap().insert(REPLICA_INDEX.into(), "1".into());
+        other
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(REPLICA_INDEX.into(), "1".into());
         let p = plan(&job(""), &[waiting, other], now(), BASE);
         let scheduled = find_condition(&p.status.conditions, cond::SCHEDULED).unwrap();
         assert_eq!(scheduled.reason, "Unschedulable");
