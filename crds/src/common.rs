@@ -74,13 +74,22 @@ mod tests {
     #[test]
     fn upsert_keeps_transition_time_when_status_is_unchanged() {
         let mut conds = vec![condition("Running", true, "A", "a", Some(1), at(10))];
-        upsert_condition(&mut conds, condition("Running", true, "B", "b", Some(2), at(20)));
+        upsert_condition(
+            &mut conds,
+            condition("Running", true, "B", "b", Some(2), at(20)),
+        );
         assert_eq!(conds.len(), 1);
         assert_eq!(conds[0].reason, "B");
         assert_eq!(conds[0].last_transition_time, at(10));
-        upsert_condition(&mut conds, condition("Running", false, "C", "c", Some(2), at(30)));
+        upsert_condition(
+            &mut conds,
+            condition("Running", false, "C", "c", Some(2), at(30)),
+        );
         assert_eq!(conds[0].last_transition_time, at(30));
-        upsert_condition(&mut conds, condition("Failed", true, "D", "d", Some(2), at(40)));
+        upsert_condition(
+            &mut conds,
+            condition("Failed", true, "D", "d", Some(2), at(40)),
+        );
         assert_eq!(conds.len(), 2);
     }
 }

@@ -22,11 +22,24 @@ use crate::common::Architecture;
     category = "all",
     doc = "Serves a fine-tuned classifier over HTTP with dynamic batching and autoscaling.",
     scale = r#"{"specReplicasPath":".spec.replicas.min","statusReplicasPath":".status.replicas"}"#,
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Replicas", type_ = "string", json_path = ".status.replicasDisplay", description = "Ready replicas / desired"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "string",
+        json_path = ".status.replicasDisplay",
+        description = "Ready replicas / desired"
+    ),
     printcolumn(name = "Model", type_ = "string", json_path = ".status.modelVersion"),
     printcolumn(name = "URL", type_ = "string", json_path = ".status.url"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct InferenceServiceSpec {
@@ -69,7 +82,10 @@ pub struct InferenceServiceSpec {
 }
 
 fn default_image() -> String {
-    format!("ghcr.io/ringmaster-dev/ringmaster:{}", env!("CARGO_PKG_VERSION"))
+    format!(
+        "ghcr.io/ringmaster-dev/ringmaster:{}",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 fn default_port() -> i32 {
     8080
@@ -189,7 +205,10 @@ pub struct Batching {
 
 impl Default for Batching {
     fn default() -> Self {
-        Self { max_batch_size: default_max_batch(), max_delay_ms: default_max_delay() }
+        Self {
+            max_batch_size: default_max_batch(),
+            max_delay_ms: default_max_delay(),
+        }
     }
 }
 

@@ -5,8 +5,8 @@
 //! are CEL (`x-kubernetes-validations`), enforced by the API server at apply time.
 
 mod common;
-pub mod keys;
 mod inference;
+pub mod keys;
 mod trainingjob;
 
 pub use common::*;
@@ -24,8 +24,14 @@ pub const VERSION: &str = "v1alpha1";
 /// The CRDs in the order they are installed, with the file name each is checked in as.
 pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
-        ("trainingjob.yaml", with_flowing_descriptions(TrainingJob::crd())),
-        ("inferenceservice.yaml", with_flowing_descriptions(InferenceService::crd())),
+        (
+            "trainingjob.yaml",
+            with_flowing_descriptions(TrainingJob::crd()),
+        ),
+        (
+            "inferenceservice.yaml",
+            with_flowing_descriptions(InferenceService::crd()),
+        ),
     ]
 }
 

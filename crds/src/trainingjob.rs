@@ -83,7 +83,10 @@ pub struct TrainingJobSpec {
 }
 
 fn default_image() -> String {
-    format!("ghcr.io/ringmaster-dev/ringmaster:{}", env!("CARGO_PKG_VERSION"))
+    format!(
+        "ghcr.io/ringmaster-dev/ringmaster:{}",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// The model to fine-tune and its classification head.
@@ -478,7 +481,10 @@ pub struct OutputSpec {
 
 impl Default for OutputSpec {
     fn default() -> Self {
-        Self { path: default_output_path(), keep_checkpoints: default_keep_checkpoints() }
+        Self {
+            path: default_output_path(),
+            keep_checkpoints: default_keep_checkpoints(),
+        }
     }
 }
 
@@ -704,6 +710,9 @@ impl TrainingJobSpec {
 
     /// Number of classes of the head: `numClasses`, or the number of labels.
     pub fn num_classes(&self) -> usize {
-        self.model.num_classes.map(|n| n as usize).unwrap_or(self.model.labels.len())
+        self.model
+            .num_classes
+            .map(|n| n as usize)
+            .unwrap_or(self.model.labels.len())
     }
 }

@@ -44,22 +44,32 @@ pub async fn client() -> Client {
 pub async fn namespace(client: &Client, prefix: &str) -> String {
     let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff);
     let ns = Namespace {
-        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
     // The ServiceAccount controller must create `default` before pods can be admitted.
     let sa = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &name);
-    wait_until(Duration::from_secs(30), "default service account", || async {
-        sa.get_opt("default").await.ok().flatten().is_some()
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "default service account",
+        || async { sa.get_opt("default").await.ok().flatten().is_some() },
+    )
     .await;
     name
 }
 
 /// Deletes a test namespace (best effort; the cluster is torn down anyway).
 pub async fn delete_namespace(client: &Client, name: &str) {
-    let _ = Api::<Namespace>::all(client.clone()).delete(name, &DeleteParams::background()).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(name, &DeleteParams::background())
+        .await;
 }
 
 /// Polls `check` until it is true, panicking with `what` after `timeout`.
@@ -70,7 +80,10 @@ where
 {
     let start = Instant::now();
     while !check().await {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -81,8 +94,16 @@ pub async fn bind(client: &Client, pod: &Pod, node: &str) -> kube::Result<()> {
     let ns = pod.namespace().unwrap_or_default();
     let path = format!("/api/v1/namespaces/{ns}/pods/{}/binding", pod.name_any());
     let binding = Binding {
-        metadata: ObjectMeta { name: Some(pod.name_any()), namespace: Some(ns), ..Default::default() },
-        target: ObjectReference { kind: Some("Node".into()), name: Some(node.into()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(pod.name_any()),
+            namespace: Some(ns),
+            ..Default::default()
+        },
+        target: ObjectReference {
+            kind: Some("Node".into()),
+            name: Some(node.into()),
+            ..Default::default()
+        },
     };
     let body = serde_json::to_vec(&binding).expect("binding serialises");
     // The typed Api has no call for the binding subresource: post it directly.
@@ -96,19 +117,34 @@ pub async fn bind(client: &Client, pod: &Pod, node: &str) -> kube::Result<()> {
 /// Names of the kwok nodes, in order.
 pub async fn nodes(client: &Client) -> Vec<String> {
     let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
-    let mut names: Vec<String> = nodes.list(&Default::default()).await.expect("list nodes").iter().map(|n| n.name_any()).collect();
-    names.sort_by_key(|n| n.rsplit('-').next().and_then(|i| i.parse::<u32>().ok()).unwrap_or(u32::MAX));
+    let mut names: Vec<String> = nodes
+        .list(&Default::default())
+        .await
+        .expect("list nodes")
+        .iter()
+        .map(|n| n.name_any())
+        .collect();
+    names.sort_by_key(|n| {
+        n.rsplit('-')
+            .next()
+            .and_then(|i| i.parse::<u32>().ok())
+            .unwrap_or(u32::MAX)
+    });
     names
 }
 
 /// The pinned kubectl that `e2e/build-binaries.sh` builds beside the control plane.
 pub fn kubectl() -> std::process::Command {
-    let cache = std::env::var_os("RINGMASTER_E2E_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"))
-            .join("ringmaster-e2e")
-    });
+    let cache = std::env::var_os("RINGMASTER_E2E_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+                })
+                .join("ringmaster-e2e")
+        });
     let mut cmd = std::process::Command::new(cache.join("kubectl"));
     cmd.env("KUBECONFIG", kubeconfig());
     cmd
