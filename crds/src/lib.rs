@@ -7,10 +7,14 @@
 mod common;
 mod inference;
 pub mod keys;
+#[cfg(feature = "progress")]
+mod progress;
 mod trainingjob;
 
 pub use common::*;
 pub use inference::*;
+#[cfg(feature = "progress")]
+pub use progress::ProgressReporter;
 pub use trainingjob::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -149,3 +149,20 @@ pub fn kubectl() -> std::process::Command {
     cmd.env("KUBECONFIG", kubeconfig());
     cmd
 }
+
+/// A client that authenticates with a bearer token (a ServiceAccount's), as a pod would.
+pub async fn client_with_token(token: &str) -> Client {
+    let admin = kube::config::Kubeconfig::read_from(kubeconfig()).expect("kubeconfig");
+    let cluster = admin.clusters[0].cluster.clone().expect("cluster entry");
+    let yaml = format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: {:?}, certificate-authority: {:?}}}}}]\n\
+         users: [{{name: u, user: {{token: {token:?}}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n",
+        cluster.server.unwrap_or_default(),
+        cluster.certificate_authority.unwrap_or_default(),
+    );
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&yaml).expect("token kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("token config");
+    Client::try_from(config).expect("token client")
+}
