@@ -3,4 +3,5 @@
 pub mod error;
 pub mod metrics;
 pub mod run;
+pub mod scheduler;
 pub mod trainingjob;

@@ -1,0 +1,1 @@
+//! ringmaster-scheduler: gang placement on Kubernetes (see the module files).
