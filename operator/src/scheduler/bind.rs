@@ -1,0 +1,87 @@
+//! The API calls of a placement: annotate GPU indices, bind through `pods/binding` with
+//! the pod's UID as precondition, roll back by deleting, report unschedulable.
+
+use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, Preconditions};
+use kube::{Api, Client, ResourceExt};
+use ringmaster_crds::keys::GPU_INDICES;
+use serde_json::json;
+
+use super::{Error, Result};
+
+/// Field manager of every write.
+pub const MANAGER: &str = "ringmaster-scheduler";
+
+/// Writes the GPU indices, then binds. The UID precondition makes the bind fail if the
+/// pod was deleted and recreated under the same name since we read it.
+pub async fn bind(client: &Client, pod: &Pod, node: &str, gpus: &[usize]) -> Result<()> {
+    let ns = pod.namespace().unwrap_or_default();
+    let name = pod.name_any();
+    let api = Api::<Pod>::namespaced(client.clone(), &ns);
+    let indices = gpus
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let patch = json!({"metadata": {
+        "uid": pod.uid(),
+        "annotations": {GPU_INDICES: indices},
+    }});
+    // The uid in the patch is a precondition too: a recreated pod is not annotated.
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let binding = Binding {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns.clone()),
+            uid: pod.uid(),
+            ..Default::default()
+        },
+        target: ObjectReference {
+            kind: Some("Node".into()),
+            name: Some(node.into()),
+            ..Default::default()
+        },
+    };
+    let body = serde_json::to_vec(&binding).map_err(|source| Error::Serialize {
+        what: "Binding",
+        source,
+    })?;
+    // The typed Api has no call for the binding subresource: post it directly.
+    let request = http::Request::post(format!("/api/v1/namespaces/{ns}/pods/{name}/binding"))
+        .header("content-type", "application/json")
+        .body(body)?;
+    client.request_text(request).await?;
+    Ok(())
+}
+
+/// Deletes a bound member of a gang that could not be bound whole; its controller
+/// recreates it and the new gang is placed from scratch.
+pub async fn delete(client: &Client, pod: &Pod) -> Result<()> {
+    let api = Api::<Pod>::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: pod.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&pod.name_any(), &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Sets `PodScheduled=False` with the engine's explanation.
+pub async fn unschedulable(client: &Client, pod: &Pod, message: &str) -> Result<()> {
+    let api = Api::<Pod>::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+    let patch = super::explain::condition_patch(message, k8s_openapi::jiff::Timestamp::now());
+    api.patch_status(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Strategic(patch),
+    )
+    .await?;
+    Ok(())
+}

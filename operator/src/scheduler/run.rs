@@ -1,0 +1,467 @@
+//! Wiring: watches, the scheduling loop, leader election, and the health/metrics server.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use kube_lease_manager::LeaseManagerBuilder;
+use ringmaster_placement::gorand::GoRand;
+use ringmaster_placement::policy::{self, FragModel};
+use ringmaster_placement::{GangPlacement, GangRequest, Scorer, place_gang};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::cache::{self, Assumed};
+use super::metrics::Metrics;
+use super::queue::{self, Backoff, Gang};
+use super::{Result, bind, explain};
+
+/// How the scheduler runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Pods whose `spec.schedulerName` is this are ours.
+    pub scheduler_name: String,
+    /// Schedule pods of one namespace only (None: all). Every namespace is still
+    /// watched, because any bound pod takes room on its node.
+    pub namespace: Option<String>,
+    pub listen: SocketAddr,
+    pub identity: String,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    /// Policy for gangs without `placement: spread`.
+    pub policy: String,
+}
+
+struct Http {
+    ready: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+/// Runs until SIGTERM/SIGINT or lost leadership. Only the lease holder schedules.
+pub async fn run(client: Client, settings: Settings) -> Result<()> {
+    // Fail at start, not at the first gang, on a misspelt policy.
+    policy::by_name(
+        &settings.policy,
+        &FragModel::from_workload(&[]),
+        GoRand::new(1),
+    )?;
+    let metrics = Metrics::new();
+    let http = Arc::new(Http {
+        ready: AtomicBool::new(false),
+        metrics: metrics.clone(),
+    });
+    let server = tokio::spawn(serve_http(settings.listen, http.clone()));
+
+    let lease_secs = settings.lease_duration.as_secs().max(1);
+    let lease = LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
+        .with_namespace(&settings.lease_namespace)
+        .with_identity(&settings.identity)
+        .with_duration(lease_secs)
+        .with_grace(lease_secs.div_ceil(3))
+        .build()
+        .await?;
+    let (mut leader, lease_task) = lease.watch().await;
+    let mut shutdown = Box::pin(shutdown_signal());
+
+    info!(identity = %settings.identity, "waiting for leadership");
+    loop {
+        if *leader.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            _ = &mut shutdown => { server.abort(); return Ok(()); }
+            changed = leader.changed() => if changed.is_err() { warn!("lease manager stopped"); return Ok(()); }
+        }
+    }
+    info!(identity = %settings.identity, "leading: scheduling");
+
+    let wake = Arc::new(Notify::new());
+    let room = Arc::new(AtomicBool::new(false));
+    let (nodes, node_writer) = reflector::store::<KubeNode>();
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let node_stream = watcher(
+        Api::<KubeNode>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(node_writer);
+    // Finished pods leave the watch (a Delete event): they hold no resources.
+    let pod_stream = watcher(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"),
+    )
+    .default_backoff()
+    .reflect(pod_writer);
+    let watches = tokio::spawn(drive_watches(
+        node_stream,
+        pod_stream,
+        wake.clone(),
+        room.clone(),
+    ));
+    nodes.wait_until_ready().await.ok();
+    pods.wait_until_ready().await.ok();
+
+    let mut scheduler = Scheduler {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: settings.scheduler_name.clone(),
+                instance: Some(settings.identity.clone()),
+            },
+        ),
+        client,
+        nodes,
+        pods,
+        assumed: HashMap::new(),
+        backoff: Backoff::default(),
+        metrics,
+        settings,
+    };
+    scheduler.roll_back_half_bound().await;
+    http.ready.store(true, Ordering::Relaxed);
+
+    loop {
+        if room.swap(false, Ordering::Relaxed) {
+            scheduler.backoff.reset();
+        }
+        scheduler.pass().await;
+        let due = scheduler
+            .backoff
+            .next_due()
+            .map_or(Duration::from_secs(5), |at| {
+                at.saturating_duration_since(Instant::now())
+            });
+        tokio::select! {
+            _ = &mut shutdown => { info!("shutting down"); break; }
+            changed = leader.changed() => if changed.is_err() || !*leader.borrow() {
+                warn!("lost leadership: stopping");
+                break;
+            },
+            _ = wake.notified() => {
+                // Let a burst of watch events settle into one pass.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ = tokio::time::sleep(due.max(Duration::from_millis(20))) => {}
+        }
+    }
+
+    http.ready.store(false, Ordering::Relaxed);
+    watches.abort();
+    drop(lease_task); // dropping the task handle leaves the lease to expire or be released
+    server.abort();
+    Ok(())
+}
+
+/// Drives both reflectors; wakes the loop on any change, and flags `room` when a new
+/// node appears or a pod goes away (gangs in backoff may fit now).
+async fn drive_watches(
+    nodes: impl futures::Stream<Item = watcher::Result<watcher::Event<KubeNode>>> + Send,
+    pods: impl futures::Stream<Item = watcher::Result<watcher::Event<Pod>>> + Send,
+    wake: Arc<Notify>,
+    room: Arc<AtomicBool>,
+) {
+    let mut known = HashSet::new();
+    let nodes = nodes.map(|e| e.map(Change::Node));
+    let pods = pods.map(|e| e.map(Change::Pod));
+    let mut events = futures::stream::select(nodes.boxed(), pods.boxed());
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Change::Node(watcher::Event::Apply(n) | watcher::Event::InitApply(n))) => {
+                if known.insert(n.name_any()) {
+                    room.store(true, Ordering::Relaxed);
+                }
+            }
+            Ok(
+                Change::Pod(watcher::Event::Delete(_)) | Change::Node(watcher::Event::Delete(_)),
+            ) => {
+                room.store(true, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "watch error");
+                continue;
+            }
+        }
+        wake.notify_one();
+    }
+}
+
+enum Change {
+    Node(watcher::Event<KubeNode>),
+    Pod(watcher::Event<Pod>),
+}
+
+struct Scheduler {
+    client: Client,
+    nodes: Store<KubeNode>,
+    pods: Store<Pod>,
+    /// Placements by pod uid that the watch has not shown bound yet.
+    assumed: HashMap<String, Assumed>,
+    backoff: Backoff,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+}
+
+impl Scheduler {
+    /// One pass over the queue: every ready gang not in backoff, in order. A gang that
+    /// does not fit does not block smaller ones behind it (no reservation yet).
+    async fn pass(&mut self) {
+        let pods = self.pods.state();
+        let nodes = self.nodes.state();
+        let live: HashMap<&str, &Pod> = pods
+            .iter()
+            .filter_map(|p| Some((p.metadata.uid.as_deref()?, &**p)))
+            .collect();
+        self.assumed.retain(|uid, _| {
+            live.get(uid.as_str())
+                .is_some_and(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_none()))
+        });
+        let mut state = cache::build_state(
+            nodes.iter().map(|n| &**n),
+            pods.iter().map(|p| &**p),
+            &self.assumed,
+        );
+        let capacity = state.gpu_capacity_milli();
+        if capacity > 0 {
+            self.metrics
+                .gpu_allocation
+                .set(state.gpu_used_milli() as f64 / capacity as f64);
+        }
+        let gangs = queue::gangs(
+            &pods,
+            &self.settings.scheduler_name,
+            self.settings.namespace.as_deref(),
+        );
+        self.metrics.queue_depth.set(gangs.len() as i64);
+        let now = Instant::now();
+        let ready: Vec<&Gang> = gangs
+            .iter()
+            .filter(|g| g.ready() && !self.backoff.waiting(&g.key, now))
+            .collect();
+        if ready.is_empty() {
+            return;
+        }
+        // FGD and fragpack score against the shapes of the running workload.
+        let workload: Vec<_> = pods
+            .iter()
+            .filter(|p| cache::holds_resources(p))
+            .map(|p| cache::pod_request(p))
+            .collect();
+        let typical = FragModel::from_workload(&workload);
+        let mut scorers: HashMap<String, Box<dyn Scorer>> = HashMap::new();
+        for gang in ready {
+            let (request, policy) =
+                cache::gang_request(&gang.key.to_string(), &gang.pending, &self.settings.policy);
+            if !scorers.contains_key(&policy) {
+                match policy::by_name(&policy, &typical, GoRand::new(1)) {
+                    Ok(s) => scorers.insert(policy.clone(), s),
+                    Err(e) => {
+                        warn!(gang = %gang.key, error = %e, "unknown policy");
+                        continue;
+                    }
+                };
+            }
+            let started = Instant::now();
+            let decision = place_gang(&state, &request, scorers[&policy].as_ref());
+            self.metrics
+                .decision
+                .observe(started.elapsed().as_secs_f64());
+            match decision {
+                Ok(placement) => {
+                    if let Err(e) = placement.assume(&request, &mut state) {
+                        warn!(gang = %gang.key, error = %e, "engine placement does not assume");
+                        continue;
+                    }
+                    if self.bind_gang(gang, &request, &placement).await {
+                        self.backoff.succeeded(&gang.key);
+                        self.metrics.attempt("bound");
+                    } else {
+                        for a in &placement.assignments {
+                            let _ = state.forget(a.node, &request.members[a.member], &a.gpus);
+                        }
+                        self.backoff.failed(&gang.key, Instant::now());
+                        self.metrics.attempt("bind_error");
+                    }
+                }
+                Err(why) => {
+                    self.metrics.attempt("unschedulable");
+                    self.report(gang, &why).await;
+                    self.backoff.failed(&gang.key, Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Binds every member concurrently; on any failure deletes the members that were
+    /// bound, so no gang runs partially. Returns whether all were bound.
+    async fn bind_gang(
+        &mut self,
+        gang: &Gang,
+        request: &GangRequest,
+        placement: &GangPlacement,
+    ) -> bool {
+        for a in &placement.assignments {
+            if let Some(uid) = gang.pending[a.member].metadata.uid.clone() {
+                self.assumed.insert(
+                    uid,
+                    Assumed {
+                        node: a.node_name.clone(),
+                        gpus: a.gpus.clone(),
+                    },
+                );
+            }
+        }
+        let results = futures::future::join_all(
+            placement
+                .assignments
+                .iter()
+                .map(|a| bind::bind(&self.client, &gang.pending[a.member], &a.node_name, &a.gpus)),
+        )
+        .await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed == 0 {
+            let now = k8s_openapi::jiff::Timestamp::now();
+            for pod in &gang.pending {
+                if let Some(created) = &pod.metadata.creation_timestamp {
+                    let age = now.duration_since(created.0).as_secs_f64().max(0.0);
+                    self.metrics.pod_latency.observe(age);
+                }
+            }
+            if let Some(created) = gang.created {
+                let age = now.duration_since(created).as_secs_f64().max(0.0);
+                self.metrics.gang_latency.observe(age);
+            }
+            info!(gang = %gang.key, pods = request.members.len(), domain = ?placement.domain, "bound");
+            return true;
+        }
+        self.metrics.bind_failures.inc_by(failed as u64);
+        let errors: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+            .collect();
+        warn!(gang = %gang.key, failed, errors = ?errors, "bind failed: rolling the gang back");
+        let bound: Vec<&Pod> = placement
+            .assignments
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(a, _)| &*gang.pending[a.member])
+            .collect();
+        for result in
+            futures::future::join_all(bound.iter().map(|p| bind::delete(&self.client, p))).await
+        {
+            if let Err(e) = result {
+                warn!(gang = %gang.key, error = %e, "could not delete a bound member");
+            }
+        }
+        for a in &placement.assignments {
+            if let Some(uid) = gang.pending[a.member].metadata.uid.as_deref() {
+                self.assumed.remove(uid);
+            }
+        }
+        false
+    }
+
+    /// Tells each member why the gang waits, and emits one Event per new explanation.
+    async fn report(&self, gang: &Gang, why: &impl std::fmt::Display) {
+        let message = explain::message(&gang.key.to_string(), gang.size, why);
+        let stale: Vec<&Arc<Pod>> = gang
+            .pending
+            .iter()
+            .filter(|p| !explain::already_says(p, &message))
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        info!(gang = %gang.key, %message, "unschedulable");
+        for pod in &stale {
+            if let Err(e) = bind::unschedulable(&self.client, pod, &message).await {
+                warn!(pod = %pod.name_any(), error = %e, "could not set PodScheduled=False");
+            }
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "FailedScheduling".into(),
+            note: Some(message.chars().take(1000).collect()),
+            action: "Scheduling".into(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .recorder
+            .publish(&event, &gang.pending[0].object_ref(&()))
+            .await
+        {
+            warn!(error = %e, "could not publish event");
+        }
+    }
+
+    /// A gang found partly bound at start (the previous leader died between binds) would
+    /// hold GPUs without running: delete its bound members so it is recreated whole.
+    async fn roll_back_half_bound(&self) {
+        let pods = self.pods.state();
+        let gangs = queue::gangs(
+            &pods,
+            &self.settings.scheduler_name,
+            self.settings.namespace.as_deref(),
+        );
+        for gang in gangs.iter().filter(|g| !g.bound.is_empty()) {
+            warn!(gang = %gang.key, bound = gang.bound.len(), pending = gang.pending.len(), "half-bound gang: rolling back");
+            for pod in &gang.bound {
+                if let Err(e) = bind::delete(&self.client, pod).await {
+                    warn!(pod = %pod.name_any(), error = %e, "could not delete a bound member");
+                }
+            }
+        }
+    }
+}
+
+async fn serve_http(addr: SocketAddr, state: Arc<Http>) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<Arc<Http>>| async move {
+                if s.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "leading")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "standby")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<Http>>| async move { s.metrics.render() }),
+        )
+        .with_state(state);
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            if let Err(e) = axum::serve(listener, app).await {
+                warn!(error = %e, "health/metrics server stopped");
+            }
+        }
+        Err(e) => warn!(error = %e, %addr, "cannot serve health/metrics"),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
