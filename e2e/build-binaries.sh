@@ -72,6 +72,15 @@ build_etcd() {
   mv "$etcd_dir/etcd.tmp" "$etcd_dir/etcd"
 }
 
+build_helm() {
+  local dir=$cache/helm-$HELM_VERSION
+  [[ -x $dir/helm ]] && return
+  log "building helm $HELM_VERSION (first run only)"
+  mkdir -p "$dir"
+  GOBIN=$dir CGO_ENABLED=0 go install -trimpath -ldflags='-s -w' "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
+    || fail "go install helm"
+}
+
 build_kwok() {
   [[ -x $kwok_dir/kwok ]] && return
   log "building kwok $KWOK_VERSION (first run only)"
@@ -82,12 +91,14 @@ build_kwok() {
 command -v go >/dev/null || fail "Go is not installed (needs Go >= 1.26)"
 build_etcd
 build_kwok
+build_helm
 build_k8s kube-apiserver
 build_k8s kube-controller-manager
 build_k8s kubectl
 $with_scheduler && build_k8s kube-scheduler
 ln -sfn "$etcd_dir/etcd" "$cache/etcd"
 ln -sfn "$kwok_dir/kwok" "$cache/kwok"
+ln -sfn "$cache/helm-$HELM_VERSION/helm" "$cache/helm"
 for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   [[ -x $k8s_dir/$b ]] && ln -sfn "$k8s_dir/$b" "$cache/$b"
 done

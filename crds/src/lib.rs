@@ -67,6 +67,12 @@ fn with_flowing_descriptions(crd: CustomResourceDefinition) -> CustomResourceDef
     serde_json::from_value(value).expect("reflowing descriptions keeps a valid CRD")
 }
 
+/// Where the generated YAML is checked in: `crds/` and the Helm chart's `crds/`.
+pub fn crd_dirs() -> [std::path::PathBuf; 2] {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    [here.to_path_buf(), here.join("../charts/ringmaster/crds")]
+}
+
 /// Renders one CRD as the YAML that is checked in under `crds/`.
 pub fn crd_yaml(crd: &CustomResourceDefinition) -> String {
     let body = serde_yaml::to_string(crd).expect("a CRD always serialises to YAML");

@@ -135,6 +135,15 @@ pub async fn nodes(client: &Client) -> Vec<String> {
 
 /// The pinned kubectl that `e2e/build-binaries.sh` builds beside the control plane.
 pub fn kubectl() -> std::process::Command {
+    pinned_tool("kubectl")
+}
+
+/// The pinned helm, built by `e2e/build-binaries.sh`.
+pub fn helm() -> std::process::Command {
+    pinned_tool("helm")
+}
+
+fn pinned_tool(name: &str) -> std::process::Command {
     let cache = std::env::var_os("RINGMASTER_E2E_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -145,7 +154,7 @@ pub fn kubectl() -> std::process::Command {
                 })
                 .join("ringmaster-e2e")
         });
-    let mut cmd = std::process::Command::new(cache.join("kubectl"));
+    let mut cmd = std::process::Command::new(cache.join(name));
     cmd.env("KUBECONFIG", kubeconfig());
     cmd
 }

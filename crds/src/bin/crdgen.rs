@@ -1,10 +1,13 @@
-//! Writes the generated CRD YAML into `crds/` (checked in; `cargo test` fails when stale).
+//! Writes the generated CRD YAML into `crds/` and the Helm chart (both checked in;
+//! `cargo test` fails when either is stale).
 
 fn main() -> std::io::Result<()> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for (file, crd) in ringmaster_crds::all_crds() {
-        std::fs::write(dir.join(file), ringmaster_crds::crd_yaml(&crd))?;
-        println!("wrote crds/{file}");
+    for dir in ringmaster_crds::crd_dirs() {
+        for (file, crd) in ringmaster_crds::all_crds() {
+            let path = dir.join(file);
+            std::fs::write(&path, ringmaster_crds::crd_yaml(&crd))?;
+            println!("wrote {}", path.display());
+        }
     }
     Ok(())
 }
