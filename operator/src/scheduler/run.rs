@@ -1,6 +1,6 @@
 //! Wiring: watches, the scheduling loop, leader election, and the health/metrics server.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -173,14 +173,16 @@ async fn drive_watches(
     wake: Arc<Notify>,
     room: Arc<AtomicBool>,
 ) {
-    let mut known = HashSet::new();
+    let mut known = HashMap::new();
     let nodes = nodes.map(|e| e.map(Change::Node));
     let pods = pods.map(|e| e.map(Change::Pod));
     let mut events = futures::stream::select(nodes.boxed(), pods.boxed());
     while let Some(event) = events.next().await {
         match event {
             Ok(Change::Node(watcher::Event::Apply(n) | watcher::Event::InitApply(n))) => {
-                if known.insert(n.name_any()) {
+                // Heartbeats change nothing; a new node or one turning Ready does.
+                let ready = cache::node_from_kube(&n).is_some();
+                if known.insert(n.name_any(), ready) != Some(ready) {
                     room.store(true, Ordering::Relaxed);
                 }
             }

@@ -1,0 +1,496 @@
+//! ringmaster-scheduler against a real kube-apiserver and kwok. Each test has its own
+//! namespace, its own kwok nodes (labelled `ringmaster.dev/test-pool=<ns>`, which its
+//! pods select, so other tests' pods on the shared nodes do not matter) and its own
+//! scheduler process, which only schedules that namespace.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use ringmaster_crds::keys::{GANG, GANG_SIZE, GPU_INDICES};
+use ringmaster_e2e::{bind, client, delete_namespace, kubectl, namespace, wait_until};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+const POOL: &str = "ringmaster.dev/test-pool";
+const ZONE: &str = "topology.kubernetes.io/zone";
+
+/// A running `ringmaster-scheduler`, killed on drop.
+struct Scheduler {
+    child: Child,
+    port: u16,
+}
+
+impl Scheduler {
+    fn start(ns: &str, identity: &str, extra: &[&str]) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_ringmaster-scheduler"))
+            .args(["--namespace", ns, "--lease-namespace", ns])
+            .args(["--identity", identity, "--lease-duration-seconds", "3"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .env("KUBECONFIG", ringmaster_e2e::kubeconfig())
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ringmaster-scheduler");
+        Self { child, port }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .ok()?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.ok()?;
+        let code = out.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, out))
+    }
+
+    async fn leading(&self) -> bool {
+        self.get("/readyz")
+            .await
+            .is_some_and(|(code, _)| code == 200)
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// This test's kwok nodes; deleted on drop, also when the test panics.
+struct Pool {
+    ns: String,
+    count: usize,
+}
+
+impl Pool {
+    /// Adds `count` nodes with `gpus` GPUs each; node i is in zone-a or zone-b by i % 2.
+    async fn add(&mut self, client: &Client, count: usize, gpus: u32) {
+        let mut yaml = String::new();
+        for i in self.count..self.count + count {
+            let name = format!("{}-n{i}", self.ns);
+            let zone = if i % 2 == 0 { "zone-a" } else { "zone-b" };
+            yaml += &format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{kwok.x-k8s.io/node: fake, node.alpha.kubernetes.io/ttl: '0'}}\n  \
+                 labels: {{kubernetes.io/hostname: {name}, type: kwok, {ZONE}: {zone}, {POOL}: {ns}, nvidia.com/gpu.product: NVIDIA-H200}}\n\
+                 status:\n  allocatable: {{cpu: '64', memory: 512Gi, pods: '110', nvidia.com/gpu: '{gpus}'}}\n  \
+                 capacity: {{cpu: '64', memory: 512Gi, pods: '110', nvidia.com/gpu: '{gpus}'}}\n---\n",
+                ns = self.ns
+            );
+        }
+        self.count += count;
+        let mut child = kubectl()
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("kubectl");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(yaml.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "kubectl apply nodes");
+        let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+        let selector = format!("{POOL}={}", self.ns);
+        let want = self.count;
+        wait_until(WAIT, "pool nodes Ready", || async {
+            let list = nodes
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default();
+            let ready = list.iter().filter(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            });
+            ready.count() == want
+        })
+        .await;
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = kubectl()
+            .args(["delete", "nodes", "-l", &format!("{POOL}={}", self.ns)])
+            .args(["--wait=false"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+async fn setup(prefix: &str) -> (Client, String, Pool) {
+    let client = client().await;
+    let ns = namespace(&client, prefix).await;
+    let pool = Pool {
+        ns: ns.clone(),
+        count: 0,
+    };
+    (client, ns, pool)
+}
+
+/// A pod for our scheduler on this test's pool asking for `gpus` whole GPUs.
+fn pod(
+    ns: &str,
+    name: &str,
+    gang: Option<(&str, usize)>,
+    gpus: u32,
+    annotations: &[(&str, &str)],
+) -> Pod {
+    let mut labels = BTreeMap::new();
+    let mut notes: BTreeMap<String, String> = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if let Some((g, size)) = gang {
+        labels.insert(GANG.to_string(), g.to_string());
+        notes.insert(GANG_SIZE.to_string(), size.to_string());
+    }
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns, "labels": labels, "annotations": notes},
+        "spec": {
+            "schedulerName": "ringmaster-scheduler",
+            "nodeSelector": {POOL: ns},
+            "containers": [{"name": "c", "image": "busybox",
+                "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
+                              "limits": {"nvidia.com/gpu": gpus.to_string()}}}],
+        }
+    }))
+    .unwrap()
+}
+
+async fn create_gang(
+    client: &Client,
+    ns: &str,
+    gang: &str,
+    size: usize,
+    gpus: u32,
+    annotations: &[(&str, &str)],
+) {
+    let api = Api::<Pod>::namespaced(client.clone(), ns);
+    for i in 0..size {
+        let p = pod(
+            ns,
+            &format!("{gang}-{i}"),
+            Some((gang, size)),
+            gpus,
+            annotations,
+        );
+        api.create(&PostParams::default(), &p)
+            .await
+            .expect("create pod");
+    }
+}
+
+async fn gang_pods(client: &Client, ns: &str, gang: &str) -> Vec<Pod> {
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("{GANG}={gang}")))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+}
+
+fn node_of(pod: &Pod) -> Option<String> {
+    pod.spec.as_ref()?.node_name.clone()
+}
+
+async fn bound_count(client: &Client, ns: &str, gang: &str) -> usize {
+    gang_pods(client, ns, gang)
+        .await
+        .iter()
+        .filter(|p| node_of(p).is_some())
+        .count()
+}
+
+async fn wait_bound(client: &Client, ns: &str, gang: &str, size: usize) -> Vec<Pod> {
+    wait_until(WAIT, &format!("gang {gang} bound"), || async {
+        bound_count(client, ns, gang).await == size
+    })
+    .await;
+    gang_pods(client, ns, gang).await
+}
+
+fn unschedulable_message(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        })
+        .and_then(|c| c.message.clone())
+}
+
+/// Waits until every member says why it waits, and returns the message.
+async fn wait_explained(client: &Client, ns: &str, gang: &str, size: usize) -> String {
+    wait_until(WAIT, &format!("gang {gang} explained"), || async {
+        let pods = gang_pods(client, ns, gang).await;
+        pods.len() == size && pods.iter().all(|p| unschedulable_message(p).is_some())
+    })
+    .await;
+    unschedulable_message(&gang_pods(client, ns, gang).await[0]).unwrap()
+}
+
+/// No two pods on one node share a GPU index.
+fn assert_disjoint_gpus(pods: &[Pod]) {
+    let mut used: BTreeSet<(String, String)> = BTreeSet::new();
+    for p in pods {
+        let indices = p
+            .annotations()
+            .get(GPU_INDICES)
+            .expect("gpu indices written")
+            .clone();
+        for i in indices.split(',') {
+            assert!(
+                used.insert((node_of(p).unwrap(), i.to_string())),
+                "GPU {i} given twice"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn gang_binds_all_or_nothing_and_explains() {
+    let (client, ns, mut pool) = setup("sch-gang").await;
+    pool.add(&client, 1, 6).await;
+    let sched = Scheduler::start(&ns, "s-gang", &[]);
+    // 4 x 2 GPUs on one 6-GPU node: 3 would fit, so none may be bound.
+    create_gang(&client, &ns, "g", 4, 2, &[]).await;
+    let message = wait_explained(&client, &ns, "g", 4).await;
+    assert!(
+        message.contains("gang") && message.contains("nodes are available"),
+        "{message}"
+    );
+    assert_eq!(
+        bound_count(&client, &ns, "g").await,
+        0,
+        "partial gang bound"
+    );
+    let events = Api::<Event>::namespaced(client.clone(), &ns);
+    wait_until(WAIT, "FailedScheduling event", || async {
+        events.list(&ListParams::default()).await.is_ok_and(|l| {
+            l.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("FailedScheduling"))
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        bound_count(&client, &ns, "g").await,
+        0,
+        "partial gang bound"
+    );
+
+    pool.add(&client, 1, 6).await;
+    let pods = wait_bound(&client, &ns, "g", 4).await;
+    assert_disjoint_gpus(&pods);
+    let (_, metrics) = sched.get("/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("ringmaster_scheduler_gang_scheduling_latency_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ringmaster_scheduler_queue_depth"));
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn competing_gangs_run_one_after_the_other() {
+    let (client, ns, mut pool) = setup("sch-compete").await;
+    pool.add(&client, 1, 8).await;
+    let _sched = Scheduler::start(&ns, "s-compete", &[]);
+    create_gang(&client, &ns, "a", 2, 4, &[]).await;
+    create_gang(&client, &ns, "b", 2, 4, &[]).await;
+    wait_until(WAIT, "one gang bound", || async {
+        let a = bound_count(&client, &ns, "a").await;
+        let b = bound_count(&client, &ns, "b").await;
+        a + b == 2 && (a == 2 || b == 2)
+    })
+    .await;
+    let first = if bound_count(&client, &ns, "a").await == 2 {
+        "a"
+    } else {
+        "b"
+    };
+    let second = if first == "a" { "b" } else { "a" };
+    wait_explained(&client, &ns, second, 2).await;
+    assert_eq!(bound_count(&client, &ns, second).await, 0);
+    // The first gang finishes (kwok ends its pods); its GPUs go to the second.
+    let api = Api::<Pod>::namespaced(client.clone(), &ns);
+    for p in gang_pods(&client, &ns, first).await {
+        let patch = json!({"metadata": {"annotations": {"ringmaster.dev/kwok-exit-code": "0"}}});
+        api.patch(&p.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .unwrap();
+    }
+    wait_bound(&client, &ns, second, 2).await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn topology_spread_and_pack() {
+    let (client, ns, mut pool) = setup("sch-topo").await;
+    pool.add(&client, 4, 4).await;
+    let _sched = Scheduler::start(&ns, "s-topo", &[]);
+    // Spread alone would use all 4 nodes; the required zone keeps it to 2.
+    let zoned = [
+        ("ringmaster.dev/placement", "spread"),
+        ("ringmaster.dev/required-topology-key", ZONE),
+    ];
+    create_gang(&client, &ns, "zoned", 4, 1, &zoned).await;
+    let pods = wait_bound(&client, &ns, "zoned", 4).await;
+    let nodes: BTreeSet<String> = pods.iter().filter_map(node_of).collect();
+    let zones: BTreeSet<String> = nodes
+        .iter()
+        .map(|n| {
+            let i: usize = n.rsplit('n').next().unwrap().parse().unwrap();
+            if i % 2 == 0 { "a" } else { "b" }.to_string()
+        })
+        .collect();
+    assert_eq!(zones.len(), 1, "members in {nodes:?}");
+    assert_eq!(nodes.len(), 2, "spread within the zone: {nodes:?}");
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn spread_uses_more_nodes_than_pack() {
+    let (client, ns, mut pool) = setup("sch-pack").await;
+    pool.add(&client, 4, 8).await;
+    let _sched = Scheduler::start(&ns, "s-pack", &[]);
+    create_gang(
+        &client,
+        &ns,
+        "spread",
+        4,
+        1,
+        &[("ringmaster.dev/placement", "spread")],
+    )
+    .await;
+    let spread: BTreeSet<String> = wait_bound(&client, &ns, "spread", 4)
+        .await
+        .iter()
+        .filter_map(node_of)
+        .collect();
+    create_gang(
+        &client,
+        &ns,
+        "pack",
+        4,
+        1,
+        &[("ringmaster.dev/placement", "pack")],
+    )
+    .await;
+    let pack: BTreeSet<String> = wait_bound(&client, &ns, "pack", 4)
+        .await
+        .iter()
+        .filter_map(node_of)
+        .collect();
+    assert_eq!(spread.len(), 4, "spread over {spread:?}");
+    assert!(pack.len() <= 2, "pack over {pack:?}");
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn impossible_gang_is_explained_in_numbers() {
+    let (client, ns, mut pool) = setup("sch-huge").await;
+    pool.add(&client, 2, 8).await;
+    let _sched = Scheduler::start(&ns, "s-huge", &[]);
+    create_gang(&client, &ns, "huge", 2, 9, &[]).await;
+    let message = wait_explained(&client, &ns, "huge", 2).await;
+    assert!(
+        message.contains("gang") && message.contains("(2 pods)"),
+        "{message}"
+    );
+    assert!(message.contains("nodes are available"), "{message}");
+    assert!(message.chars().any(|c| c.is_ascii_digit()), "{message}");
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn one_leader_binds_and_a_standby_takes_over() {
+    let (client, ns, mut pool) = setup("sch-lease").await;
+    pool.add(&client, 1, 8).await;
+    let one = Scheduler::start(&ns, "s-one", &[]);
+    let two = Scheduler::start(&ns, "s-two", &[]);
+    wait_until(WAIT, "a leader", || async {
+        one.leading().await || two.leading().await
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        one.leading().await != two.leading().await,
+        "exactly one leads"
+    );
+    let (mut leader, standby) = if one.leading().await {
+        (one, two)
+    } else {
+        (two, one)
+    };
+    create_gang(&client, &ns, "first", 2, 1, &[]).await;
+    wait_bound(&client, &ns, "first", 2).await;
+    leader.kill();
+    wait_until(WAIT, "the standby to lead", || async {
+        standby.leading().await
+    })
+    .await;
+    create_gang(&client, &ns, "second", 2, 1, &[]).await;
+    let pods = wait_bound(&client, &ns, "second", 2).await;
+    let mut all = gang_pods(&client, &ns, "first").await;
+    all.extend(pods);
+    assert_disjoint_gpus(&all);
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn half_bound_gang_is_rolled_back_at_start() {
+    let (client, ns, mut pool) = setup("sch-half").await;
+    pool.add(&client, 1, 8).await;
+    create_gang(&client, &ns, "half", 2, 1, &[]).await;
+    let api = Api::<Pod>::namespaced(client.clone(), &ns);
+    let member = api.get("half-0").await.unwrap();
+    bind(&client, &member, &format!("{ns}-n0"))
+        .await
+        .expect("bind by hand");
+    let _sched = Scheduler::start(&ns, "s-half", &[]);
+    wait_until(WAIT, "the bound member deleted", || async {
+        api.get_opt("half-0")
+            .await
+            .ok()
+            .flatten()
+            .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+    })
+    .await;
+    let _ = api.delete("half-1", &DeleteParams::default()).await;
+    delete_namespace(&client, &ns).await;
+}
