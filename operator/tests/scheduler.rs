@@ -179,6 +179,9 @@ fn pod(
         "spec": {
             "schedulerName": "ringmaster-scheduler",
             "nodeSelector": {POOL: ns},
+            // The local control plane's node lifecycle controller keeps kwok nodes tainted
+            // not-ready; kube-scheduler would refuse them just the same.
+            "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoSchedule"}],
             "containers": [{"name": "c", "image": "busybox",
                 "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
                               "limits": {"nvidia.com/gpu": gpus.to_string()}}}],
