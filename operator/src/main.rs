@@ -29,6 +29,9 @@ struct Args {
     /// First delay before a failed gang restarts, in seconds; doubles per restart (max 300).
     #[arg(long, default_value_t = 10.0)]
     restart_backoff_seconds: f64,
+    /// TrainingJobs reconciled at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
     /// Log as JSON lines (for log collectors) instead of text.
     #[arg(long)]
     log_json: bool,
@@ -66,6 +69,7 @@ async fn main() -> std::process::ExitCode {
         lease_namespace: args.lease_namespace,
         lease_name: args.lease_name,
         restart_backoff: Duration::from_secs_f64(args.restart_backoff_seconds.max(0.0)),
+        concurrency: args.concurrency.max(1),
     };
     match run(client, settings).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

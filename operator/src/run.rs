@@ -37,6 +37,8 @@ pub struct Settings {
     pub lease_namespace: String,
     pub lease_name: String,
     pub restart_backoff: Duration,
+    /// Reconciles running at once.
+    pub concurrency: u16,
 }
 
 struct Http {
@@ -127,8 +129,15 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
             _ = lost_leadership => {},
         }
     };
+    // A short debounce folds the events of one job's pods being created together into
+    // one reconcile. Bounded concurrency keeps the number of API connections (and their
+    // TLS buffers, most of the memory) small; the API server is the bottleneck anyway.
+    let config = kube::runtime::controller::Config::default()
+        .debounce(Duration::from_millis(250))
+        .concurrency(settings.concurrency);
     Controller::for_stream(job_events, http.jobs.clone())
         .owns_stream(pod_events)
+        .with_config(config)
         .graceful_shutdown_on(stop)
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {

@@ -90,7 +90,7 @@ async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
         let creates = plan.create.iter().map(|&index| {
             let pod = desired::worker_pod(&job_ref, index, attempt);
             let api = pods_api.clone();
-            async move { create_if_absent(&api, &pod).await }
+            async move { create_if_absent(api, &pod).await }
         });
         futures::future::try_join_all(creates).await?;
     }
@@ -144,11 +144,6 @@ async fn apply_actions(ctx: &Context, job: &JobRef<'_>, plan: &Plan) -> Result<(
 async fn ensure_support_objects(ctx: &Context, job: &JobRef<'_>) -> Result<()> {
     let objects = desired::support_objects(job);
     let (c, ns) = (&ctx.client, job.namespace);
-    apply(&Api::namespaced(c.clone(), ns), &objects.config_map).await?;
-    apply(&Api::namespaced(c.clone(), ns), &objects.service).await?;
-    apply(&Api::namespaced(c.clone(), ns), &objects.service_account).await?;
-    apply(&Api::namespaced(c.clone(), ns), &objects.role).await?;
-    apply(&Api::namespaced(c.clone(), ns), &objects.role_binding).await?;
     let secret = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(desired::token_secret_name(job.name)),
@@ -160,7 +155,15 @@ async fn ensure_support_objects(ctx: &Context, job: &JobRef<'_>) -> Result<()> {
         string_data: Some([(TOKEN_KEY.to_string(), random_token())].into()),
         ..Secret::default()
     };
-    create_if_absent(&Api::namespaced(c.clone(), ns), &secret).await
+    futures::try_join!(
+        apply(Api::namespaced(c.clone(), ns), &objects.config_map),
+        apply(Api::namespaced(c.clone(), ns), &objects.service),
+        apply(Api::namespaced(c.clone(), ns), &objects.service_account),
+        apply(Api::namespaced(c.clone(), ns), &objects.role),
+        apply(Api::namespaced(c.clone(), ns), &objects.role_binding),
+        create_if_absent(Api::namespaced(c.clone(), ns), &secret),
+    )?;
+    Ok(())
 }
 
 fn random_token() -> String {
@@ -169,7 +172,7 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-async fn apply<K>(api: &Api<K>, obj: &K) -> Result<()>
+async fn apply<K>(api: Api<K>, obj: &K) -> Result<()>
 where
     K: Resource + Serialize + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
@@ -183,7 +186,7 @@ where
     Ok(())
 }
 
-async fn create_if_absent<K>(api: &Api<K>, obj: &K) -> Result<()>
+async fn create_if_absent<K>(api: Api<K>, obj: &K) -> Result<()>
 where
     K: Resource + Serialize + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
