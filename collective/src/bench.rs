@@ -7,7 +7,7 @@
 //! [`run_local`] starts the ranks as processes of a given executable on loopback; each
 //! process calls [`run_rank`]. The trainer reuses both for `ringmaster bench allreduce`.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -317,4 +317,79 @@ mod tests {
         assert!((r.busbw_gbps - 0.4 * 1.5).abs() < 1e-12);
         assert_eq!(BenchRow::from_line(&r.to_line()), Some(r));
     }
+}
+
+/// One rank of a benchmark started by [`drive`]: rendezvous from the environment, then
+/// measure (rank 0 prints the rows).
+pub fn rank_from_env(backend: &str, args: &BenchArgs) -> Result<()> {
+    let cfg = crate::RendezvousConfig::from_env()?;
+    match backend {
+        "tcp" => run_rank(&mut crate::connect_tcp(&cfg)?, args).map(|_| ()),
+        #[cfg(feature = "nccl")]
+        "nccl" => {
+            let device = std::env::var("LOCAL_RANK")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(cfg.rank);
+            let mut comm = crate::connect_nccl(&cfg, device)?;
+            for row in comm.bench_device(args)? {
+                if cfg.rank == 0 {
+                    emit_row(&row);
+                }
+            }
+            Ok(())
+        }
+        other => Err(Error::Config(format!(
+            "unknown backend {other:?}: use tcp, or nccl in a build with --features nccl"
+        ))),
+    }
+}
+
+/// Runs the benchmark for each world size with ranks as processes on loopback, printing a
+/// markdown table (and JSON Lines to `json`). Each rank re-invokes this executable with
+/// `rank_command` followed by the backend and `args`; that command must call
+/// [`rank_from_env`].
+pub fn drive(
+    rank_command: &[&str],
+    world_sizes: &[usize],
+    backend: &str,
+    json: Option<&Path>,
+    args: &BenchArgs,
+) -> Result<()> {
+    let mut json = json
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::Config(format!("cannot open {}: {e}", p.display())))
+        })
+        .transpose()?;
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Config(format!("cannot find this executable: {e}")))?;
+    let mut child_args: Vec<String> = rank_command.iter().map(|s| s.to_string()).collect();
+    child_args.extend(["--backend".to_string(), backend.to_string()]);
+    child_args.extend(args.to_args());
+    println!("{}", TABLE_HEADER);
+    for &n in world_sizes {
+        run_local(&exe, &child_args, n, |row| {
+            println!("{}", table_row(row));
+            if let Some(f) = json.as_mut() {
+                // Field names follow the Gloo script's JSON Lines, so both load alike.
+                let _ = writeln!(
+                    f,
+                    "{{\"bench\": \"ringmaster_{backend}_allreduce\", \"world_size\": {}, \"bytes\": {}, \"dtype\": \"float32\", \"op\": \"sum\", \"iters\": {}, \"median_s\": {:e}, \"min_s\": {:e}, \"algbw_GBps\": {}, \"busbw_GBps\": {}, \"correct\": {}}}",
+                    row.world_size,
+                    row.bytes,
+                    row.iters,
+                    row.median_s,
+                    row.min_s,
+                    row.algbw_gbps,
+                    row.busbw_gbps,
+                    row.correct
+                );
+            }
+        })?;
+    }
+    Ok(())
 }

@@ -1,12 +1,10 @@
 //! Benchmarks the TCP ring all-reduce with the Gloo baseline's definitions, starting the
 //! ranks as processes on loopback, and prints a markdown table.
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ringmaster_collective::bench::{self, BenchArgs};
-use ringmaster_collective::{RendezvousConfig, connect_tcp};
 
 #[derive(Parser)]
 #[command(
@@ -56,8 +54,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.worker {
-        Some(Worker::Rank { backend, args }) => rank(&backend, &args),
-        None => drive(
+        Some(Worker::Rank { backend, args }) => bench::rank_from_env(&backend, &args),
+        None => bench::drive(
+            &["rank"],
             &cli.world_sizes,
             &cli.backend,
             cli.json.as_deref(),
@@ -71,81 +70,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn rank(backend: &str, args: &BenchArgs) -> ringmaster_collective::Result<()> {
-    let cfg = RendezvousConfig::from_env()?;
-    match backend {
-        "tcp" => bench::run_rank(&mut connect_tcp(&cfg)?, args).map(|_| ()),
-        #[cfg(feature = "nccl")]
-        "nccl" => {
-            let device = std::env::var("LOCAL_RANK")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(cfg.rank);
-            let mut comm = ringmaster_collective::connect_nccl(&cfg, device)?;
-            for row in comm.bench_device(args)? {
-                if cfg.rank == 0 {
-                    bench::emit_row(&row);
-                }
-            }
-            Ok(())
-        }
-        other => Err(ringmaster_collective::Error::Config(format!(
-            "unknown backend {other:?}: use tcp, or nccl in a build with --features nccl"
-        ))),
-    }
-}
-
-fn drive(
-    world_sizes: &[usize],
-    backend: &str,
-    json: Option<&std::path::Path>,
-    args: &BenchArgs,
-) -> ringmaster_collective::Result<()> {
-    let mut json = json
-        .map(|p| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| {
-                    ringmaster_collective::Error::Config(format!(
-                        "cannot open {}: {e}",
-                        p.display()
-                    ))
-                })
-        })
-        .transpose()?;
-    let exe = std::env::current_exe().map_err(|e| {
-        ringmaster_collective::Error::Config(format!("cannot find this executable: {e}"))
-    })?;
-    let mut child_args = vec![
-        "rank".to_string(),
-        "--backend".to_string(),
-        backend.to_string(),
-    ];
-    child_args.extend(args.to_args());
-    println!("{}", bench::TABLE_HEADER);
-    for &n in world_sizes {
-        bench::run_local(&exe, &child_args, n, |row| {
-            println!("{}", bench::table_row(row));
-            if let Some(f) = json.as_mut() {
-                // Field names follow the Gloo script's JSON Lines, so both load alike.
-                let _ = writeln!(
-                    f,
-                    "{{\"bench\": \"ringmaster_{backend}_allreduce\", \"world_size\": {}, \"bytes\": {}, \"dtype\": \"float32\", \"op\": \"sum\", \"iters\": {}, \"median_s\": {:e}, \"min_s\": {:e}, \"algbw_GBps\": {}, \"busbw_GBps\": {}, \"correct\": {}}}",
-                    row.world_size,
-                    row.bytes,
-                    row.iters,
-                    row.median_s,
-                    row.min_s,
-                    row.algbw_gbps,
-                    row.busbw_gbps,
-                    row.correct
-                );
-            }
-        })?;
-    }
-    Ok(())
 }
