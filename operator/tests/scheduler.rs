@@ -91,7 +91,11 @@ impl Pool {
         let mut yaml = String::new();
         for i in self.count..self.count + count {
             let name = format!("{}-n{i}", self.ns);
-            let zone = if i % 2 == 0 { "zone-a" } else { "zone-b" };
+            let zone = if i.is_multiple_of(2) {
+                "zone-a"
+            } else {
+                "zone-b"
+            };
             yaml += &format!(
                 "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{kwok.x-k8s.io/node: fake, node.alpha.kubernetes.io/ttl: '0'}}\n  \
                  labels: {{kubernetes.io/hostname: {name}, type: kwok, {ZONE}: {zone}, {POOL}: {ns}, nvidia.com/gpu.product: NVIDIA-H200}}\n\
@@ -378,7 +382,7 @@ async fn topology_spread_and_pack() {
         .iter()
         .map(|n| {
             let i: usize = n.rsplit('n').next().unwrap().parse().unwrap();
-            if i % 2 == 0 { "a" } else { "b" }.to_string()
+            if i.is_multiple_of(2) { "a" } else { "b" }.to_string()
         })
         .collect();
     assert_eq!(zones.len(), 1, "members in {nodes:?}");

@@ -173,37 +173,31 @@ async fn drive_watches(
     wake: Arc<Notify>,
     room: Arc<AtomicBool>,
 ) {
+    // Heartbeats change nothing; a new node or one turning Ready does.
     let mut known = HashMap::new();
-    let nodes = nodes.map(|e| e.map(Change::Node));
-    let pods = pods.map(|e| e.map(Change::Pod));
+    let nodes = nodes.map(move |event| {
+        event.map(|event| match event {
+            watcher::Event::Apply(n) | watcher::Event::InitApply(n) => {
+                let ready = cache::node_from_kube(&n).is_some();
+                known.insert(n.name_any(), ready) != Some(ready)
+            }
+            watcher::Event::Delete(_) => true,
+            watcher::Event::Init | watcher::Event::InitDone => false,
+        })
+    });
+    let pods = pods.map(|event| event.map(|e| matches!(e, watcher::Event::Delete(_))));
     let mut events = futures::stream::select(nodes.boxed(), pods.boxed());
     while let Some(event) = events.next().await {
         match event {
-            Ok(Change::Node(watcher::Event::Apply(n) | watcher::Event::InitApply(n))) => {
-                // Heartbeats change nothing; a new node or one turning Ready does.
-                let ready = cache::node_from_kube(&n).is_some();
-                if known.insert(n.name_any(), ready) != Some(ready) {
+            Ok(gained_room) => {
+                if gained_room {
                     room.store(true, Ordering::Relaxed);
                 }
+                wake.notify_one();
             }
-            Ok(
-                Change::Pod(watcher::Event::Delete(_)) | Change::Node(watcher::Event::Delete(_)),
-            ) => {
-                room.store(true, Ordering::Relaxed);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                warn!(error = %e, "watch error");
-                continue;
-            }
+            Err(e) => warn!(error = %e, "watch error"),
         }
-        wake.notify_one();
     }
-}
-
-enum Change {
-    Node(watcher::Event<KubeNode>),
-    Pod(watcher::Event<Pod>),
 }
 
 struct Scheduler {
