@@ -1,9 +1,9 @@
 //! Ranks in separate network namespaces joined by veth pairs on a bridge, so the ring's
 //! traffic crosses real interfaces rather than loopback.
 //!
-//! Needs root and iproute2. Without them the test prints why and passes, unless
-//! RINGMASTER_REQUIRE_NETNS=1 (set in CI where namespaces work), which turns that into a
-//! failure.
+//! Needs root and iproute2; without them it fails and says why. On a machine that cannot
+//! have network namespaces, `RINGMASTER_SKIP_NETNS=1` opts out explicitly (the test then
+//! prints SKIPPED).
 
 mod common;
 
@@ -151,18 +151,18 @@ fn tx_bytes(ns: &str) -> u64 {
 
 #[test]
 fn ring_across_network_namespaces() {
-    let required = std::env::var("RINGMASTER_REQUIRE_NETNS").is_ok_and(|v| v == "1");
+    let required = std::env::var("RINGMASTER_SKIP_NETNS").map_or(true, |v| v != "1");
     let n = 3;
     let topo = match build(n) {
         Ok(t) => t,
         Err(why) if !required => {
             eprintln!(
-                "SKIPPED: network namespaces unavailable ({why}); set RINGMASTER_REQUIRE_NETNS=1 to make this a failure"
+                "SKIPPED (RINGMASTER_SKIP_NETNS=1): network namespaces unavailable ({why})"
             );
             return;
         }
         Err(why) => panic!(
-            "RINGMASTER_REQUIRE_NETNS=1 but network namespaces cannot be set up: {why} (needs root and iproute2)"
+            "network namespaces cannot be set up: {why} (needs root and iproute2; RINGMASTER_SKIP_NETNS=1 opts out)"
         ),
     };
     let port = 29_500 + (std::process::id() % 1000) as u16;
