@@ -295,30 +295,6 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_and_rows_follow_the_gloo_definitions() {
-        let a = BenchArgs {
-            min_bytes: 1024,
-            max_bytes: 256 << 20,
-            factor: 4,
-            warmup: 3,
-            min_iters: 10,
-            max_iters: 200,
-            target_s: 2.0,
-        };
-        let s = a.sizes();
-        assert_eq!((s[0], *s.last().unwrap(), s.len()), (1024, 256 << 20, 10));
-        let r = BenchRow::new(4, 1_000_000, vec![3e-3, 1e-3, 2e-3, 4e-3], true);
-        assert_eq!(r.median_s, 2.5e-3);
-        assert!((r.busbw_gbps - 0.4 * 1.5).abs() < 1e-12);
-        assert_eq!(BenchRow::from_line(&r.to_line()), Some(r));
-    }
-}
-
 /// One rank of a benchmark started by [`drive`]: rendezvous from the environment, then
 /// measure (rank 0 prints the rows).
 pub fn rank_from_env(backend: &str, args: &BenchArgs) -> Result<()> {
@@ -392,4 +368,28 @@ pub fn drive(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_rows_follow_the_gloo_definitions() {
+        let a = BenchArgs {
+            min_bytes: 1024,
+            max_bytes: 256 << 20,
+            factor: 4,
+            warmup: 3,
+            min_iters: 10,
+            max_iters: 200,
+            target_s: 2.0,
+        };
+        let s = a.sizes();
+        assert_eq!((s[0], *s.last().unwrap(), s.len()), (1024, 256 << 20, 10));
+        let r = BenchRow::new(4, 1_000_000, vec![3e-3, 1e-3, 2e-3, 4e-3], true);
+        assert_eq!(r.median_s, 2.5e-3);
+        assert!((r.busbw_gbps - 0.4 * 1.5).abs() < 1e-12);
+        assert_eq!(BenchRow::from_line(&r.to_line()), Some(r));
+    }
 }

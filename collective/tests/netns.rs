@@ -156,9 +156,7 @@ fn ring_across_network_namespaces() {
     let topo = match build(n) {
         Ok(t) => t,
         Err(why) if !required => {
-            eprintln!(
-                "SKIPPED (RINGMASTER_SKIP_NETNS=1): network namespaces unavailable ({why})"
-            );
+            eprintln!("SKIPPED (RINGMASTER_SKIP_NETNS=1): network namespaces unavailable ({why})");
             return;
         }
         Err(why) => panic!(

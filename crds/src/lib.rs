@@ -4,6 +4,9 @@
 //! fills it in and `kubectl get -o yaml` shows what will actually run. Cross-field rules
 //! are CEL (`x-kubernetes-validations`), enforced by the API server at apply time.
 
+// `#[kube(printcolumn(...))]` repeats `type_ = "string"` legitimately, once per column.
+#![allow(clippy::duplicated_attributes)]
+
 mod common;
 mod inference;
 pub mod keys;
