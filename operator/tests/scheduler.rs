@@ -99,6 +99,7 @@ impl Pool {
             yaml += &format!(
                 "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{kwok.x-k8s.io/node: fake, node.alpha.kubernetes.io/ttl: '0'}}\n  \
                  labels: {{kubernetes.io/hostname: {name}, type: kwok, {ZONE}: {zone}, {POOL}: {ns}, nvidia.com/gpu.product: NVIDIA-H200}}\n\
+                 spec:\n  taints: [{{key: {POOL}, value: {ns}, effect: NoSchedule}}]\n\
                  status:\n  allocatable: {{cpu: '64', memory: 512Gi, pods: '110', nvidia.com/gpu: '{gpus}'}}\n  \
                  capacity: {{cpu: '64', memory: 512Gi, pods: '110', nvidia.com/gpu: '{gpus}'}}\n---\n",
                 ns = self.ns
@@ -185,7 +186,11 @@ fn pod(
             "nodeSelector": {POOL: ns},
             // The local control plane's node lifecycle controller keeps kwok nodes tainted
             // not-ready; kube-scheduler would refuse them just the same.
-            "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoSchedule"}],
+            // The pool's own taint keeps other tests' pods off these nodes.
+            "tolerations": [
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoSchedule"},
+                {"key": POOL, "operator": "Exists", "effect": "NoSchedule"},
+            ],
             "containers": [{"name": "c", "image": "busybox",
                 "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
                               "limits": {"nvidia.com/gpu": gpus.to_string()}}}],
