@@ -247,6 +247,15 @@ impl Scheduler {
         let ready: Vec<&Gang> = gangs
             .iter()
             .filter(|g| g.ready() && !self.backoff.waiting(&g.key, now))
+            // Bound by us, but the watch has not shown it yet: not pending any more.
+            .filter(|g| {
+                !g.pending.iter().any(|p| {
+                    p.metadata
+                        .uid
+                        .as_ref()
+                        .is_some_and(|uid| self.assumed.contains_key(uid))
+                })
+            })
             .collect();
         if ready.is_empty() {
             return;
