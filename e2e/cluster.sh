@@ -172,7 +172,7 @@ up() {
     --authentication-kubeconfig="$state/controller-manager.kubeconfig" --authorization-kubeconfig="$state/controller-manager.kubeconfig" \
     --service-account-private-key-file="$state/pki/sa.key" --root-ca-file="$state/pki/ca.crt" \
     --use-service-account-credentials=true --leader-elect=false --bind-address=127.0.0.1 --secure-port="$kcm_port" \
-    --controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller,-route,-persistentvolume-binder,-attachdetach,-persistentvolume-expander,-ephemeral-volume' \
+    --controllers='*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route,-persistentvolume-binder,-attachdetach,-persistentvolume-expander,-ephemeral-volume' \
     --kube-api-qps=500 --kube-api-burst=1000 --concurrent-gc-syncs=50
   wait_for kube-controller-manager "$state/logs/kube-controller-manager.log" 60 \
     curl -fsSk "https://127.0.0.1:$kcm_port/healthz"

@@ -113,6 +113,7 @@ async fn main() {
         peak_rss_kib as f64 / 1024.0
     );
     let _ = operator.kill();
+    let _ = operator.wait();
     delete_namespace(&client, &ns).await;
 }
 

@@ -132,5 +132,6 @@ async fn trainer_reports_progress_with_least_privilege() {
         Some("/output/checkpoints/step-120")
     );
     let _ = operator.kill();
+    let _ = operator.wait();
     delete_namespace(&admin, &ns).await;
 }
