@@ -4,4 +4,5 @@ pub mod error;
 pub mod metrics;
 pub mod run;
 pub mod scheduler;
+pub mod serve;
 pub mod trainingjob;

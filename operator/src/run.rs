@@ -2,23 +2,20 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector;
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use ringmaster_crds::TrainingJob;
 use ringmaster_crds::keys::{MANAGED_BY, MANAGED_BY_VALUE};
 use tracing::{info, warn};
+
+use crate::serve::{Endpoints, serve, shutdown_signal};
 
 use crate::error::Result;
 use crate::metrics::Metrics;
@@ -41,23 +38,16 @@ pub struct Settings {
     pub concurrency: u16,
 }
 
-struct Http {
-    ready: AtomicBool,
-    metrics: Arc<Metrics>,
-    jobs: Store<TrainingJob>,
-}
-
 /// Runs until SIGTERM/SIGINT. Only the holder of the lease reconciles; the others wait,
 /// serving health, and take over when the leader's lease expires.
 pub async fn run(client: Client, settings: Settings) -> Result<()> {
     let metrics = Metrics::new();
     let (jobs_reader, jobs_writer) = reflector::store::<TrainingJob>();
-    let http = Arc::new(Http {
-        ready: AtomicBool::new(false),
-        metrics: metrics.clone(),
-        jobs: jobs_reader,
+    let endpoints = Endpoints::new({
+        let (metrics, jobs) = (metrics.clone(), jobs_reader.clone());
+        move || metrics.render(&jobs)
     });
-    let server = tokio::spawn(serve_http(settings.listen, http.clone()));
+    let server = tokio::spawn(serve(settings.listen, endpoints.clone()));
 
     let lease = LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
         .with_namespace(&settings.lease_namespace)
@@ -113,7 +103,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         metrics,
         restart_backoff: settings.restart_backoff,
     });
-    http.ready.store(true, Ordering::Relaxed);
+    endpoints.set_ready(true);
 
     let lost_leadership = async move {
         while leader.changed().await.is_ok() {
@@ -135,7 +125,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     let config = kube::runtime::controller::Config::default()
         .debounce(Duration::from_millis(250))
         .concurrency(settings.concurrency);
-    Controller::for_stream(job_events, http.jobs.clone())
+    Controller::for_stream(job_events, jobs_reader)
         .owns_stream(pod_events)
         .with_config(config)
         .graceful_shutdown_on(stop)
@@ -147,45 +137,8 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         })
         .await;
 
-    http.ready.store(false, Ordering::Relaxed);
+    endpoints.set_ready(false);
     drop(lease_task); // dropping the task handle leaves the lease to expire or be released
     server.abort();
     Ok(())
-}
-
-async fn serve_http(addr: SocketAddr, state: Arc<Http>) {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(s): State<Arc<Http>>| async move {
-                if s.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "leading")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "standby")
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(|State(s): State<Arc<Http>>| async move { s.metrics.render(&s.jobs) }),
-        )
-        .with_state(state);
-    match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => {
-            if let Err(e) = axum::serve(listener, app).await {
-                warn!(error = %e, "health/metrics server stopped");
-            }
-        }
-        Err(e) => warn!(error = %e, %addr, "cannot serve health/metrics"),
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
 }

@@ -6,10 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -22,6 +18,8 @@ use ringmaster_placement::policy::{self, FragModel};
 use ringmaster_placement::{GangPlacement, GangRequest, Scorer, place_gang};
 use tokio::sync::Notify;
 use tracing::{info, warn};
+
+use crate::serve::{Endpoints, serve, shutdown_signal};
 
 use super::cache::{self, Assumed};
 use super::metrics::Metrics;
@@ -45,11 +43,6 @@ pub struct Settings {
     pub policy: String,
 }
 
-struct Http {
-    ready: AtomicBool,
-    metrics: Arc<Metrics>,
-}
-
 /// Runs until SIGTERM/SIGINT or lost leadership. Only the lease holder schedules.
 pub async fn run(client: Client, settings: Settings) -> Result<()> {
     // Fail at start, not at the first gang, on a misspelt policy.
@@ -59,11 +52,11 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         GoRand::new(1),
     )?;
     let metrics = Metrics::new();
-    let http = Arc::new(Http {
-        ready: AtomicBool::new(false),
-        metrics: metrics.clone(),
+    let endpoints = Endpoints::new({
+        let metrics = metrics.clone();
+        move || metrics.render()
     });
-    let server = tokio::spawn(serve_http(settings.listen, http.clone()));
+    let server = tokio::spawn(serve(settings.listen, endpoints.clone()));
 
     let lease_secs = settings.lease_duration.as_secs().max(1);
     let lease = LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
@@ -131,7 +124,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         settings,
     };
     scheduler.roll_back_half_bound().await;
-    http.ready.store(true, Ordering::Relaxed);
+    endpoints.set_ready(true);
 
     loop {
         if room.swap(false, Ordering::Relaxed) {
@@ -158,7 +151,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         }
     }
 
-    http.ready.store(false, Ordering::Relaxed);
+    endpoints.set_ready(false);
     watches.abort();
     drop(lease_task); // dropping the task handle leaves the lease to expire or be released
     server.abort();
@@ -431,42 +424,5 @@ impl Scheduler {
                 }
             }
         }
-    }
-}
-
-async fn serve_http(addr: SocketAddr, state: Arc<Http>) {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(s): State<Arc<Http>>| async move {
-                if s.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "leading")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "standby")
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(|State(s): State<Arc<Http>>| async move { s.metrics.render() }),
-        )
-        .with_state(state);
-    match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => {
-            if let Err(e) = axum::serve(listener, app).await {
-                warn!(error = %e, "health/metrics server stopped");
-            }
-        }
-        Err(e) => warn!(error = %e, %addr, "cannot serve health/metrics"),
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
     }
 }
