@@ -15,7 +15,7 @@ use ringmaster_crds::TrainingJob;
 use ringmaster_crds::keys::{MANAGED_BY, MANAGED_BY_VALUE};
 use tracing::{info, warn};
 
-use crate::serve::{Endpoints, serve, shutdown_signal};
+use crate::serve::{Endpoints, serve, shutdown_signal, until_leading};
 
 use crate::error::Result;
 use crate::metrics::Metrics;
@@ -60,14 +60,9 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     let mut shutdown = Box::pin(shutdown_signal());
 
     info!(identity = %settings.identity, "waiting for leadership");
-    loop {
-        if *leader.borrow_and_update() {
-            break;
-        }
-        tokio::select! {
-            _ = &mut shutdown => { server.abort(); return Ok(()); }
-            changed = leader.changed() => if changed.is_err() { warn!("lease manager stopped"); return Ok(()); }
-        }
+    if !until_leading(&mut leader, &mut shutdown).await {
+        server.abort();
+        return Ok(());
     }
     info!(identity = %settings.identity, "leading: starting the TrainingJob controller");
 

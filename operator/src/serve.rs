@@ -70,3 +70,23 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {},
     }
 }
+
+/// Waits until this replica holds the lease (true), or until it must stop first: a
+/// shutdown signal or the lease manager ending (false).
+pub async fn until_leading(
+    leader: &mut tokio::sync::watch::Receiver<bool>,
+    shutdown: &mut (impl std::future::Future<Output = ()> + Unpin),
+) -> bool {
+    loop {
+        if *leader.borrow_and_update() {
+            return true;
+        }
+        tokio::select! {
+            _ = &mut *shutdown => return false,
+            changed = leader.changed() => if changed.is_err() {
+                warn!("lease manager stopped");
+                return false;
+            }
+        }
+    }
+}

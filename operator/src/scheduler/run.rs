@@ -19,7 +19,7 @@ use ringmaster_placement::{GangPlacement, GangRequest, Scorer, place_gang};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::serve::{Endpoints, serve, shutdown_signal};
+use crate::serve::{Endpoints, serve, shutdown_signal, until_leading};
 
 use super::cache::{self, Assumed};
 use super::metrics::Metrics;
@@ -70,14 +70,9 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     let mut shutdown = Box::pin(shutdown_signal());
 
     info!(identity = %settings.identity, "waiting for leadership");
-    loop {
-        if *leader.borrow_and_update() {
-            break;
-        }
-        tokio::select! {
-            _ = &mut shutdown => { server.abort(); return Ok(()); }
-            changed = leader.changed() => if changed.is_err() { warn!("lease manager stopped"); return Ok(()); }
-        }
+    if !until_leading(&mut leader, &mut shutdown).await {
+        server.abort();
+        return Ok(());
     }
     info!(identity = %settings.identity, "leading: scheduling");
 
