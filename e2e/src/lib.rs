@@ -175,3 +175,66 @@ pub async fn client_with_token(token: &str) -> Client {
         .expect("token config");
     Client::try_from(config).expect("token client")
 }
+
+/// A control-plane binary under test (operator, scheduler) serving `/healthz`, `/readyz`
+/// and `/metrics` on a free loopback port; killed on drop, also when the test panics.
+pub struct ServedProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl ServedProcess {
+    /// Starts `exe` with `args` plus `--listen 127.0.0.1:<free port>`, against the local
+    /// control plane.
+    pub fn start(exe: &str, args: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(exe)
+            .args(args)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("KUBECONFIG", kubeconfig())
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {exe}: {e}"));
+        Self { child, port }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `GET path`: the status code and the whole response, or None while not serving.
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .ok()?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.ok()?;
+        let code = out.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, out))
+    }
+
+    /// Whether it holds its lease (`/readyz` is 200 only on the leader).
+    pub async fn leading(&self) -> bool {
+        self.get("/readyz")
+            .await
+            .is_some_and(|(code, _)| code == 200)
+    }
+}
+
+impl Drop for ServedProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -4,79 +4,28 @@
 //! scheduler process, which only schedules that namespace.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use ringmaster_crds::keys::{GANG, GANG_SIZE, GPU_INDICES};
-use ringmaster_e2e::{bind, client, delete_namespace, kubectl, namespace, wait_until};
+use ringmaster_e2e::{
+    ServedProcess, bind, client, delete_namespace, kubectl, namespace, wait_until,
+};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 const POOL: &str = "ringmaster.dev/test-pool";
 const ZONE: &str = "topology.kubernetes.io/zone";
 
-/// A running `ringmaster-scheduler`, killed on drop.
-struct Scheduler {
-    child: Child,
-    port: u16,
-}
-
-impl Scheduler {
-    fn start(ns: &str, identity: &str, extra: &[&str]) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_ringmaster-scheduler"))
-            .args(["--namespace", ns, "--lease-namespace", ns])
-            .args(["--identity", identity, "--lease-duration-seconds", "3"])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(extra)
-            .env("KUBECONFIG", ringmaster_e2e::kubeconfig())
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ringmaster-scheduler");
-        Self { child, port }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .ok()?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut out = String::new();
-        stream.read_to_string(&mut out).await.ok()?;
-        let code = out.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, out))
-    }
-
-    async fn leading(&self) -> bool {
-        self.get("/readyz")
-            .await
-            .is_some_and(|(code, _)| code == 200)
-    }
-}
-
-impl Drop for Scheduler {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A running `ringmaster-scheduler` for one test's namespace.
+fn start_scheduler(ns: &str, identity: &str, extra: &[&str]) -> ServedProcess {
+    let mut args = vec!["--namespace", ns, "--lease-namespace", ns];
+    args.extend(["--identity", identity, "--lease-duration-seconds", "3"]);
+    args.extend(extra);
+    ServedProcess::start(env!("CARGO_BIN_EXE_ringmaster-scheduler"), &args)
 }
 
 /// This test's kwok nodes; deleted on drop, also when the test panics.
@@ -296,7 +245,7 @@ fn assert_disjoint_gpus(pods: &[Pod]) {
 async fn gang_binds_all_or_nothing_and_explains() {
     let (client, ns, mut pool) = setup("sch-gang").await;
     pool.add(&client, 1, 6).await;
-    let sched = Scheduler::start(&ns, "s-gang", &[]);
+    let sched = start_scheduler(&ns, "s-gang", &[]);
     // 4 x 2 GPUs on one 6-GPU node: 3 would fit, so none may be bound.
     create_gang(&client, &ns, "g", 4, 2, &[]).await;
     let message = wait_explained(&client, &ns, "g", 4).await;
@@ -341,7 +290,7 @@ async fn gang_binds_all_or_nothing_and_explains() {
 async fn competing_gangs_run_one_after_the_other() {
     let (client, ns, mut pool) = setup("sch-compete").await;
     pool.add(&client, 1, 8).await;
-    let _sched = Scheduler::start(&ns, "s-compete", &[]);
+    let _sched = start_scheduler(&ns, "s-compete", &[]);
     create_gang(&client, &ns, "a", 2, 4, &[]).await;
     create_gang(&client, &ns, "b", 2, 4, &[]).await;
     wait_until(WAIT, "one gang bound", || async {
@@ -374,7 +323,7 @@ async fn competing_gangs_run_one_after_the_other() {
 async fn topology_spread_and_pack() {
     let (client, ns, mut pool) = setup("sch-topo").await;
     pool.add(&client, 4, 4).await;
-    let _sched = Scheduler::start(&ns, "s-topo", &[]);
+    let _sched = start_scheduler(&ns, "s-topo", &[]);
     // Spread alone would use all 4 nodes; the required zone keeps it to 2.
     let zoned = [
         ("ringmaster.dev/placement", "spread"),
@@ -399,7 +348,7 @@ async fn topology_spread_and_pack() {
 async fn spread_uses_more_nodes_than_pack() {
     let (client, ns, mut pool) = setup("sch-pack").await;
     pool.add(&client, 4, 8).await;
-    let _sched = Scheduler::start(&ns, "s-pack", &[]);
+    let _sched = start_scheduler(&ns, "s-pack", &[]);
     create_gang(
         &client,
         &ns,
@@ -437,7 +386,7 @@ async fn spread_uses_more_nodes_than_pack() {
 async fn impossible_gang_is_explained_in_numbers() {
     let (client, ns, mut pool) = setup("sch-huge").await;
     pool.add(&client, 2, 8).await;
-    let _sched = Scheduler::start(&ns, "s-huge", &[]);
+    let _sched = start_scheduler(&ns, "s-huge", &[]);
     create_gang(&client, &ns, "huge", 2, 9, &[]).await;
     let message = wait_explained(&client, &ns, "huge", 2).await;
     assert!(
@@ -453,8 +402,8 @@ async fn impossible_gang_is_explained_in_numbers() {
 async fn one_leader_binds_and_a_standby_takes_over() {
     let (client, ns, mut pool) = setup("sch-lease").await;
     pool.add(&client, 1, 8).await;
-    let one = Scheduler::start(&ns, "s-one", &[]);
-    let two = Scheduler::start(&ns, "s-two", &[]);
+    let one = start_scheduler(&ns, "s-one", &[]);
+    let two = start_scheduler(&ns, "s-two", &[]);
     wait_until(WAIT, "a leader", || async {
         one.leading().await || two.leading().await
     })
@@ -494,7 +443,7 @@ async fn half_bound_gang_is_rolled_back_at_start() {
     bind(&client, &member, &format!("{ns}-n0"))
         .await
         .expect("bind by hand");
-    let _sched = Scheduler::start(&ns, "s-half", &[]);
+    let _sched = start_scheduler(&ns, "s-half", &[]);
     wait_until(WAIT, "the bound member deleted", || async {
         api.get_opt("half-0")
             .await

@@ -2,8 +2,6 @@
 //! collection) and kwok (pods run on fake GPU nodes). Each test has its own namespace and
 //! its own operator process; the test binds pods itself, standing in for a scheduler.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
@@ -12,72 +10,27 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use ringmaster_crds::keys::{ATTEMPT, GANG, GANG_SIZE, JOB_NAME};
 use ringmaster_crds::{JobPhase, TrainingJob, find_condition};
-use ringmaster_e2e::{bind, client, delete_namespace, kubectl, namespace, nodes, wait_until};
+use ringmaster_e2e::{
+    ServedProcess, bind, client, delete_namespace, kubectl, namespace, nodes, wait_until,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A running `ringmaster-operator` process, killed on drop.
-struct Operator {
-    child: Child,
-    port: u16,
-}
-
-impl Operator {
-    fn start(ns: &str, identity: &str) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_ringmaster-operator"))
-            .args([
-                "--namespace",
-                ns,
-                "--lease-namespace",
-                ns,
-                "--identity",
-                identity,
-            ])
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--restart-backoff-seconds",
-                "0.5",
-            ])
-            .env("KUBECONFIG", ringmaster_e2e::kubeconfig())
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ringmaster-operator");
-        Self { child, port }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .ok()?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut out = String::new();
-        stream.read_to_string(&mut out).await.ok()?;
-        let code = out.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, out))
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A running `ringmaster-operator` for one test's namespace, with a short restart backoff.
+fn start_operator(ns: &str, identity: &str) -> ServedProcess {
+    ServedProcess::start(
+        env!("CARGO_BIN_EXE_ringmaster-operator"),
+        &[
+            "--namespace",
+            ns,
+            "--lease-namespace",
+            ns,
+            "--identity",
+            identity,
+            "--restart-backoff-seconds",
+            "0.5",
+        ],
+    )
 }
 
 fn job_yaml(name: &str, workers: i32, extra: &str) -> TrainingJob {
@@ -184,7 +137,7 @@ fn condition_reason(job: &TrainingJob, type_: &str) -> Option<String> {
 async fn job_runs_as_a_gang_and_succeeds() {
     let client = client().await;
     let ns = namespace(&client, "tj-basic").await;
-    let _operator = Operator::start(&ns, "op-basic");
+    let _operator = start_operator(&ns, "op-basic");
     create(&client, &ns, &job_yaml("basic", 3, "")).await;
 
     // Children exist, exactly once each, before any pod is bound.
@@ -304,7 +257,7 @@ async fn job_runs_as_a_gang_and_succeeds() {
 async fn failed_worker_restarts_the_whole_gang_until_backoff_limit() {
     let client = client().await;
     let ns = namespace(&client, "tj-restart").await;
-    let _operator = Operator::start(&ns, "op-restart");
+    let _operator = start_operator(&ns, "op-restart");
     let binder = spawn_binder(client.clone(), ns.clone());
     create(
         &client,
@@ -352,7 +305,7 @@ async fn failed_worker_restarts_the_whole_gang_until_backoff_limit() {
 async fn exit_code_policy_retries_signals_and_fails_on_bugs() {
     let client = client().await;
     let ns = namespace(&client, "tj-exitcode").await;
-    let _operator = Operator::start(&ns, "op-exitcode");
+    let _operator = start_operator(&ns, "op-exitcode");
     let binder = spawn_binder(client.clone(), ns.clone());
     create(
         &client,
@@ -402,7 +355,7 @@ async fn exit_code_policy_retries_signals_and_fails_on_bugs() {
 async fn suspend_removes_pods_and_resume_recreates_them() {
     let client = client().await;
     let ns = namespace(&client, "tj-suspend").await;
-    let _operator = Operator::start(&ns, "op-suspend");
+    let _operator = start_operator(&ns, "op-suspend");
     let binder = spawn_binder(client.clone(), ns.clone());
     create(&client, &ns, &job_yaml("pausable", 2, "")).await;
     wait_phase(&client, &ns, "pausable", JobPhase::Running).await;
@@ -440,7 +393,7 @@ async fn suspend_removes_pods_and_resume_recreates_them() {
 async fn deadline_ttl_and_cascading_deletion() {
     let client = client().await;
     let ns = namespace(&client, "tj-lifecycle").await;
-    let _operator = Operator::start(&ns, "op-lifecycle");
+    let _operator = start_operator(&ns, "op-lifecycle");
     let binder = spawn_binder(client.clone(), ns.clone());
 
     create(
@@ -518,7 +471,7 @@ async fn deadline_ttl_and_cascading_deletion() {
 async fn invalid_spec_fails_with_a_reason_and_the_controller_goes_on() {
     let client = client().await;
     let ns = namespace(&client, "tj-invalid").await;
-    let _operator = Operator::start(&ns, "op-invalid");
+    let _operator = start_operator(&ns, "op-invalid");
     let binder = spawn_binder(client.clone(), ns.clone());
     create(
         &client,
@@ -551,12 +504,12 @@ async fn invalid_spec_fails_with_a_reason_and_the_controller_goes_on() {
 async fn only_the_leader_acts_and_a_standby_takes_over() {
     let client = client().await;
     let ns = namespace(&client, "tj-leader").await;
-    let mut first = Operator::start(&ns, "op-a");
+    let mut first = start_operator(&ns, "op-a");
     wait_until(WAIT, "op-a leading", || async {
         first.get("/readyz").await.is_some_and(|(c, _)| c == 200)
     })
     .await;
-    let second = Operator::start(&ns, "op-b");
+    let second = start_operator(&ns, "op-b");
     wait_until(WAIT, "op-b serving", || async {
         second.get("/healthz").await.is_some()
     })
@@ -605,7 +558,7 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
 async fn operator_killed_during_a_burst_converges_without_duplicates() {
     let client = client().await;
     let ns = namespace(&client, "tj-burst").await;
-    let mut operator = Operator::start(&ns, "op-burst-1");
+    let mut operator = start_operator(&ns, "op-burst-1");
     let jobs = 50;
     for i in 0..jobs {
         create(&client, &ns, &job_yaml(&format!("burst-{i}"), 2, "")).await;
@@ -614,7 +567,7 @@ async fn operator_killed_during_a_burst_converges_without_duplicates() {
         }
     }
     // The lease of the killed operator must expire before the new one leads.
-    let _operator = Operator::start(&ns, "op-burst-2");
+    let _operator = start_operator(&ns, "op-burst-2");
     let all = Api::<Pod>::namespaced(client.clone(), &ns);
     wait_until(Duration::from_secs(90), "every job's pods", || async {
         all.list(&ListParams::default()).await.unwrap().items.len() == 2 * jobs
