@@ -1,0 +1,1 @@
+//! Differentiable ops candle lacks (custom ops with hand-written backward passes).
