@@ -1,0 +1,20 @@
+use std::path::PathBuf;
+
+/// Errors from building, loading or running a model. Messages name the file and tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    #[error("{file}: {reason}")]
+    Config { file: PathBuf, reason: String },
+
+    #[error("{file}: tensor `{tensor}`: {reason}")]
+    Checkpoint {
+        file: PathBuf,
+        tensor: String,
+        reason: String,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
