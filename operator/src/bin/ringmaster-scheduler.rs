@@ -47,6 +47,13 @@ struct Args {
     /// gpuclustering, dotprod, spread, random.
     #[arg(long, default_value = "fragpack")]
     policy: String,
+    /// Seconds a gang that does not fit lets smaller gangs go ahead of it (backfill);
+    /// after that, the nodes it would use are reserved for it until it fits.
+    #[arg(long, default_value_t = 60.0)]
+    starvation_threshold_seconds: f64,
+    /// Gangs bound concurrently (each binds its members concurrently).
+    #[arg(long, default_value_t = 64)]
+    bind_concurrency: usize,
     /// Log as JSON lines (for log collectors) instead of text.
     #[arg(long)]
     log_json: bool,
@@ -105,6 +112,14 @@ async fn main() -> std::process::ExitCode {
         lease_name: args.lease_name,
         lease_duration: Duration::from_secs(args.lease_duration_seconds),
         policy: args.policy,
+        starvation_threshold: match Duration::try_from_secs_f64(args.starvation_threshold_seconds) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, value = args.starvation_threshold_seconds, "--starvation-threshold-seconds must be a non-negative number");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        bind_concurrency: args.bind_concurrency.max(1),
     };
     match run(client, settings).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

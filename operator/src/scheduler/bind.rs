@@ -1,40 +1,33 @@
-//! The API calls of a placement: annotate GPU indices, bind through `pods/binding` with
-//! the pod's UID as precondition, roll back by deleting, report unschedulable.
+//! The API calls of a placement: bind through `pods/binding` (with the GPU indices as an
+//! annotation and the pod's UID as precondition), roll back by deleting, report unschedulable.
 
 use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
 use ringmaster_crds::keys::GPU_INDICES;
-use serde_json::json;
 
 use super::{Error, Result};
 
 /// Field manager of every write.
 pub const MANAGER: &str = "ringmaster-scheduler";
 
-/// Writes the GPU indices, then binds. The UID precondition makes the bind fail if the
-/// pod was deleted and recreated under the same name since we read it.
+/// Binds with the GPU indices in one request: the API server copies a Binding's
+/// annotations onto the pod. The UID precondition makes the bind fail if the pod was
+/// deleted and recreated under the same name since we read it.
 pub async fn bind(client: &Client, pod: &Pod, node: &str, gpus: &[usize]) -> Result<()> {
     let ns = pod.namespace().unwrap_or_default();
     let name = pod.name_any();
-    let api = Api::<Pod>::namespaced(client.clone(), &ns);
     let indices = gpus
         .iter()
         .map(usize::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let patch = json!({"metadata": {
-        "uid": pod.uid(),
-        "annotations": {GPU_INDICES: indices},
-    }});
-    // The uid in the patch is a precondition too: a recreated pod is not annotated.
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
     let binding = Binding {
         metadata: ObjectMeta {
             name: Some(name.clone()),
             namespace: Some(ns.clone()),
             uid: pod.uid(),
+            annotations: Some([(GPU_INDICES.to_string(), indices)].into()),
             ..Default::default()
         },
         target: ObjectReference {

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub attempts: Family<ResultLabels, Counter>,
     pub bind_failures: Counter,
     pub queue_depth: Gauge,
+    /// Gangs past the starvation threshold holding reserved nodes.
+    pub reserving_gangs: Gauge,
     pub gpu_allocation: Gauge<f64, AtomicU64>,
     registry: Registry,
 }
@@ -39,6 +41,7 @@ impl Metrics {
             attempts: Family::default(),
             bind_failures: Counter::default(),
             queue_depth: Gauge::default(),
+            reserving_gangs: Gauge::default(),
             gpu_allocation: Gauge::default(),
             registry: Registry::default(),
         };
@@ -71,6 +74,11 @@ impl Metrics {
             "queue_depth",
             "Gangs waiting for placement (complete or not)",
             m.queue_depth.clone(),
+        );
+        registry.register(
+            "reserving_gangs",
+            "Gangs waiting past the starvation threshold, with nodes reserved for them",
+            m.reserving_gangs.clone(),
         );
         registry.register(
             "gpu_allocation_ratio",

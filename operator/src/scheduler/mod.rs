@@ -2,14 +2,18 @@
 //! `ringmaster-scheduler`, through the pure engine in `ringmaster-placement`.
 //!
 //! `cache` turns watched Nodes and Pods into a `ClusterState`, `queue` groups pending
-//! pods into gangs in order, `explain` words the unschedulable condition, `bind` talks
-//! to the API server, `metrics` serves Prometheus, `run` wires it under leader election.
+//! pods into gangs in order, `affinity` turns pod (anti-)affinity into node-label rules,
+//! `reserve` is the starvation guard of backfill, `explain` words the unschedulable
+//! condition, `bind` talks to the API server, `metrics` serves Prometheus, `run` wires
+//! it under leader election.
 
+pub mod affinity;
 pub mod bind;
 pub mod cache;
 pub mod explain;
 pub mod metrics;
 pub mod queue;
+pub mod reserve;
 pub mod run;
 
 /// The scheduler's one error type.

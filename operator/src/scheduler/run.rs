@@ -1,6 +1,6 @@
 //! Wiring: watches, the scheduling loop, leader election, and the health/metrics server.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,15 +15,17 @@ use kube::{Api, Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use ringmaster_placement::gorand::GoRand;
 use ringmaster_placement::policy::{self, FragModel};
-use ringmaster_placement::{GangPlacement, GangRequest, Scorer, place_gang};
-use tokio::sync::Notify;
+use ringmaster_placement::{ClusterState, GangPlacement, GangRequest, Scorer, place_gang};
+use tokio::sync::{Notify, Semaphore};
 use tracing::{info, warn};
 
 use crate::serve::{Endpoints, serve, shutdown_signal, until_leading};
 
+use super::affinity::{self, PlacedPod};
 use super::cache::{self, Assumed};
 use super::metrics::Metrics;
 use super::queue::{self, Backoff, Gang};
+use super::reserve::{self, Starvation};
 use super::{Result, bind, explain};
 
 /// How the scheduler runs.
@@ -41,6 +43,11 @@ pub struct Settings {
     pub lease_duration: Duration,
     /// Policy for gangs without `placement: spread`.
     pub policy: String,
+    /// How long a gang may wait while smaller ones go ahead before nodes are reserved
+    /// for it.
+    pub starvation_threshold: Duration,
+    /// Gangs bound at the same time (each binds its members concurrently).
+    pub bind_concurrency: usize,
 }
 
 /// Runs until SIGTERM/SIGINT or lost leadership. Only the lease holder schedules.
@@ -115,6 +122,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         pods,
         assumed: HashMap::new(),
         backoff: Backoff::default(),
+        starvation: Starvation::default(),
         metrics,
         settings,
     };
@@ -195,14 +203,25 @@ struct Scheduler {
     /// Placements by pod uid that the watch has not shown bound yet.
     assumed: HashMap<String, Assumed>,
     backoff: Backoff,
+    starvation: Starvation,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     settings: Settings,
 }
 
+/// A gang placed in this pass, being bound.
+struct Placed {
+    gang: Gang,
+    request: GangRequest,
+    placement: GangPlacement,
+}
+
 impl Scheduler {
     /// One pass over the queue: every ready gang not in backoff, in order. A gang that
-    /// does not fit does not block smaller ones behind it (no reservation yet).
+    /// does not fit does not block smaller ones behind it (backfill) until it has waited
+    /// the starvation threshold; then the nodes it would use are reserved for it.
+    /// Placement is sequential (each gang sees the ones before it); binds run
+    /// concurrently, up to `bind_concurrency` gangs at a time, while placement goes on.
     async fn pass(&mut self) {
         let pods = self.pods.state();
         let nodes = self.nodes.state();
@@ -231,6 +250,12 @@ impl Scheduler {
             self.settings.namespace.as_deref(),
         );
         self.metrics.queue_depth.set(gangs.len() as i64);
+        self.starvation
+            .retain(&gangs.iter().map(|g| &g.key).collect::<HashSet<_>>());
+        self.starvation.apply(&mut state);
+        self.metrics
+            .reserving_gangs
+            .set(self.starvation.reserving() as i64);
         let now = Instant::now();
         let ready: Vec<&Gang> = gangs
             .iter()
@@ -255,21 +280,45 @@ impl Scheduler {
             .map(|p| cache::pod_request(p))
             .collect();
         let typical = FragModel::from_workload(&workload);
-        let mut scorers: HashMap<String, Box<dyn Scorer>> = HashMap::new();
+        let mut placed_pods: Vec<PlacedPod> = pods
+            .iter()
+            .filter(|p| cache::holds_resources(p))
+            .filter_map(|p| {
+                let node = p.spec.as_ref()?.node_name.clone().or_else(|| {
+                    self.assumed
+                        .get(p.metadata.uid.as_deref()?)
+                        .map(|a| a.node.clone())
+                })?;
+                Some(PlacedPod::new(p, &node))
+            })
+            .collect();
+        let empty_nodes: Vec<_> = nodes
+            .iter()
+            .filter_map(|n| cache::node_from_kube(n))
+            .collect();
+        let mut scorers: HashMap<String, Arc<dyn Scorer>> = HashMap::new();
+        let permits = Arc::new(Semaphore::new(self.settings.bind_concurrency.max(1)));
+        let mut binding = Vec::new();
+        let mut unschedulable = Vec::new();
         for gang in ready {
-            let (request, policy) =
+            let (mut request, policy) =
                 cache::gang_request(&gang.key.to_string(), &gang.pending, &self.settings.policy);
+            for (member, pod) in request.members.iter_mut().zip(&gang.pending) {
+                affinity::constrain(member, pod, &placed_pods, &state);
+            }
+            reserve::tolerate_own(&mut request, &gang.key);
             if !scorers.contains_key(&policy) {
                 match policy::by_name(&policy, &typical, GoRand::new(1)) {
-                    Ok(s) => scorers.insert(policy.clone(), s),
+                    Ok(s) => scorers.insert(policy.clone(), Arc::from(s)),
                     Err(e) => {
                         warn!(gang = %gang.key, error = %e, "unknown policy");
                         continue;
                     }
                 };
             }
+            let scorer = scorers[&policy].clone();
             let started = Instant::now();
-            let decision = place_gang(&state, &request, scorers[&policy].as_ref());
+            let decision = place_gang(&state, &request, scorer.as_ref());
             self.metrics
                 .decision
                 .observe(started.elapsed().as_secs_f64());
@@ -279,52 +328,122 @@ impl Scheduler {
                         warn!(gang = %gang.key, error = %e, "engine placement does not assume");
                         continue;
                     }
-                    if self.bind_gang(gang, &request, &placement).await {
-                        self.backoff.succeeded(&gang.key);
-                        self.metrics.attempt("bound");
-                    } else {
-                        for a in &placement.assignments {
-                            let _ = state.forget(a.node, &request.members[a.member], &a.gpus);
+                    self.starvation.placed(&gang.key);
+                    for a in &placement.assignments {
+                        let pod = &gang.pending[a.member];
+                        placed_pods.push(PlacedPod::new(pod, &a.node_name));
+                        if let Some(uid) = pod.metadata.uid.clone() {
+                            let assumed = Assumed {
+                                node: a.node_name.clone(),
+                                gpus: a.gpus.clone(),
+                            };
+                            self.assumed.insert(uid, assumed);
                         }
-                        self.backoff.failed(&gang.key, Instant::now());
-                        self.metrics.attempt("bind_error");
                     }
+                    let placed = Placed {
+                        gang: gang.clone(),
+                        request,
+                        placement,
+                    };
+                    let (client, permits) = (self.client.clone(), permits.clone());
+                    binding.push(tokio::spawn(async move {
+                        let _permit = permits.acquire_owned().await;
+                        let results = bind_gang(&client, &placed).await;
+                        (placed, results)
+                    }));
                 }
                 Err(why) => {
-                    self.metrics.attempt("unschedulable");
-                    self.report(gang, &why).await;
-                    self.backoff.failed(&gang.key, Instant::now());
+                    let waited = self.starvation.blocked(&gang.key, now);
+                    let mut why = why.to_string();
+                    if waited >= self.settings.starvation_threshold {
+                        why += &self.reserve(&state, &empty_nodes, gang, &request, scorer.as_ref());
+                        self.starvation.apply(&mut state);
+                    }
+                    unschedulable.push((gang, why));
                 }
+            }
+        }
+        self.metrics
+            .reserving_gangs
+            .set(self.starvation.reserving() as i64);
+        for (gang, _) in &unschedulable {
+            self.metrics.attempt("unschedulable");
+            self.backoff.failed(&gang.key, Instant::now());
+        }
+        futures::stream::iter(
+            unschedulable
+                .iter()
+                .map(|(gang, why)| self.report(gang, why)),
+        )
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+        for task in binding {
+            let Ok((placed, results)) = task.await else {
+                continue;
+            };
+            if self.finish_bind(&placed, &results).await {
+                self.backoff.succeeded(&placed.gang.key);
+                self.metrics.attempt("bound");
+            } else {
+                self.backoff.failed(&placed.gang.key, Instant::now());
+                self.metrics.attempt("bind_error");
             }
         }
     }
 
-    /// Binds every member concurrently; on any failure deletes the members that were
-    /// bound, so no gang runs partially. Returns whether all were bound.
-    async fn bind_gang(
+    /// Reserves the nodes a starving gang would use (see `reserve`); returns the words
+    /// added to its explanation.
+    fn reserve(
         &mut self,
+        state: &ClusterState,
+        empty_nodes: &[ringmaster_placement::Node],
         gang: &Gang,
         request: &GangRequest,
-        placement: &GangPlacement,
-    ) -> bool {
-        for a in &placement.assignments {
-            if let Some(uid) = gang.pending[a.member].metadata.uid.clone() {
-                self.assumed.insert(
-                    uid,
-                    Assumed {
-                        node: a.node_name.clone(),
-                        gpus: a.gpus.clone(),
-                    },
+        scorer: &dyn Scorer,
+    ) -> String {
+        let previous = self
+            .starvation
+            .reservation(&gang.key)
+            .map(<[String]>::to_vec);
+        let taken = self.starvation.held_by_others(&gang.key);
+        let chosen = reserve::nodes_to_reserve(
+            state,
+            empty_nodes,
+            request,
+            scorer,
+            previous.as_deref(),
+            &taken,
+        );
+        drop(taken);
+        match chosen {
+            Some(nodes) => {
+                if previous.as_deref() != Some(&nodes) {
+                    info!(gang = %gang.key, nodes = ?nodes, "starving: reserving nodes");
+                }
+                let text = format!(
+                    "; waited past the starvation threshold: {} node(s) reserved for it ({})",
+                    nodes.len(),
+                    nodes.join(", ")
                 );
+                self.starvation.set_reservation(&gang.key, nodes);
+                text
+            }
+            None => {
+                self.starvation.set_reservation(&gang.key, Vec::new());
+                "; it would not fit even on empty nodes, so nothing is reserved for it".into()
             }
         }
-        let results = futures::future::join_all(
-            placement
-                .assignments
-                .iter()
-                .map(|a| bind::bind(&self.client, &gang.pending[a.member], &a.node_name, &a.gpus)),
-        )
-        .await;
+    }
+
+    /// Records a gang's bind outcome. On any failure deletes the members that were
+    /// bound, so no gang runs partially. Returns whether all were bound.
+    async fn finish_bind(&mut self, placed: &Placed, results: &[Result<()>]) -> bool {
+        let Placed {
+            gang,
+            request,
+            placement,
+        } = placed;
         let failed = results.iter().filter(|r| r.is_err()).count();
         if failed == 0 {
             let now = k8s_openapi::jiff::Timestamp::now();
@@ -350,7 +469,7 @@ impl Scheduler {
         let bound: Vec<&Pod> = placement
             .assignments
             .iter()
-            .zip(&results)
+            .zip(results)
             .filter(|(_, r)| r.is_ok())
             .map(|(a, _)| &*gang.pending[a.member])
             .collect();
@@ -420,4 +539,17 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// Binds every member of a placed gang concurrently; one result per assignment.
+async fn bind_gang(client: &Client, placed: &Placed) -> Vec<Result<()>> {
+    futures::future::join_all(placed.placement.assignments.iter().map(|a| {
+        bind::bind(
+            client,
+            &placed.gang.pending[a.member],
+            &a.node_name,
+            &a.gpus,
+        )
+    }))
+    .await
 }
