@@ -12,6 +12,7 @@ mod net;
 mod pipeline;
 mod rendezvous;
 mod ring;
+mod shm;
 mod store;
 
 pub use auth::{TOKEN_ENV, TOKEN_FILE_ENV, Token};
@@ -22,7 +23,7 @@ pub use nccl::{NcclCommunicator, connect_nccl, connect_nccl_on_stream};
 pub use rendezvous::{
     DEFAULT_RENDEZVOUS_TIMEOUT, DEFAULT_TIMEOUT, RendezvousConfig, connect_tcp, parse_order,
 };
-pub use ring::{RingConfig, TcpRing};
+pub use ring::{RingConfig, TcpRing, Transport};
 pub use store::{StoreClient, StoreServer};
 
 pub use half::bf16;

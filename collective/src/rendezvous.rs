@@ -12,7 +12,8 @@ use crate::auth::{Token, hex, random_bytes};
 use crate::error::{Error, Peer, Result};
 use crate::failure::FailureLog;
 use crate::net;
-use crate::ring::{Links, RingConfig, TcpRing};
+use crate::ring::{Links, RingConfig, TcpRing, Transport};
+use crate::shm;
 use crate::store::{StoreClient, StoreServer};
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -108,7 +109,8 @@ impl RendezvousConfig {
     /// (`RINGMASTER_TOKEN` or `RINGMASTER_TOKEN_FILE`) and the optional
     /// `RINGMASTER_TIMEOUT_S` (60), `RINGMASTER_RENDEZVOUS_TIMEOUT_S` (300),
     /// `RINGMASTER_RING_ORDER` (e.g. `0,2,1,3`), `RINGMASTER_RING_STREAMS` (2),
-    /// `RINGMASTER_RING_CHUNK_BYTES` (1 MiB), `RINGMASTER_RING_SMALL_BYTES` (64 KiB).
+    /// `RINGMASTER_RING_CHUNK_BYTES` (1 MiB), `RINGMASTER_RING_SMALL_BYTES` (1 MiB),
+    /// `RINGMASTER_TRANSPORT` (`auto`: shared memory when all ranks share this host; `tcp`).
     pub fn from_env() -> Result<Self> {
         let rank = env_required("RANK", "a rank number")?;
         let world_size = env_required("WORLD_SIZE", "a positive count")?;
@@ -123,6 +125,14 @@ impl RendezvousConfig {
                 .unwrap_or(defaults.chunk_bytes),
             small_max_bytes: env_parse("RINGMASTER_RING_SMALL_BYTES", "a byte count")?
                 .unwrap_or(defaults.small_max_bytes),
+            transport: match env_var("RINGMASTER_TRANSPORT") {
+                None => defaults.transport,
+                Some(v) => Transport::parse(&v).ok_or_else(|| {
+                    Error::Config(format!(
+                        "RINGMASTER_TRANSPORT={v:?} must be auto (shared memory between ranks on one host) or tcp"
+                    ))
+                })?,
+            },
         };
         let ring_order = env_var("RINGMASTER_RING_ORDER")
             .map(|s| parse_order(&s))
@@ -203,13 +213,15 @@ struct RankInfo {
     sndbuf: usize,
     ring: String,
     order: String,
+    /// Where the rank runs (`shm::host_identity`): equal on all ranks means one host.
+    host: String,
 }
 
 impl RankInfo {
     fn encode(&self) -> String {
         format!(
-            "{}|{}|{}|{}|{}",
-            self.world, self.addr, self.sndbuf, self.ring, self.order
+            "{}|{}|{}|{}|{}|{}",
+            self.world, self.addr, self.sndbuf, self.ring, self.order, self.host
         )
     }
 
@@ -221,6 +233,7 @@ impl RankInfo {
             sndbuf: it.next()?.parse().ok()?,
             ring: it.next()?.to_string(),
             order: it.next()?.to_string(),
+            host: it.next()?.to_string(),
         })
     }
 }
@@ -327,8 +340,11 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
         .local_addr()
         .map_err(|e| Error::io("reading the ring listener address", e))?;
     let ring = format!(
-        "streams={},chunk={},small={}",
-        cfg.ring.streams, cfg.ring.chunk_bytes, cfg.ring.small_max_bytes
+        "streams={},chunk={},small={},transport={}",
+        cfg.ring.streams,
+        cfg.ring.chunk_bytes,
+        cfg.ring.small_max_bytes,
+        cfg.ring.transport.name()
     );
     let order_s = order
         .iter()
@@ -343,6 +359,7 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
         sndbuf,
         ring,
         order: order_s,
+        host: shm::host_identity(),
     };
     store.set(&format!("rank/{rank}/info"), mine.encode().as_bytes())?;
     if rank == 0 {
@@ -352,6 +369,7 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
 
     let mut addrs = Vec::with_capacity(n);
     let mut max_message = usize::MAX;
+    let mut one_host = true;
     for r in 0..n {
         let raw = wait_key(store, &format!("rank/{r}/info"), deadline, total)?;
         let theirs =
@@ -383,6 +401,7 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
                 &theirs.order,
             ));
         }
+        one_host &= theirs.host == mine.host;
         addrs.push(theirs.addr);
         // Linux counts bookkeeping against the buffer too; half of it is safe for payload.
         max_message = max_message.min(theirs.sndbuf / 2);
@@ -424,13 +443,27 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
         to_next.push(s);
     }
     let from_prev = accept_from(&listener, prev, cfg, &session, deadline)?;
-    debug!(rank, %next, %prev, "ring links up");
+    // Every rank sees the same identities, so all choose the same transport.
+    let shm = (one_host && cfg.ring.transport == Transport::Auto)
+        .then(|| {
+            shm::connect(
+                &to_next[0],
+                &from_prev[0],
+                next,
+                prev,
+                cfg.ring.chunk_bytes,
+                cfg.ring.timeout,
+            )
+        })
+        .transpose()?;
+    debug!(rank, %next, %prev, shm = shm.is_some(), "ring links up");
     Ok(Links {
         next,
         prev,
         to_next,
         from_prev,
         max_message,
+        shm,
     })
 }
 

@@ -20,6 +20,7 @@ use crate::error::{Error, Peer, Result};
 use crate::failure::FailureLog;
 use crate::net::peer_error;
 use crate::pipeline::{self, Plan};
+use crate::shm::{self, ShmLinks};
 use crate::store::StoreServer;
 
 /// Tuning knobs; every rank of a job must use the same values (checked at connection time).
@@ -34,6 +35,38 @@ pub struct RingConfig {
     /// Buffers whose size times (world size - 1) is at most this take the low-latency
     /// path (also capped by what every rank's socket send buffer holds).
     pub small_max_bytes: usize,
+    /// How bulk data moves between ring neighbours.
+    pub transport: Transport,
+}
+
+/// The bulk-data transport of a ring. Headers, small messages and failure detection
+/// always use the TCP connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Shared memory when every rank runs on this host (same boot, network and mount
+    /// namespaces, as each rank reports at rendezvous), TCP otherwise. A ring moves at the
+    /// pace of its slowest link, so a ring that spans hosts uses TCP on every link.
+    #[default]
+    Auto,
+    /// TCP on every link, even between ranks on one host.
+    Tcp,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::Tcp => "tcp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Transport> {
+        match s.trim() {
+            "auto" => Some(Transport::Auto),
+            "tcp" => Some(Transport::Tcp),
+            _ => None,
+        }
+    }
 }
 
 impl Default for RingConfig {
@@ -43,6 +76,7 @@ impl Default for RingConfig {
             streams: 2,
             chunk_bytes: 1 << 20,
             small_max_bytes: 1 << 20,
+            transport: Transport::Auto,
         }
     }
 }
@@ -55,6 +89,8 @@ impl Default for RingConfig {
 pub(crate) unsafe trait Elem: Copy + Send + Sync + 'static {
     const DTYPE: u8;
     fn add_assign(dst: &mut [Self], src: &[Self]);
+    /// dst = a + b (summing while forwarding, without a separate copy).
+    fn sum_into(dst: &mut [Self], a: &[Self], b: &[Self]);
     fn div_assign(buf: &mut [Self], n: usize);
 }
 
@@ -63,6 +99,11 @@ unsafe impl Elem for f32 {
     fn add_assign(dst: &mut [f32], src: &[f32]) {
         for (d, s) in dst.iter_mut().zip(src) {
             *d += *s;
+        }
+    }
+    fn sum_into(dst: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
+            *d = *x + *y;
         }
     }
     fn div_assign(buf: &mut [f32], n: usize) {
@@ -79,6 +120,11 @@ unsafe impl Elem for bf16 {
     fn add_assign(dst: &mut [bf16], src: &[bf16]) {
         for (d, s) in dst.iter_mut().zip(src) {
             *d = bf16::from_f32(d.to_f32() + s.to_f32());
+        }
+    }
+    fn sum_into(dst: &mut [bf16], a: &[bf16], b: &[bf16]) {
+        for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
+            *d = bf16::from_f32(x.to_f32() + y.to_f32());
         }
     }
     fn div_assign(buf: &mut [bf16], n: usize) {
@@ -200,6 +246,8 @@ pub(crate) struct Links {
     /// The largest message every rank's send buffer takes without blocking: the low-latency
     /// path writes a whole hop before reading, which must not wait on the reader.
     pub max_message: usize,
+    /// Shared-memory edges for bulk data, when the whole ring is on this host.
+    pub shm: Option<ShmLinks>,
 }
 
 /// One rank's end of a TCP ring; obtain it from [`crate::rendezvous::connect_tcp`].
@@ -274,6 +322,16 @@ impl TcpRing {
 
     pub fn config(&self) -> &RingConfig {
         &self.cfg
+    }
+
+    /// The transport bulk data actually takes: "shm" (same host), "tcp", or "none" for a
+    /// world of one.
+    pub fn transport(&self) -> &'static str {
+        match &self.links {
+            None => "none",
+            Some(l) if l.shm.is_some() => "shm",
+            Some(_) => "tcp",
+        }
     }
 
     fn rank_at(&self, pos: usize) -> usize {
@@ -556,13 +614,25 @@ impl TcpRing {
         op: &str,
     ) -> Result<()> {
         let links = self.links.as_ref().expect("world size > 1 has links");
+        let op = format!("{op} #{}", self.seq);
+        if let Some(shm) = &links.shm {
+            return shm::run(
+                shm,
+                (links.next, &links.to_next[0]),
+                (links.prev, &links.from_prev[0]),
+                self.cfg.timeout,
+                data,
+                segs,
+                steps,
+                &op,
+            );
+        }
         let plan = Plan {
             segs,
             steps,
             streams: self.cfg.streams,
             chunk_bytes: self.cfg.chunk_bytes,
         };
-        let op = format!("{op} #{}", self.seq);
         pipeline::run(links, self.cfg.timeout, &mut self.scratch, data, &plan, &op)
     }
 }

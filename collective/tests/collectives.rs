@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{integer_floats, random_floats, run_ranks};
+use common::{integer_floats, per_transport, random_floats, run_ranks};
 use ringmaster_collective::{Communicator, Error, ReduceOp, RingConfig, bf16};
 
 /// Small chunks and a small fast-path threshold exercise many chunks, both paths and
@@ -17,12 +17,27 @@ fn tight() -> RingConfig {
 }
 
 fn check_all_reduce(n: usize, len: usize, ring: RingConfig, order: Option<Vec<usize>>) {
+    for (ring, transport) in per_transport(ring) {
+        check_all_reduce_on(n, len, ring, order.clone(), transport);
+    }
+}
+
+fn check_all_reduce_on(
+    n: usize,
+    len: usize,
+    ring: RingConfig,
+    order: Option<Vec<usize>>,
+    transport: &str,
+) {
     let inputs: Vec<Vec<f32>> = (0..n).map(|r| integer_floats(len, r)).collect();
     let exact: Vec<f32> = (0..len)
         .map(|i| inputs.iter().map(|v| v[i]).sum())
         .collect();
     let randoms: Vec<Vec<f32>> = (0..n).map(|r| random_floats(len, r, len as u64)).collect();
     let results = run_ranks(n, ring, order, |c| {
+        if n > 1 {
+            assert_eq!(c.transport(), transport);
+        }
         let r = c.rank();
         let mut a = inputs[r].clone();
         c.all_reduce_f32(&mut a, ReduceOp::Sum).unwrap();
@@ -33,14 +48,14 @@ fn check_all_reduce(n: usize, len: usize, ring: RingConfig, order: Option<Vec<us
     for (rank, (a, b)) in results.iter().enumerate() {
         assert!(
             a == &exact,
-            "world {n} len {len}: rank {rank} differs from the exact sum"
+            "{transport}: world {n} len {len}: rank {rank} differs from the exact sum"
         );
         for i in 0..len {
             let mag: f32 = randoms.iter().map(|v| v[i].abs()).sum();
             let want: f32 = randoms.iter().map(|v| v[i]).sum();
             assert!(
                 (b[i] - want).abs() <= 1e-6 * mag + 1e-30,
-                "world {n} len {len} rank {rank} elem {i}: {} vs {want}",
+                "{transport}: world {n} len {len} rank {rank} elem {i}: {} vs {want}",
                 b[i]
             );
         }
@@ -83,7 +98,13 @@ fn ring_order_is_an_input() {
 #[test]
 fn average_and_bf16() {
     let n = 4;
-    let out = run_ranks(n, tight(), None, |c| {
+    for (ring, _) in per_transport(tight()) {
+        average_and_bf16_on(n, ring);
+    }
+}
+
+fn average_and_bf16_on(n: usize, ring: RingConfig) {
+    let out = run_ranks(n, ring, None, |c| {
         let r = c.rank() as f32;
         let mut f = vec![r * 2.0; 10_001];
         c.all_reduce_f32(&mut f, ReduceOp::Avg).unwrap();
@@ -105,24 +126,26 @@ fn broadcast_and_all_gather() {
     for n in 1..=5 {
         for len in [0, 1, 13, 70_001] {
             let root = n / 2;
-            let out = run_ranks(n, tight(), None, |c| {
-                let r = c.rank();
-                let mut b = integer_floats(len, r);
-                c.broadcast_f32(&mut b, root).unwrap();
-                let input = integer_floats(len, r);
-                let mut g = vec![f32::NAN; len * n];
-                c.all_gather_f32(&input, &mut g).unwrap();
-                c.barrier().unwrap();
-                (b, g)
-            });
-            let want_g: Vec<f32> = (0..n).flat_map(|r| integer_floats(len, r)).collect();
-            for (b, g) in out {
-                assert_eq!(
-                    b,
-                    integer_floats(len, root),
-                    "broadcast world {n} len {len}"
-                );
-                assert_eq!(g, want_g, "all_gather world {n} len {len}");
+            for (ring, transport) in per_transport(tight()) {
+                let out = run_ranks(n, ring, None, |c| {
+                    let r = c.rank();
+                    let mut b = integer_floats(len, r);
+                    c.broadcast_f32(&mut b, root).unwrap();
+                    let input = integer_floats(len, r);
+                    let mut g = vec![f32::NAN; len * n];
+                    c.all_gather_f32(&input, &mut g).unwrap();
+                    c.barrier().unwrap();
+                    (b, g)
+                });
+                let want_g: Vec<f32> = (0..n).flat_map(|r| integer_floats(len, r)).collect();
+                for (b, g) in out {
+                    assert_eq!(
+                        b,
+                        integer_floats(len, root),
+                        "{transport}: broadcast world {n} len {len}"
+                    );
+                    assert_eq!(g, want_g, "{transport}: all_gather world {n} len {len}");
+                }
             }
         }
     }
@@ -146,28 +169,30 @@ fn many_small_ops_in_a_row_keep_in_step() {
 #[test]
 fn mismatched_buffer_sizes_are_reported_naming_the_ranks() {
     for len in [10usize, 100_000] {
-        let out = run_ranks(3, RingConfig::default(), None, |c| {
-            let n = if c.rank() == 1 { len + 1 } else { len };
-            let mut v = vec![1.0f32; n];
-            let first = c.all_reduce_f32(&mut v, ReduceOp::Sum);
-            // Once failed, the communicator refuses further use instead of desynchronising.
-            let second = c.barrier();
-            (first, second)
-        });
-        let errs: Vec<String> = out
-            .iter()
-            .filter_map(|(r, _)| r.as_ref().err().map(|e| e.to_string()))
-            .collect();
-        assert!(!errs.is_empty());
-        assert!(
-            errs.iter().any(|e| e.contains("disagree")
-                && e.contains("rank 1")
-                && e.contains(&format!("{} f32", len + 1))),
-            "{errs:#?}"
-        );
-        for (first, second) in &out {
-            if first.is_err() {
-                assert!(matches!(second, Err(Error::Poisoned(_))), "{second:?}");
+        for (ring, _) in per_transport(RingConfig::default()) {
+            let out = run_ranks(3, ring, None, |c| {
+                let n = if c.rank() == 1 { len + 1 } else { len };
+                let mut v = vec![1.0f32; n];
+                let first = c.all_reduce_f32(&mut v, ReduceOp::Sum);
+                // Once failed, the communicator refuses further use instead of desynchronising.
+                let second = c.barrier();
+                (first, second)
+            });
+            let errs: Vec<String> = out
+                .iter()
+                .filter_map(|(r, _)| r.as_ref().err().map(|e| e.to_string()))
+                .collect();
+            assert!(!errs.is_empty());
+            assert!(
+                errs.iter().any(|e| e.contains("disagree")
+                    && e.contains("rank 1")
+                    && e.contains(&format!("{} f32", len + 1))),
+                "{errs:#?}"
+            );
+            for (first, second) in &out {
+                if first.is_err() {
+                    assert!(matches!(second, Err(Error::Poisoned(_))), "{second:?}");
+                }
             }
         }
     }

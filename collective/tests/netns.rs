@@ -20,6 +20,8 @@ fn netns_rank_process() {
     }
     let result = (|| {
         let mut comm = connect_tcp(&RendezvousConfig::from_env()?)?;
+        // Transport auto: ranks in different network namespaces are not one host.
+        assert_eq!(comm.transport(), "tcp", "ranks in separate namespaces");
         let n = comm.world_size();
         for len in [1usize, 1000, 77_777, 1 << 20] {
             let mut buf: Vec<f32> = (0..len)

@@ -32,7 +32,7 @@ fn rank_process() {
             comm.all_reduce_f32(&mut buf, ReduceOp::Sum)?;
             assert!(buf.iter().all(|&x| x == n * (n + 1.0) / 2.0));
             if first {
-                println!("ready rank {}", comm.rank());
+                println!("ready rank {} transport {}", comm.rank(), comm.transport());
                 first = false;
             }
             if role == "once" {
@@ -70,11 +70,16 @@ fn spawn_rank(rank: usize, n: usize, port: u16, role: &str, extra: &[(&str, Stri
     cmd.spawn().unwrap()
 }
 
-fn wait_ready(c: &mut Child) {
+/// Waits until the rank finished its first all-reduce, over the `transport` expected.
+fn wait_ready(c: &mut Child, transport: &str) {
     let mut line = String::new();
     let mut out = BufReader::new(c.stdout.as_mut().unwrap());
     while out.read_line(&mut line).unwrap() > 0 {
         if line.contains("ready rank") {
+            assert!(
+                line.trim_end().ends_with(&format!("transport {transport}")),
+                "expected the {transport} transport: {line}"
+            );
             return;
         }
         line.clear();
@@ -126,21 +131,26 @@ fn rendezvous_with_ranks_started_in_any_order_and_with_delays() {
 #[test]
 fn a_killed_rank_makes_every_other_rank_fail_fast_naming_it() {
     // Rank 0 also hosts the store, so killing it takes the failure reports down too.
-    for victim in [2, 0] {
-        killed_rank_case(victim);
+    for (transport, name) in common::TRANSPORTS {
+        for victim in [2, 0] {
+            killed_rank_case(victim, transport.name(), name);
+        }
     }
 }
 
-fn killed_rank_case(victim: usize) {
+fn killed_rank_case(victim: usize, transport: &str, expect: &str) {
     let n = 4;
     let port = common::free_port();
     // A generous timeout: the failure must come from the closed sockets, not the timer.
-    let extra = [("RINGMASTER_TIMEOUT_S", "30".to_string())];
+    let extra = [
+        ("RINGMASTER_TIMEOUT_S", "30".to_string()),
+        ("RINGMASTER_TRANSPORT", transport.to_string()),
+    ];
     let mut kids: Vec<Child> = (0..n)
         .map(|r| spawn_rank(r, n, port, "loop", &extra))
         .collect();
     for k in &mut kids {
-        wait_ready(k);
+        wait_ready(k, expect);
     }
     kids[victim].kill().unwrap();
     let _ = kids[victim].wait();
@@ -150,19 +160,22 @@ fn killed_rank_case(victim: usize) {
             continue;
         }
         let (ok, err, took) = finish(k, Duration::from_secs(20));
-        assert!(!ok, "rank {r} must exit non-zero");
-        assert!(took < Duration::from_secs(10), "rank {r} took {took:?}");
+        assert!(!ok, "{expect}: rank {r} must exit non-zero");
+        assert!(
+            took < Duration::from_secs(10),
+            "{expect}: rank {r} took {took:?}"
+        );
         if victim != 0 {
             // With the store alive every rank learns the root cause; without it, only the
             // dead rank's neighbours can name it and the others name the neighbour that hung up.
             assert!(
                 err.contains("RANK-ERROR") && err.contains(&name),
-                "rank {r} error does not name rank {victim}: {err}"
+                "{expect}: rank {r} error does not name rank {victim}: {err}"
             );
         } else {
             assert!(
                 err.contains("RANK-ERROR") && err.contains("closed the connection"),
-                "rank {r}: {err}"
+                "{expect}: rank {r}: {err}"
             );
         }
     }
@@ -170,15 +183,24 @@ fn killed_rank_case(victim: usize) {
 
 #[test]
 fn a_stalled_rank_times_out_with_an_error_naming_it() {
+    for (transport, name) in common::TRANSPORTS {
+        stalled_rank_case(transport.name(), name);
+    }
+}
+
+fn stalled_rank_case(transport: &str, expect: &str) {
     let n = 3;
     let port = common::free_port();
     // 4 s gives a 1 s grace period for the live ranks to report, ample even on a busy CI box.
-    let extra = [("RINGMASTER_TIMEOUT_S", "4".to_string())];
+    let extra = [
+        ("RINGMASTER_TIMEOUT_S", "4".to_string()),
+        ("RINGMASTER_TRANSPORT", transport.to_string()),
+    ];
     let mut kids: Vec<Child> = (0..n)
         .map(|r| spawn_rank(r, n, port, "loop", &extra))
         .collect();
     for k in &mut kids {
-        wait_ready(k);
+        wait_ready(k, expect);
     }
     let victim = 1;
     let pid = kids[victim].id().to_string();
@@ -198,7 +220,7 @@ fn a_stalled_rank_times_out_with_an_error_naming_it() {
         while k.try_wait().unwrap().is_none() {
             assert!(
                 t.elapsed() < Duration::from_secs(20),
-                "rank {r} hangs next to a stalled peer"
+                "{expect}: rank {r} hangs next to a stalled peer"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -212,12 +234,12 @@ fn a_stalled_rank_times_out_with_an_error_naming_it() {
     for (r, err) in results {
         assert!(
             err.contains("RANK-ERROR") && err.contains("stopped responding"),
-            "rank {r}: {err}"
+            "{expect}: rank {r}: {err}"
         );
         let suspects = err.split("stopped responding").nth(1).unwrap();
         assert!(
             suspects.contains("rank 1"),
-            "rank {r} must name rank 1 as unresponsive: {err}"
+            "{expect}: rank {r} must name rank 1 as unresponsive: {err}"
         );
     }
 }

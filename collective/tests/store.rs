@@ -121,21 +121,34 @@ fn foreign_protocols_and_garbage_are_dropped_without_crashing() {
 
 #[test]
 fn a_rank_with_the_wrong_token_cannot_join() {
+    for (transport, name) in common::TRANSPORTS {
+        wrong_token_case(transport, name);
+    }
+}
+
+fn wrong_token_case(transport: ringmaster_collective::Transport, name: &'static str) {
     use ringmaster_collective::{Communicator, ReduceOp};
     let port = common::free_port();
-    let all_reduce = |cfg| {
-        let mut c = connect_tcp(&cfg)?;
-        let mut v = [c.rank() as f32 + 1.0];
-        c.all_reduce_f32(&mut v, ReduceOp::Sum)?;
-        Ok::<f32, Error>(v[0])
+    let config = move |rank| {
+        let mut c = config(rank, 2, port);
+        c.ring.transport = transport;
+        c
     };
-    let rank0 = std::thread::spawn(move || all_reduce(config(0, 2, port)));
-    let mut bad = config(1, 2, port);
+    // Large enough for the bulk path, which is what the transport carries.
+    let all_reduce = move |cfg| {
+        let mut c = connect_tcp(&cfg)?;
+        assert_eq!(c.transport(), name);
+        let mut v = vec![c.rank() as f32 + 1.0; 1 << 20];
+        c.all_reduce_f32(&mut v, ReduceOp::Sum)?;
+        Ok::<f32, Error>(v[v.len() - 1])
+    };
+    let rank0 = std::thread::spawn(move || all_reduce(config(0)));
+    let mut bad = config(1);
     bad.token = Token::new("wrong").unwrap();
     bad.rendezvous_timeout = Duration::from_secs(3);
     let err = connect_tcp(&bad).err().expect("wrong token must fail");
-    assert!(matches!(err, Error::Auth { .. }), "{err}");
+    assert!(matches!(err, Error::Auth { .. }), "{name}: {err}");
     // The store keeps serving: the real rank 1 still joins and the job runs.
-    assert_eq!(all_reduce(config(1, 2, port)).unwrap(), 3.0);
+    assert_eq!(all_reduce(config(1)).unwrap(), 3.0);
     assert_eq!(rank0.join().unwrap().unwrap(), 3.0);
 }

@@ -3,7 +3,7 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
-use ringmaster_collective::{RendezvousConfig, RingConfig, TcpRing, Token, connect_tcp};
+use ringmaster_collective::{RendezvousConfig, RingConfig, TcpRing, Token, Transport, connect_tcp};
 
 pub const TOKEN: &str = "test-job-token";
 
@@ -20,6 +20,23 @@ pub fn config(rank: usize, n: usize, port: u16) -> RendezvousConfig {
     c.rendezvous_timeout = Duration::from_secs(30);
     c.ring.timeout = Duration::from_secs(30);
     c
+}
+
+/// Every bulk-data transport, with the name `TcpRing::transport` reports for it when all
+/// ranks run on this host (as in these tests).
+pub const TRANSPORTS: [(Transport, &str); 2] = [(Transport::Auto, "shm"), (Transport::Tcp, "tcp")];
+
+/// `ring` once per transport, with the name the ring must report.
+pub fn per_transport(ring: RingConfig) -> impl Iterator<Item = (RingConfig, &'static str)> {
+    TRANSPORTS.into_iter().map(move |(transport, name)| {
+        (
+            RingConfig {
+                transport,
+                ..ring.clone()
+            },
+            name,
+        )
+    })
 }
 
 /// Runs `f` on `n` ranks, each a thread with its own rendezvous over real sockets.
