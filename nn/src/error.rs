@@ -15,6 +15,9 @@ pub enum Error {
         tensor: String,
         reason: String,
     },
+
+    #[error("unknown model architecture: {0}")]
+    Architecture(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,1 +1,4 @@
 //! Models built from a `VarBuilder`.
+
+pub mod batch_norm;
+pub mod resnet;

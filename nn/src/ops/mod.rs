@@ -1,4 +1,8 @@
 //! Differentiable ops candle lacks (custom ops with hand-written backward passes).
+
+pub mod batch_norm;
+mod cpu;
+pub mod max_pool;
 mod float;
 pub mod gelu;
 pub mod layer_norm;

@@ -1,0 +1,187 @@
+//! Loading ResNet checkpoints in torchvision or Hugging Face layout.
+//!
+//! The model's variables carry torchvision names; a [`WeightLayout`] maps each to the
+//! name it has in the file, so errors name the tensor as the file spells it.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::{BlockKind, ResNet, ResNetConfig};
+use crate::{Error, Result};
+
+/// How tensors are named in a checkpoint file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `conv1.weight`, `layer1.0.bn1.weight`, `layer2.0.downsample.0.weight`, `fc.weight`.
+    Torchvision,
+    /// `microsoft/resnet-*`: `resnet.embedder.embedder.convolution.weight`,
+    /// `resnet.encoder.stages.0.layers.0.layer.0.normalization.weight`, `classifier.1.weight`.
+    /// `prefix` is `resnet.` for `ResNetForImageClassification`, empty for `ResNetModel`.
+    HuggingFace { prefix: String },
+}
+
+impl WeightLayout {
+    /// Recognises the layout from the stem convolution's name.
+    pub fn detect<T>(tensors: &HashMap<String, T>) -> Option<Self> {
+        if tensors.contains_key("conv1.weight") {
+            return Some(Self::Torchvision);
+        }
+        ["resnet.", ""]
+            .into_iter()
+            .map(|prefix| Self::HuggingFace {
+                prefix: prefix.to_string(),
+            })
+            .find(|layout| tensors.contains_key(&layout.file_name("conv1.weight")))
+    }
+
+    /// The name in this layout of the variable with torchvision name `name`.
+    pub fn file_name(&self, name: &str) -> String {
+        let Self::HuggingFace { prefix } = self else {
+            return name.to_string();
+        };
+        let parts: Vec<&str> = name.split('.').collect();
+        let stem = format!("{prefix}embedder.embedder");
+        let renamed = match parts.as_slice() {
+            ["conv1", rest @ ..] => Some(format!("{stem}.convolution.{}", rest.join("."))),
+            ["bn1", rest @ ..] => Some(format!("{stem}.normalization.{}", rest.join("."))),
+            ["fc", rest @ ..] => Some(format!("classifier.1.{}", rest.join("."))),
+            [layer, block, module, rest @ ..] => hf_block_name(prefix, layer, block, module, rest),
+            _ => None,
+        };
+        renamed.unwrap_or_else(|| name.to_string())
+    }
+}
+
+/// `layer{s}.{b}.{conv|bn}{k}.*` / `layer{s}.{b}.downsample.{0|1}.*` in HF names.
+fn hf_block_name(
+    prefix: &str,
+    layer: &str,
+    block: &str,
+    module: &str,
+    rest: &[&str],
+) -> Option<String> {
+    let stage = layer
+        .strip_prefix("layer")?
+        .parse::<usize>()
+        .ok()?
+        .checked_sub(1)?;
+    let base = format!("{prefix}encoder.stages.{stage}.layers.{block}");
+    let (part, kind, rest) = match (module, rest) {
+        ("downsample", ["0", rest @ ..]) => ("shortcut".to_string(), "convolution", rest),
+        ("downsample", ["1", rest @ ..]) => ("shortcut".to_string(), "normalization", rest),
+        (module, rest) => {
+            let (kind, index) = if let Some(k) = module.strip_prefix("conv") {
+                ("convolution", k)
+            } else {
+                ("normalization", module.strip_prefix("bn")?)
+            };
+            let index = index.parse::<usize>().ok()?.checked_sub(1)?;
+            (format!("layer.{index}"), kind, rest)
+        }
+    };
+    Some(format!("{base}.{part}.{kind}.{}", rest.join(".")))
+}
+
+/// Reads the architecture from the blocks present in the file.
+fn infer_config(
+    tensors: &HashMap<String, Tensor>,
+    layout: &WeightLayout,
+    file: &Path,
+    num_classes: usize,
+) -> Result<ResNetConfig> {
+    let has = |name: String| tensors.contains_key(&layout.file_name(&name));
+    let block = if has("layer1.0.conv3.weight".into()) {
+        BlockKind::Bottleneck
+    } else {
+        BlockKind::Basic
+    };
+    let mut blocks = [0; 4];
+    for (stage, count) in blocks.iter_mut().enumerate() {
+        *count = (0..)
+            .take_while(|i| has(format!("layer{}.{i}.conv1.weight", stage + 1)))
+            .count();
+    }
+    ResNetConfig::from_blocks(blocks, block, num_classes).map_err(|e| Error::Config {
+        file: file.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// A ResNet and the variables it trains, loaded from a safetensors checkpoint.
+pub struct LoadedResNet {
+    pub model: ResNet,
+    pub varmap: VarMap,
+    pub layout: WeightLayout,
+}
+
+/// Loads a torchvision or Hugging Face ResNet checkpoint with a head of `num_classes`.
+///
+/// The architecture (depth, block kind) comes from the tensors present. A head whose
+/// class count differs from `num_classes`, or a checkpoint without a head, gets a fresh
+/// head. Any other missing tensor or wrong shape is an error naming the file and tensor.
+/// Variables are F32 and keep torchvision names, so a saved `VarMap` is a torchvision file.
+pub fn load_resnet(file: &Path, num_classes: usize, device: &Device) -> Result<LoadedResNet> {
+    let tensors = candle_core::safetensors::load(file, device).map_err(|e| Error::Config {
+        file: file.to_path_buf(),
+        reason: format!("cannot read safetensors: {e}"),
+    })?;
+    let layout = WeightLayout::detect(&tensors).ok_or_else(|| Error::Config {
+        file: file.to_path_buf(),
+        reason: "not a ResNet checkpoint: found neither `conv1.weight` (torchvision) nor \
+                 `resnet.embedder.embedder.convolution.weight` (Hugging Face)"
+            .into(),
+    })?;
+    let config = infer_config(&tensors, &layout, file, num_classes)?;
+    let varmap = VarMap::new();
+    let model = ResNet::new(
+        &config,
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )?;
+
+    let head = layout.file_name("fc.weight");
+    let keep_head = match tensors.get(&head) {
+        Some(w) if w.dims().first() == Some(&num_classes) => true,
+        found => {
+            let had = found.map_or("no head".to_string(), |w| {
+                format!("a head of shape {:?}", w.shape())
+            });
+            tracing::info!(
+                file = %file.display(),
+                "checkpoint has {had}; initialised a new {num_classes}-class head"
+            );
+            false
+        }
+    };
+    let vars = varmap.data().lock().expect("VarMap lock poisoned").clone();
+    for (name, var) in vars {
+        if name.starts_with("fc.") && !keep_head {
+            continue;
+        }
+        let tensor_name = layout.file_name(&name);
+        let checkpoint_error = |reason: String| Error::Checkpoint {
+            file: file.to_path_buf(),
+            tensor: tensor_name.clone(),
+            reason,
+        };
+        let tensor = tensors.get(&tensor_name).ok_or_else(|| {
+            checkpoint_error(format!("missing (needed by ResNet-{})", config.depth))
+        })?;
+        if tensor.shape() != var.shape() {
+            return Err(checkpoint_error(format!(
+                "shape {:?}, ResNet-{} expects {:?}",
+                tensor.shape(),
+                config.depth,
+                var.shape()
+            )));
+        }
+        var.set(&tensor.to_dtype(DType::F32)?)?;
+    }
+    Ok(LoadedResNet {
+        model,
+        varmap,
+        layout,
+    })
+}

@@ -1,0 +1,214 @@
+//! 2-D max-pooling with any kernel, stride and padding, with a backward pass.
+//!
+//! candle's own `max_pool2d` has a backward only when kernel == stride, so the ResNet
+//! stem (3x3, stride 2, padding 1) cannot train with it. The backward here routes each
+//! output gradient to the input element that won its window (the first maximum in
+//! row-major order, as PyTorch does), found again from the input instead of being stored.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::cpu::contiguous;
+
+/// Window geometry of a square max-pool over NCHW input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxPool2d {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl MaxPool2d {
+    /// Checks the geometry the way PyTorch does: padding at most half the kernel, so
+    /// every window holds at least one real input element.
+    pub fn new(kernel: usize, stride: usize, padding: usize) -> Result<Self> {
+        if kernel == 0 || stride == 0 {
+            bail!("max_pool2d: kernel ({kernel}) and stride ({stride}) must be positive");
+        }
+        if 2 * padding > kernel {
+            bail!("max_pool2d: padding {padding} must be at most half the kernel {kernel}");
+        }
+        Ok(Self {
+            kernel,
+            stride,
+            padding,
+        })
+    }
+
+    /// Pools an NCHW tensor; differentiable with respect to `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1(*self)
+    }
+
+    fn output_size(&self, input: usize) -> Result<usize> {
+        let padded = input + 2 * self.padding;
+        if padded < self.kernel {
+            bail!(
+                "max_pool2d: input size {input} with padding {} is smaller than the kernel {}",
+                self.padding,
+                self.kernel
+            );
+        }
+        Ok((padded - self.kernel) / self.stride + 1)
+    }
+
+    fn planes(&self, layout: &Layout) -> Result<Planes> {
+        let (n, c, h, w) = layout.shape().dims4()?;
+        Ok(Planes {
+            count: n * c,
+            h,
+            w,
+            out_h: self.output_size(h)?,
+            out_w: self.output_size(w)?,
+            shape: (n, c),
+        })
+    }
+
+    /// Index (within its plane) of the first maximum of the window at output `(oy, ox)`.
+    /// NaN wins, so that it propagates like in PyTorch.
+    fn argmax<T: Copy + PartialOrd>(&self, plane: &[T], p: &Planes, oy: usize, ox: usize) -> usize {
+        let y0 = (oy * self.stride) as isize - self.padding as isize;
+        let x0 = (ox * self.stride) as isize - self.padding as isize;
+        let ys = y0.max(0) as usize..((y0 + self.kernel as isize) as usize).min(p.h);
+        let xs = x0.max(0) as usize..((x0 + self.kernel as isize) as usize).min(p.w);
+        let mut best = ys.start * p.w + xs.start;
+        for y in ys {
+            for x in xs.clone() {
+                let i = y * p.w + x;
+                let v = plane[i];
+                #[allow(clippy::eq_op)] // v != v is the generic NaN test
+                if v > plane[best] || v != v {
+                    best = i;
+                    if v != v {
+                        return best;
+                    }
+                }
+            }
+        }
+        best
+    }
+
+    fn pool<T: Copy + PartialOrd + Send + Sync + Default>(&self, x: &[T], p: &Planes) -> Vec<T> {
+        let mut out = vec![T::default(); p.count * p.out_h * p.out_w];
+        out.par_chunks_mut(p.out_h * p.out_w)
+            .zip(x.par_chunks(p.h * p.w))
+            .for_each(|(pooled, plane)| {
+                for oy in 0..p.out_h {
+                    for ox in 0..p.out_w {
+                        pooled[oy * p.out_w + ox] = plane[self.argmax(plane, p, oy, ox)];
+                    }
+                }
+            });
+        out
+    }
+
+    fn unpool<T: Copy + PartialOrd + Send + Sync + std::ops::AddAssign + Default>(
+        &self,
+        x: &[T],
+        grad_out: &[T],
+        p: &Planes,
+    ) -> Vec<T> {
+        let mut grad_in = vec![T::default(); x.len()];
+        grad_in
+            .par_chunks_mut(p.h * p.w)
+            .zip(x.par_chunks(p.h * p.w))
+            .zip(grad_out.par_chunks(p.out_h * p.out_w))
+            .for_each(|((grad_plane, plane), grad_out_plane)| {
+                for oy in 0..p.out_h {
+                    for ox in 0..p.out_w {
+                        grad_plane[self.argmax(plane, p, oy, ox)] +=
+                            grad_out_plane[oy * p.out_w + ox];
+                    }
+                }
+            });
+        grad_in
+    }
+}
+
+/// The NCHW input seen as `count` planes of `h x w`, pooled to `out_h x out_w`.
+struct Planes {
+    count: usize,
+    h: usize,
+    w: usize,
+    out_h: usize,
+    out_w: usize,
+    shape: (usize, usize),
+}
+
+impl Planes {
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.shape.0, self.shape.1, self.out_h, self.out_w))
+    }
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "max_pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = self.planes(layout)?;
+        let out = match storage {
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(self.pool(contiguous(x, layout, self.name())?, &p))
+            }
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(self.pool(contiguous(x, layout, self.name())?, &p))
+            }
+            other => bail!("max_pool2d: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, p.out_shape()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = x.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dBackward(*self))?;
+        Ok(Some(grad))
+    }
+}
+
+/// `(input, output gradient) -> input gradient` for [`MaxPool2d`].
+struct MaxPool2dBackward(MaxPool2d);
+
+impl CustomOp2 for MaxPool2dBackward {
+    fn name(&self) -> &'static str {
+        "max_pool2d_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let pool = &self.0;
+        let p = pool.planes(x_layout)?;
+        if grad_layout.shape() != &p.out_shape() {
+            bail!(
+                "max_pool2d_backward: gradient shape {:?}, expected {:?}",
+                grad_layout.shape(),
+                p.out_shape()
+            );
+        }
+        let name = self.name();
+        let grad_in = match (x, grad) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(pool.unpool(
+                contiguous(x, x_layout, name)?,
+                contiguous(g, grad_layout, name)?,
+                &p,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(pool.unpool(
+                contiguous(x, x_layout, name)?,
+                contiguous(g, grad_layout, name)?,
+                &p,
+            )),
+            (x, g) => bail!(
+                "max_pool2d_backward: unsupported dtypes {:?} / {:?}",
+                x.dtype(),
+                g.dtype()
+            ),
+        };
+        Ok((grad_in, x_layout.shape().clone()))
+    }
+}
