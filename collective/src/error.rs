@@ -91,6 +91,12 @@ pub enum Error {
     #[cfg(feature = "cuda")]
     #[error("CUDA: {0}")]
     Cuda(String),
+
+    #[cfg(feature = "nccl")]
+    #[error(
+        "NCCL {op} failed: {reason}; the communicator was aborted and cannot be used again, so the process should exit (every rank of the job fails the same way)"
+    )]
+    NcclAborted { op: String, reason: String },
 }
 
 impl Error {

@@ -8,6 +8,8 @@ mod error;
 mod failure;
 #[cfg(feature = "nccl")]
 mod nccl;
+#[cfg(feature = "nccl")]
+mod nccl_watchdog;
 mod net;
 mod pipeline;
 mod rendezvous;

@@ -5,20 +5,24 @@
 //! ([`NcclCommunicator::all_reduce_device`]); the [`Communicator`] methods take host
 //! buffers and stage them through a reusable device buffer, which keeps the trait usable
 //! (tests, small tensors) but costs two PCIe copies.
+//!
+//! Every collective is watched (`nccl_watchdog`): one that fails or overruns the timeout
+//! (`RINGMASTER_TIMEOUT_S`) aborts the communicator and returns an error naming it.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, c_void};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
 };
-use cudarc::nccl::{Comm, Id, NcclType, ReduceOp as NcclOp};
+use cudarc::nccl::{Id, NcclType, result as nccl_call, sys};
 use half::bf16;
 
 use crate::bench::{BenchArgs, BenchRow, max_over_ranks};
 use crate::communicator::{Communicator, ReduceOp};
 use crate::error::{Error, Result};
+use crate::nccl_watchdog::{RawComm, Watchdog, describe};
 use crate::rendezvous::{RendezvousConfig, connect_store, wait_key};
 use crate::store::StoreServer;
 
@@ -28,29 +32,30 @@ fn cuda(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("{what}: {e:?}"))
 }
 
-fn nccl(what: &str, e: cudarc::nccl::result::NcclError) -> Error {
+fn nccl(what: &str, e: nccl_call::NcclError) -> Error {
     // NcclError's own Debug prints only "NcclError"; the code inside says what happened.
-    Error::Cuda(format!("NCCL {what} failed: {:?}", e.0))
+    Error::Cuda(format!("NCCL {what} failed: {}", describe(e.0)))
 }
 
-fn op(o: ReduceOp) -> NcclOp {
+fn op(o: ReduceOp) -> sys::ncclRedOp_t {
     match o {
-        ReduceOp::Sum => NcclOp::Sum,
-        ReduceOp::Avg => NcclOp::Avg,
+        ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
+        ReduceOp::Avg => sys::ncclRedOp_t::ncclAvg,
     }
 }
 
 pub struct NcclCommunicator {
-    comm: Comm,
+    rank: usize,
+    world: usize,
     stream: Arc<CudaStream>,
     staging: Staging,
+    timeout: Duration,
+    /// Numbers collectives in errors ("all_reduce #12 of 1048576 f32").
+    seq: u64,
+    // Dropped before the communicator it watches (fields drop in order).
+    watchdog: Watchdog,
     _store: Option<StoreServer>,
 }
-
-// SAFETY: `Comm` holds a raw ncclComm_t and so is not Send. NCCL allows a communicator to
-// be used from any thread as long as calls are not concurrent; `&mut self` on every
-// collective serialises them, and each call binds the CUDA context to the calling thread.
-unsafe impl Send for NcclCommunicator {}
 
 /// Joins the job described by `cfg` on GPU `device_ordinal` (usually LOCAL_RANK), using
 /// that device's default stream.
@@ -67,11 +72,11 @@ pub fn connect_nccl_on_stream(
     stream: Arc<CudaStream>,
 ) -> Result<NcclCommunicator> {
     cfg.validate()?;
+    let deadline = Instant::now() + cfg.rendezvous_timeout;
     let (id, store) = if cfg.world_size == 1 {
         (Id::new().map_err(|e| nccl("ncclGetUniqueId", e))?, None)
     } else {
         let (mut client, server) = connect_store(cfg)?;
-        let deadline = Instant::now() + cfg.rendezvous_timeout;
         client.set(
             &format!("nccl/world/{}", cfg.rank),
             cfg.world_size.to_string().as_bytes(),
@@ -116,31 +121,42 @@ pub fn connect_nccl_on_stream(
         .context()
         .bind_to_thread()
         .map_err(|e| cuda("binding the CUDA context", e))?;
-    // Blocks until every rank has joined (NCCL's own rendezvous over the id).
-    let comm = Comm::from_rank(stream.clone(), cfg.rank, cfg.world_size, id)
-        .map_err(|e| nccl("ncclCommInitRank", e))?;
+    // NCCL's own rendezvous over the id, bounded by the rendezvous deadline.
+    let comm = RawComm::init(
+        cfg.rank,
+        cfg.world_size,
+        sys::ncclUniqueId {
+            internal: *id.internal(),
+        },
+        deadline,
+        cfg.rendezvous_timeout,
+    )?;
+    let watchdog = Watchdog::start(Arc::new(comm), stream.context().clone(), cfg.ring.timeout);
     Ok(NcclCommunicator {
-        comm,
+        rank: cfg.rank,
+        world: cfg.world_size,
         stream,
         staging: Staging::default(),
+        timeout: cfg.ring.timeout,
+        seq: 0,
+        watchdog,
         _store: store,
     })
 }
 
-/// A device buffer of at least `len` elements, reused across calls.
-fn staging<'a, T: DeviceRepr + ValidAsZeroBits>(
-    slot: &'a mut Option<CudaSlice<T>>,
+/// A device buffer of at least `len` elements, reused across calls: taken out of its slot
+/// for the duration of a call, put back afterwards.
+fn take_staging<T: DeviceRepr + ValidAsZeroBits>(
+    slot: &mut Option<CudaSlice<T>>,
     stream: &Arc<CudaStream>,
     len: usize,
-) -> Result<&'a mut CudaSlice<T>> {
-    if slot.as_ref().is_none_or(|s| s.len() < len) {
-        *slot = Some(
-            stream
-                .alloc_zeros::<T>(len.max(1))
-                .map_err(|e| cuda("allocating a staging buffer", e))?,
-        );
+) -> Result<CudaSlice<T>> {
+    match slot.take() {
+        Some(s) if s.len() >= len => Ok(s),
+        _ => stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(|e| cuda("allocating a staging buffer", e)),
     }
-    Ok(slot.as_mut().expect("just allocated"))
 }
 
 impl NcclCommunicator {
@@ -155,18 +171,58 @@ impl NcclCommunicator {
             .map_err(|e| cuda("binding the CUDA context", e))
     }
 
+    /// Starts collective number `seq`: refuses after an earlier failure, binds the context,
+    /// and returns the name errors will use.
+    fn begin(&mut self, what: &str, count: usize, dtype: sys::ncclDataType_t) -> Result<String> {
+        self.watchdog.check()?;
+        self.bind()?;
+        self.seq += 1;
+        Ok(format!(
+            "{what} #{} of {count} {dtype:?} elements",
+            self.seq
+        ))
+    }
+
+    /// Issues one NCCL call (which may complete asynchronously on a non-blocking
+    /// communicator) and puts the work it enqueued under the watchdog.
+    fn issue(
+        &self,
+        name: String,
+        call: impl FnOnce(
+            sys::ncclComm_t,
+            sys::cudaStream_t,
+        ) -> Result<nccl_call::NcclStatus, nccl_call::NcclError>,
+    ) -> Result<()> {
+        let comm = self.watchdog.comm();
+        let r = call(comm.ptr(), self.stream.cu_stream() as sys::cudaStream_t);
+        comm.issued(&name, r, Instant::now() + self.timeout)?;
+        self.watchdog.watch(name, &self.stream)
+    }
+
     /// All-reduce of a device buffer in place, enqueued on [`Self::stream`]; synchronise
-    /// the stream (or order later work on it) before reading the result.
+    /// the stream (or order later work on it) before reading the result. A failure or
+    /// timeout of this collective is returned by the next call.
     pub fn all_reduce_device<T: NcclType, B: DevicePtrMut<T>>(
         &mut self,
         buf: &mut B,
         o: ReduceOp,
     ) -> Result<()> {
-        self.bind()?;
-        self.comm
-            .all_reduce_in_place(buf, &op(o))
-            .map_err(|e| nccl("all_reduce", e))?;
-        Ok(())
+        let count = buf.len();
+        let name = self.begin("all_reduce", count, T::as_nccl_type())?;
+        let stream = self.stream.clone();
+        let (ptr, _written) = buf.device_ptr_mut(&stream);
+        self.issue(name, |comm, s| unsafe {
+            // SAFETY: a live device buffer of `count` elements, in place.
+            nccl_call::all_reduce(
+                ptr as *const c_void,
+                ptr as *mut c_void,
+                count,
+                T::as_nccl_type(),
+                op(o),
+                comm,
+                s,
+            )
+        })
     }
 
     /// Broadcast of a device buffer in place from `root`, enqueued on [`Self::stream`].
@@ -175,17 +231,37 @@ impl NcclCommunicator {
         buf: &mut B,
         root: usize,
     ) -> Result<()> {
-        self.bind()?;
-        self.comm
-            .broadcast_in_place(buf, root as i32)
-            .map_err(|e| nccl("broadcast", e))?;
-        Ok(())
+        if root >= self.world {
+            return Err(Error::InvalidArgument(format!(
+                "broadcast root {root} is not a rank (world size {})",
+                self.world
+            )));
+        }
+        let count = buf.len();
+        let name = self.begin(&format!("broadcast from {root}"), count, T::as_nccl_type())?;
+        let stream = self.stream.clone();
+        let (ptr, _written) = buf.device_ptr_mut(&stream);
+        self.issue(name, |comm, s| unsafe {
+            // SAFETY: a live device buffer of `count` elements, in place.
+            nccl_call::broadcast(
+                ptr as *const c_void,
+                ptr as *mut c_void,
+                count,
+                T::as_nccl_type(),
+                root as i32,
+                comm,
+                s,
+            )
+        })
     }
 
+    /// Waits on the host for everything enqueued so far, under the watchdog.
     fn sync(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda("synchronising the stream", e))
+        let done = self
+            .stream
+            .record_event(None)
+            .map_err(|e| cuda("recording an event", e))?;
+        self.watchdog.wait(&done)
     }
 
     fn host_all_reduce<T: Staged>(&mut self, buf: &mut [T], o: ReduceOp) -> Result<()> {
@@ -194,17 +270,16 @@ impl NcclCommunicator {
         }
         self.bind()?;
         let stream = self.stream.clone();
-        let dev = staging(T::slot(&mut self.staging), &stream, buf.len())?;
+        let mut dev = take_staging(T::slot(&mut self.staging), &stream, buf.len())?;
         let mut view = dev.slice_mut(0..buf.len());
         stream
             .memcpy_htod(buf, &mut view)
             .map_err(|e| cuda("copying to the GPU", e))?;
-        self.comm
-            .all_reduce_in_place(&mut view, &op(o))
-            .map_err(|e| nccl("all_reduce", e))?;
+        self.all_reduce_device(&mut view, o)?;
         stream
             .memcpy_dtoh(&view, buf)
             .map_err(|e| cuda("copying from the GPU", e))?;
+        *T::slot(&mut self.staging) = Some(dev);
         self.sync()
     }
 
@@ -286,11 +361,11 @@ impl Staged for bf16 {
 
 impl Communicator for NcclCommunicator {
     fn rank(&self) -> usize {
-        self.comm.rank()
+        self.rank
     }
 
     fn world_size(&self) -> usize {
-        self.comm.world_size()
+        self.world
     }
 
     fn backend(&self) -> &'static str {
@@ -306,32 +381,32 @@ impl Communicator for NcclCommunicator {
     }
 
     fn broadcast_f32(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
-        if root >= self.world_size() {
-            return Err(Error::InvalidArgument(format!(
-                "broadcast root {root} is not a rank"
-            )));
-        }
         if buf.is_empty() {
-            return Ok(());
+            return if root < self.world {
+                Ok(())
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "broadcast root {root} is not a rank"
+                )))
+            };
         }
         self.bind()?;
         let stream = self.stream.clone();
-        let dev = staging(&mut self.staging.f32, &stream, buf.len())?;
+        let mut dev = take_staging(&mut self.staging.f32, &stream, buf.len())?;
         let mut view = dev.slice_mut(0..buf.len());
         stream
             .memcpy_htod(buf, &mut view)
             .map_err(|e| cuda("copying to the GPU", e))?;
-        self.comm
-            .broadcast_in_place(&mut view, root as i32)
-            .map_err(|e| nccl("broadcast", e))?;
+        self.broadcast_device(&mut view, root)?;
         stream
             .memcpy_dtoh(&view, buf)
             .map_err(|e| cuda("copying from the GPU", e))?;
+        self.staging.f32 = Some(dev);
         self.sync()
     }
 
     fn all_gather_f32(&mut self, input: &[f32], output: &mut [f32]) -> Result<()> {
-        let n = self.world_size();
+        let n = self.world;
         if output.len() != input.len() * n {
             return Err(Error::InvalidArgument(format!(
                 "all_gather output has {} elements; it must be world_size ({n}) x input ({})",
@@ -342,7 +417,8 @@ impl Communicator for NcclCommunicator {
         if input.is_empty() {
             return Ok(());
         }
-        self.bind()?;
+        let count = input.len();
+        let name = self.begin("all_gather", count, sys::ncclDataType_t::ncclFloat32)?;
         let stream = self.stream.clone();
         let send = stream
             .clone_htod(input)
@@ -350,9 +426,21 @@ impl Communicator for NcclCommunicator {
         let mut recv = stream
             .alloc_zeros::<f32>(output.len())
             .map_err(|e| cuda("allocating the gather buffer", e))?;
-        self.comm
-            .all_gather(&send, &mut recv)
-            .map_err(|e| nccl("all_gather", e))?;
+        {
+            let (src, _read) = send.device_ptr(&stream);
+            let (dst, _written) = recv.device_ptr_mut(&stream);
+            self.issue(name, |comm, s| unsafe {
+                // SAFETY: live device buffers of `count` and `n * count` elements.
+                nccl_call::all_gather(
+                    src as *const c_void,
+                    dst as *mut c_void,
+                    count,
+                    sys::ncclDataType_t::ncclFloat32,
+                    comm,
+                    s,
+                )
+            })?;
+        }
         stream
             .memcpy_dtoh(&recv, output)
             .map_err(|e| cuda("copying from the GPU", e))?;

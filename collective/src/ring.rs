@@ -30,7 +30,7 @@ pub struct RingConfig {
     pub timeout: Duration,
     /// TCP connections per neighbour; each has a sender and a receiver thread.
     pub streams: usize,
-    /// Largest pipeline chunk.
+    /// Largest pipeline chunk (with shared memory: the slot size).
     pub chunk_bytes: usize,
     /// Buffers whose size times (world size - 1) is at most this take the low-latency
     /// path (also capped by what every rank's socket send buffer holds).
@@ -74,7 +74,7 @@ impl Default for RingConfig {
         RingConfig {
             timeout: Duration::from_secs(60),
             streams: 2,
-            chunk_bytes: 1 << 20,
+            chunk_bytes: 512 << 10,
             small_max_bytes: 1 << 20,
             transport: Transport::Auto,
         }
@@ -616,16 +616,7 @@ impl TcpRing {
         let links = self.links.as_ref().expect("world size > 1 has links");
         let op = format!("{op} #{}", self.seq);
         if let Some(shm) = &links.shm {
-            return shm::run(
-                shm,
-                (links.next, &links.to_next[0]),
-                (links.prev, &links.from_prev[0]),
-                self.cfg.timeout,
-                data,
-                segs,
-                steps,
-                &op,
-            );
+            return shm::run(links, shm, self.cfg.timeout, data, segs, steps, &op);
         }
         let plan = Plan {
             segs,

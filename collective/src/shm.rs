@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::auth::{hex, random_bytes};
 use crate::error::{Error, Peer, Result};
 use crate::net::peer_error;
-use crate::ring::{Elem, Step};
+use crate::ring::{Elem, Links, Step};
 
 /// Slots per edge: the sender can be this many chunks ahead of its receiver.
 const SLOTS: usize = 4;
@@ -331,15 +331,16 @@ impl Waiting<'_> {
 /// message; chunk j goes through all steps before chunk j+1 starts, so every rank works
 /// at most a few messages ahead of its neighbours and each edge needs only SLOTS slots.
 pub(crate) fn run<T: Elem>(
+    links: &Links,
     shm: &ShmLinks,
-    tcp_next: (Peer, &TcpStream),
-    tcp_prev: (Peer, &TcpStream),
     timeout: Duration,
     data: &mut [T],
     segs: &[Range<usize>],
     steps: &[Step],
     op: &str,
 ) -> Result<()> {
+    let tcp_next = (links.next, &links.to_next[0]);
+    let tcp_prev = (links.prev, &links.from_prev[0]);
     let chunk = (shm.to_next.slot_bytes / std::mem::size_of::<T>()).max(1);
     let nchunks = segs
         .iter()
