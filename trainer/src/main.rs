@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ringmaster_collective::bench::{self, BenchArgs};
+use ringmaster_collective::{RendezvousConfig, connect_tcp};
+use ringmaster_trainer::selftest::{self, SelftestArgs};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +25,10 @@ enum Command {
     /// Measure this machine.
     #[command(subcommand)]
     Bench(Bench),
+    /// One rank of a small data-parallel training run over the TCP ring, configured by
+    /// RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/RINGMASTER_TOKEN (started by tests).
+    #[command(hide = true)]
+    DdpSelftest(SelftestArgs),
 }
 
 #[derive(Subcommand)]
@@ -72,10 +78,12 @@ fn main() -> ExitCode {
             &backend,
             json.as_deref(),
             &args,
-        ),
+        )
+        .map_err(|e| e.to_string()),
         Command::Bench(Bench::AllreduceRank { backend, args }) => {
-            bench::rank_from_env(&backend, &args)
+            bench::rank_from_env(&backend, &args).map_err(|e| e.to_string())
         }
+        Command::DdpSelftest(args) => ddp_selftest(&args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -84,4 +92,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn ddp_selftest(args: &SelftestArgs) -> ringmaster_trainer::Result<()> {
+    let ring = connect_tcp(&RendezvousConfig::from_env()?)?;
+    selftest::run(args, Box::new(ring))
 }
