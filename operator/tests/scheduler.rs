@@ -455,3 +455,373 @@ async fn half_bound_gang_is_rolled_back_at_start() {
     let _ = api.delete("half-1", &DeleteParams::default()).await;
     delete_namespace(&client, &ns).await;
 }
+
+/// A pod that only a test binds (no scheduler serves its scheduler name).
+fn manual_pod(ns: &str, name: &str, gpus: u32) -> Pod {
+    let mut p = pod(ns, name, None, gpus, &[]);
+    p.spec.as_mut().unwrap().scheduler_name = Some("manual".into());
+    p
+}
+
+/// Lets kwok finish these pods (exit 0), which frees their resources.
+async fn finish(client: &Client, ns: &str, names: &[String]) {
+    let api = Api::<Pod>::namespaced(client.clone(), ns);
+    let patch = json!({"metadata": {"annotations": {"ringmaster.dev/kwok-exit-code": "0"}}});
+    for name in names {
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn small_gang_backfills_and_the_big_one_is_not_starved() {
+    let (client, ns, mut pool) = setup("sch-backfill").await;
+    pool.add(&client, 2, 8).await;
+    let api = Api::<Pod>::namespaced(client.clone(), &ns);
+    // Earlier work holds 4 GPUs on each node.
+    for i in 0..2 {
+        let filler = api
+            .create(
+                &PostParams::default(),
+                &manual_pod(&ns, &format!("filler-{i}"), 4),
+            )
+            .await
+            .unwrap();
+        bind(&client, &filler, &format!("{ns}-n{i}")).await.unwrap();
+    }
+    let _sched = start_scheduler(&ns, "s-backfill", &["--starvation-threshold-seconds", "5"]);
+    // The big gang needs both nodes whole; it waits.
+    create_gang(&client, &ns, "big", 2, 8, &[]).await;
+    wait_explained(&client, &ns, "big", 2).await;
+    // A small gang that arrives later goes ahead of it (backfill).
+    create_gang(&client, &ns, "small", 2, 1, &[]).await;
+    wait_bound(&client, &ns, "small", 2).await;
+    assert_eq!(bound_count(&client, &ns, "big").await, 0);
+
+    // Past the threshold the big gang's nodes are reserved for it...
+    wait_until(WAIT, "the big gang to reserve nodes", || async {
+        gang_pods(&client, &ns, "big")
+            .await
+            .iter()
+            .filter_map(unschedulable_message)
+            .any(|m| m.contains("2 node(s) reserved for it"))
+    })
+    .await;
+    // ...so a later small gang, which would fit in the free GPUs, waits too.
+    create_gang(&client, &ns, "late", 2, 1, &[]).await;
+    let message = wait_explained(&client, &ns, "late", 2).await;
+    assert!(message.contains("2 untolerated taint"), "{message}");
+    assert_eq!(bound_count(&client, &ns, "late").await, 0);
+
+    // The earlier work ends; the big gang gets both nodes, before the late small gang.
+    let mut done = vec!["filler-0".to_string(), "filler-1".to_string()];
+    done.extend(
+        gang_pods(&client, &ns, "small")
+            .await
+            .iter()
+            .map(|p| p.name_any()),
+    );
+    finish(&client, &ns, &done).await;
+    let big = wait_bound(&client, &ns, "big", 2).await;
+    assert_disjoint_gpus(&big);
+    assert_eq!(bound_count(&client, &ns, "late").await, 0, "no room left");
+    delete_namespace(&client, &ns).await;
+}
+
+/// Adds labels and an `affinity` block to a pod.
+fn with_affinity(mut p: Pod, labels: &[(&str, &str)], affinity: serde_json::Value) -> Pod {
+    let l = p.metadata.labels.get_or_insert_default();
+    for (k, v) in labels {
+        l.insert(k.to_string(), v.to_string());
+    }
+    p.spec.as_mut().unwrap().affinity = Some(serde_json::from_value(affinity).unwrap());
+    p
+}
+
+fn term(app: &str, key: &str) -> serde_json::Value {
+    json!({"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"topologyKey": key, "labelSelector": {"matchLabels": {"app": app}}}
+    ]})
+}
+
+#[tokio::test]
+async fn pod_affinity_and_anti_affinity() {
+    let (client, ns, mut pool) = setup("sch-affinity").await;
+    pool.add(&client, 4, 8).await;
+    let _sched = start_scheduler(&ns, "s-affinity", &[]);
+    let api = Api::<Pod>::namespaced(client.clone(), &ns);
+    let create = |p: Pod| {
+        let api = api.clone();
+        async move { api.create(&PostParams::default(), &p).await.unwrap() }
+    };
+    let zone_of =
+        |node: &str| -> usize { node.rsplit('n').next().unwrap().parse::<usize>().unwrap() % 2 };
+    let bound_node = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            wait_until(WAIT, &format!("{name} bound"), || async {
+                api.get(name).await.ok().and_then(|p| node_of(&p)).is_some()
+            })
+            .await;
+            node_of(&api.get(name).await.unwrap()).unwrap()
+        }
+    };
+    create(with_affinity(
+        pod(&ns, "db", None, 1, &[]),
+        &[("app", "db")],
+        json!({}),
+    ))
+    .await;
+    let db = bound_node("db").await;
+    // Three replicas, each in db's zone and none on a node with another replica.
+    let names = ["web-0", "web-1", "web-2"];
+    for name in names {
+        let affinity = json!({
+            "podAffinity": term("db", ZONE),
+            "podAntiAffinity": term("web", "kubernetes.io/hostname"),
+        });
+        create(with_affinity(
+            pod(&ns, name, None, 1, &[]),
+            &[("app", "web")],
+            affinity,
+        ))
+        .await;
+    }
+    let mut web_nodes = BTreeSet::new();
+    for name in names.iter().take(2) {
+        let node = bound_node(name).await;
+        assert_eq!(zone_of(&node), zone_of(&db), "{name} on {node}, db on {db}");
+        web_nodes.insert(node);
+    }
+    assert_eq!(
+        web_nodes.len(),
+        2,
+        "one web replica per node: {web_nodes:?}"
+    );
+    // The zone has two nodes: the third replica has nowhere to go.
+    wait_until(WAIT, "web-2 explained", || async {
+        api.get("web-2")
+            .await
+            .ok()
+            .and_then(|p| unschedulable_message(&p))
+            .is_some_and(|m| m.contains("node selector/affinity mismatch"))
+    })
+    .await;
+    assert!(node_of(&api.get("web-2").await.unwrap()).is_none());
+    // An existing pod's anti-affinity keeps newcomers away from its node.
+    let guard = with_affinity(
+        pod(&ns, "guard", None, 1, &[]),
+        &[("app", "guard")],
+        json!({"podAntiAffinity": term("batch", "kubernetes.io/hostname")}),
+    );
+    create(guard).await;
+    let guard_node = bound_node("guard").await;
+    for i in 0..4 {
+        let name = format!("batch-{i}");
+        create(with_affinity(
+            pod(&ns, &name, None, 1, &[]),
+            &[("app", "batch")],
+            json!({}),
+        ))
+        .await;
+    }
+    for i in 0..4 {
+        let name = format!("batch-{i}");
+        wait_until(WAIT, &format!("{name} bound"), || async {
+            api.get(&name)
+                .await
+                .ok()
+                .and_then(|p| node_of(&p))
+                .is_some()
+        })
+        .await;
+        let node = node_of(&api.get(&name).await.unwrap()).unwrap();
+        assert_ne!(node, guard_node, "{name} next to the guard");
+    }
+    delete_namespace(&client, &ns).await;
+}
+
+/// Applies YAML with the pinned kubectl.
+fn apply(yaml: &str) {
+    let mut child = kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("kubectl");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "kubectl apply");
+}
+
+#[tokio::test]
+async fn a_failed_bind_rolls_the_whole_gang_back() {
+    let (client, ns, mut pool) = setup("sch-bindfail").await;
+    pool.add(&client, 1, 8).await;
+    // The API server refuses to bind g-2 (and the probes): an admission policy, so one
+    // member's bind fails for real while the others succeed.
+    let policy = format!("deny-bind-{ns}");
+    apply(&format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {policy}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
+    resourceRules:
+    - {{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods/binding]}}
+  validations:
+  - expression: "object.metadata.name != 'g-2' && !object.metadata.name.startsWith('probe')"
+    message: "binding refused by the test"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {policy}}}
+spec: {{policyName: {policy}, validationActions: [Deny]}}
+"#
+    ));
+    let api = Api::<Pod>::namespaced(client.clone(), &ns);
+    let node = format!("{ns}-n0");
+    // The policy takes effect within a second or so: probe until a bind is refused.
+    let mut probe = 0;
+    wait_until(WAIT, "the admission policy to refuse binds", || {
+        probe += 1;
+        let p = manual_pod(&ns, &format!("probe-{probe}"), 0);
+        let (api, client, node) = (api.clone(), client.clone(), node.clone());
+        async move {
+            let p = api.create(&PostParams::default(), &p).await.unwrap();
+            bind(&client, &p, &node).await.is_err()
+        }
+    })
+    .await;
+
+    let sched = start_scheduler(&ns, "s-bindfail", &[]);
+    create_gang(&client, &ns, "g", 4, 1, &[]).await;
+    let g2_uid = api.get("g-2").await.unwrap().uid();
+    // Three binds succeed, one fails: the three are deleted, g-2 stays unbound.
+    wait_until(WAIT, "the bound members rolled back", || async {
+        let pods = gang_pods(&client, &ns, "g").await;
+        let gone = ["g-0", "g-1", "g-3"].iter().all(|name| {
+            pods.iter()
+                .find(|p| p.name_any() == *name)
+                .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+        });
+        gone && !pods.is_empty()
+    })
+    .await;
+    let g2 = api.get("g-2").await.unwrap();
+    assert!(node_of(&g2).is_none(), "g-2 was bound");
+    assert_eq!(g2.uid(), g2_uid, "g-2 is the original pod");
+    let (_, metrics) = sched.get("/metrics").await.expect("metrics");
+    let failures: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ringmaster_scheduler_bind_failures_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(failures >= 1.0, "{metrics}");
+    assert!(metrics.contains("result=\"bind_error\""), "{metrics}");
+
+    // Without the policy, the recreated members and g-2 bind whole.
+    let _ = kubectl()
+        .args([
+            "delete",
+            "validatingadmissionpolicybinding,validatingadmissionpolicy",
+            &policy,
+        ])
+        .stdout(Stdio::null())
+        .status();
+    wait_until(WAIT, "the admission policy gone", || {
+        probe += 1;
+        let p = manual_pod(&ns, &format!("probe-{probe}"), 0);
+        let (api, client, node) = (api.clone(), client.clone(), node.clone());
+        async move {
+            let p = api.create(&PostParams::default(), &p).await.unwrap();
+            bind(&client, &p, &node).await.is_ok()
+        }
+    })
+    .await;
+    // Standing in for a controller: the deleted members come back.
+    for name in ["g-0", "g-1", "g-3"] {
+        wait_until(WAIT, &format!("{name} deleted"), || async {
+            api.get_opt(name).await.ok().flatten().is_none()
+        })
+        .await;
+        let p = pod(&ns, name, Some(("g", 4)), 1, &[]);
+        api.create(&PostParams::default(), &p).await.unwrap();
+    }
+    let pods = wait_bound(&client, &ns, "g", 4).await;
+    assert_disjoint_gpus(&pods);
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn impossible_training_job_is_scheduled_false_with_the_explanation() {
+    use ringmaster_crds::{TrainingJob, find_condition};
+    let (client, ns, mut pool) = setup("sch-tj").await;
+    pool.add(&client, 1, 8).await;
+    let _operator = ServedProcess::start(
+        env!("CARGO_BIN_EXE_ringmaster-operator"),
+        &[
+            "--namespace",
+            &ns,
+            "--lease-namespace",
+            &ns,
+            "--identity",
+            "op-tj",
+        ],
+    );
+    let _sched = start_scheduler(&ns, "s-tj", &[]);
+    let job: TrainingJob = serde_yaml::from_str(
+        r#"
+apiVersion: ringmaster.dev/v1alpha1
+kind: TrainingJob
+metadata: {name: huge}
+spec:
+  model: {architecture: bert, source: /models/minilm, labels: [ham, spam]}
+  data: {train: /data/train.csv, format: csv}
+  distribution: {workers: 2, gpusPerWorker: 9}
+"#,
+    )
+    .unwrap();
+    let jobs = Api::<TrainingJob>::namespaced(client.clone(), &ns);
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    wait_until(
+        WAIT,
+        "Scheduled=False with the scheduler's message",
+        || async {
+            jobs.get("huge").await.ok().is_some_and(|j| {
+                j.status
+                    .as_ref()
+                    .and_then(|s| find_condition(&s.conditions, "Scheduled"))
+                    .is_some_and(|c| c.status == "False" && c.reason == "Unschedulable")
+            })
+        },
+    )
+    .await;
+    let job = jobs.get("huge").await.unwrap();
+    let scheduled = find_condition(&job.status.as_ref().unwrap().conditions, "Scheduled")
+        .unwrap()
+        .clone();
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    let pod_message = pods
+        .iter()
+        .find_map(unschedulable_message)
+        .expect("pod explained");
+    assert_eq!(scheduled.message, pod_message);
+    let m = &scheduled.message;
+    assert!(m.contains("(2 pods) does not fit"), "{m}");
+    assert!(m.contains("nodes are available"), "{m}");
+    assert!(m.contains("not enough free GPU on any device"), "{m}");
+    delete_namespace(&client, &ns).await;
+}

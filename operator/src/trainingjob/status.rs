@@ -106,8 +106,13 @@ impl Worker {
         let unschedulable = status
             .and_then(|s| s.conditions.as_ref())
             .and_then(|cs| {
-                cs.iter()
-                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                // Only a scheduler's verdict (reason Unschedulable); the API server's
+                // "SchedulingGated" on gated pods says nothing about room.
+                cs.iter().find(|c| {
+                    c.type_ == "PodScheduled"
+                        && c.status == "False"
+                        && c.reason.as_deref() == Some("Unschedulable")
+                })
             })
             .and_then(|c| c.message.clone());
         Some(Self {
@@ -1005,6 +1010,7 @@ mod tests {
             Some(vec![k8s_openapi::api::core::v1::PodCondition {
                 type_: "PodScheduled".into(),
                 status: "False".into(),
+                reason: Some("Unschedulable".into()),
                 message: Some("gang 1/2 placeable: zone-a has 6 free GPUs but needs 8".into()),
                 ..Default::default()
             }]);
@@ -1020,5 +1026,22 @@ mod tests {
         let scheduled = find_condition(&p.status.conditions, cond::SCHEDULED).unwrap();
         assert_eq!(scheduled.reason, "Unschedulable");
         assert!(scheduled.message.contains("zone-a has 6 free GPUs"));
+    }
+
+    #[test]
+    fn scheduling_gated_is_not_a_scheduler_verdict() {
+        let mut gated = pod(0, 0, "Pending", None);
+        gated.spec.as_mut().unwrap().node_name = None;
+        gated.status.as_mut().unwrap().conditions =
+            Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                reason: Some("SchedulingGated".into()),
+                message: Some("Scheduling is blocked due to non-empty scheduling gates".into()),
+                ..Default::default()
+            }]);
+        let p = plan(&job(""), &[gated], now(), BASE);
+        let scheduled = find_condition(&p.status.conditions, cond::SCHEDULED).unwrap();
+        assert_eq!(scheduled.reason, "WaitingForScheduler");
     }
 }
