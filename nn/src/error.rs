@@ -16,6 +16,19 @@ pub enum Error {
         reason: String,
     },
 
+    #[error("{file}: {reason}")]
+    File { file: PathBuf, reason: String },
+
+    #[error(
+        "{tokenizer}: the vocabulary has {vocab_size} tokens but {config} sizes the word embeddings for {embeddings}; use the tokenizer the checkpoint was trained with"
+    )]
+    Vocabulary {
+        tokenizer: PathBuf,
+        vocab_size: usize,
+        config: PathBuf,
+        embeddings: usize,
+    },
+
     #[error("unknown model architecture: {0}")]
     Architecture(String),
 }

@@ -2,3 +2,5 @@
 
 pub mod batch_norm;
 pub mod resnet;
+
+pub mod bert;

@@ -1,0 +1,151 @@
+//! The building blocks of a BERT layer, with Hugging Face weight names.
+
+use crate::ops::{layer_norm::layer_norm, softmax::softmax_last_dim};
+use candle_core::{D, DType, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// Hugging Face `nn.Linear`: `weight` is (out, in). Initialised like transformers'
+/// `_init_weights` when absent from the checkpoint.
+#[derive(Debug, Clone)]
+pub(crate) struct Dense {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Dense {
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, init_std: f64) -> Result<Self> {
+        let init = Init::Randn { mean: 0., stdev: init_std };
+        Ok(Self {
+            weight: vb.get_with_hints((out_dim, in_dim), "weight", init)?,
+            bias: vb.get_with_hints(out_dim, "bias", Init::Const(0.))?,
+        })
+    }
+
+    /// Flattens the leading dimensions into one matrix product: a batched matmul against
+    /// a broadcast weight would make backward build one weight gradient per batch item.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let in_dim = dims.pop().unwrap_or(0);
+        let rows = dims.iter().product::<usize>();
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        dims.push(self.weight.dim(0)?);
+        y.reshape(dims)
+    }
+}
+
+/// Hugging Face `LayerNorm` (`weight`/`bias`) on the fused differentiable op.
+#[derive(Debug, Clone)]
+pub(crate) struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", Init::Const(1.))?,
+            bias: vb.get_with_hints(dim, "bias", Init::Const(0.))?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Inverted dropout, active only when training.
+pub(crate) fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
+    if train && p > 0. {
+        candle_nn::ops::dropout(x, p as f32)
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// The additive attention bias for a (batch, seq) mask of 1 (attend) / 0 (padding):
+/// shape (batch, 1, 1, seq). Padding gets -1e4, not the dtype's minimum: `f32::MIN`
+/// becomes -inf in f16/bf16 and turns rows into NaN; -1e4 already zeroes the
+/// softmax weight in every dtype.
+pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (batch, seq) = mask.dims2()?;
+    let keep = mask.to_dtype(DType::F32)?;
+    ((1. - keep)? * -1e4)?.to_dtype(dtype)?.reshape((batch, 1, 1, seq))
+}
+
+pub(crate) struct SelfAttention {
+    query: Dense,
+    key: Dense,
+    value: Dense,
+    heads: usize,
+    dropout: f64,
+}
+
+impl SelfAttention {
+    pub fn new(vb: VarBuilder, hidden: usize, heads: usize, dropout: f64, init_std: f64) -> Result<Self> {
+        Ok(Self {
+            query: Dense::new(vb.pp("query"), hidden, hidden, init_std)?,
+            key: Dense::new(vb.pp("key"), hidden, hidden, init_std)?,
+            value: Dense::new(vb.pp("value"), hidden, hidden, init_std)?,
+            heads,
+            dropout,
+        })
+    }
+
+    /// x: (batch, seq, hidden); bias: (batch, 1, 1, seq) from [`attention_bias`].
+    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (batch, seq, hidden) = x.dims3()?;
+        let head_size = hidden / self.heads;
+        let split_heads = |t: Tensor| {
+            t.reshape((batch, seq, self.heads, head_size))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        // Scaling the queries costs a (seq x hidden) pass instead of (seq x seq x heads).
+        let q = split_heads((self.query.forward(x)? * (head_size as f64).powf(-0.5))?)?;
+        let k = split_heads(self.key.forward(x)?)?;
+        let v = split_heads(self.value.forward(x)?)?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let probs = dropout(&softmax_last_dim(&scores)?, self.dropout, train)?;
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, seq, hidden))
+    }
+}
+
+/// dense -> dropout -> LayerNorm(out + residual): the tail of both halves of a layer.
+pub(crate) struct ResidualNorm {
+    dense: Dense,
+    norm: Norm,
+    dropout: f64,
+}
+
+impl ResidualNorm {
+    pub fn new(vb: VarBuilder, in_dim: usize, hidden: usize, eps: f64, dropout: f64, init_std: f64) -> Result<Self> {
+        Ok(Self {
+            dense: Dense::new(vb.pp("dense"), in_dim, hidden, init_std)?,
+            norm: Norm::new(vb.pp("LayerNorm"), hidden, eps)?,
+            dropout,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        let y = dropout(&self.dense.forward(x)?, self.dropout, train)?;
+        self.norm.forward(&(y + residual)?)
+    }
+}
+
+/// Mean of the hidden states over the tokens the mask keeps: (batch, hidden).
+pub(crate) fn masked_mean(hidden: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    match mask {
+        None => hidden.mean(1),
+        Some(mask) => {
+            let keep = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
+            let sum = hidden.broadcast_mul(&keep)?.sum(1)?;
+            // A row of all padding would divide by zero; clamp like sentence-transformers.
+            sum.broadcast_div(&keep.sum(1)?.clamp(1e-9, f64::MAX)?)
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! BERT encoder and the sequence-classification head, as Hugging Face transformers
+//! computes them, with dropout active only when training.
+
+use super::config::{BertConfig, HiddenAct};
+use super::layers::{Dense, Norm, ResidualNorm, SelfAttention, attention_bias, dropout, masked_mean};
+use crate::ops::gelu::gelu_erf;
+use candle_core::{DType, IndexOp, Result, Tensor, bail};
+use candle_nn::{Embedding, Init, VarBuilder};
+
+/// One batch of token ids, all (batch, seq).
+#[derive(Debug, Clone)]
+pub struct BertInput {
+    /// u32 token ids.
+    pub input_ids: Tensor,
+    /// u32 segment ids; zeros when absent.
+    pub token_type_ids: Option<Tensor>,
+    /// 1 for tokens to attend to, 0 for padding (any dtype); all ones when absent.
+    pub attention_mask: Option<Tensor>,
+}
+
+struct Embeddings {
+    words: Embedding,
+    positions: Embedding,
+    token_types: Embedding,
+    norm: Norm,
+    dropout: f64,
+    max_positions: usize,
+}
+
+impl Embeddings {
+    fn new(vb: VarBuilder, c: &BertConfig) -> Result<Self> {
+        let table = |name: &str, rows: usize| -> Result<Embedding> {
+            let init = Init::Randn { mean: 0., stdev: c.initializer_range };
+            let weight = vb.pp(name).get_with_hints((rows, c.hidden_size), "weight", init)?;
+            Ok(Embedding::new(weight, c.hidden_size))
+        };
+        Ok(Self {
+            words: table("word_embeddings", c.vocab_size)?,
+            positions: table("position_embeddings", c.max_position_embeddings)?,
+            token_types: table("token_type_embeddings", c.type_vocab_size)?,
+            norm: Norm::new(vb.pp("LayerNorm"), c.hidden_size, c.layer_norm_eps)?,
+            dropout: c.hidden_dropout_prob,
+            max_positions: c.max_position_embeddings,
+        })
+    }
+
+    fn forward(&self, input: &BertInput, train: bool) -> Result<Tensor> {
+        use candle_core::Module;
+        let ids = &input.input_ids;
+        let (batch, seq) = ids.dims2()?;
+        if seq > self.max_positions {
+            bail!("bert: sequence length {seq} exceeds max_position_embeddings {}", self.max_positions)
+        }
+        let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
+        let token_types = match &input.token_type_ids {
+            Some(t) => t.clone(),
+            None => Tensor::zeros((batch, seq), DType::U32, ids.device())?,
+        };
+        let x = self
+            .words
+            .forward(ids)?
+            .add(&self.token_types.forward(&token_types)?)?
+            .broadcast_add(&self.positions.forward(&positions)?)?;
+        dropout(&self.norm.forward(&x)?, self.dropout, train)
+    }
+}
+
+struct Layer {
+    attention: SelfAttention,
+    attention_output: ResidualNorm,
+    intermediate: Dense,
+    activation: HiddenAct,
+    output: ResidualNorm,
+}
+
+impl Layer {
+    fn new(vb: VarBuilder, c: &BertConfig) -> Result<Self> {
+        let (h, eps, std) = (c.hidden_size, c.layer_norm_eps, c.initializer_range);
+        Ok(Self {
+            attention: SelfAttention::new(
+                vb.pp("attention.self"),
+                h,
+                c.num_attention_heads,
+                c.attention_probs_dropout_prob,
+                std,
+            )?,
+            attention_output: ResidualNorm::new(vb.pp("attention.output"), h, h, eps, c.hidden_dropout_prob, std)?,
+            intermediate: Dense::new(vb.pp("intermediate.dense"), h, c.intermediate_size, std)?,
+            activation: c.hidden_act,
+            output: ResidualNorm::new(vb.pp("output"), c.intermediate_size, h, eps, c.hidden_dropout_prob, std)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let attended = self.attention.forward(x, bias, train)?;
+        let x = self.attention_output.forward(&attended, x, train)?;
+        let inner = self.intermediate.forward(&x)?;
+        let inner = match self.activation {
+            HiddenAct::Gelu => gelu_erf(&inner)?,
+            HiddenAct::GeluTanh => inner.gelu()?,
+            HiddenAct::Relu => inner.relu()?,
+        };
+        self.output.forward(&inner, &x, train)
+    }
+}
+
+/// The BERT encoder (`BertModel` without its pooler), variables under the `VarBuilder`'s
+/// prefix (`bert.` in [`BertForSequenceClassification`]).
+pub struct BertModel {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+}
+
+impl BertModel {
+    pub fn new(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::new(vb.pp(format!("encoder.layer.{i}")), config))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embeddings: Embeddings::new(vb.pp("embeddings"), config)?,
+            layers,
+        })
+    }
+
+    /// The last hidden states, (batch, seq, hidden).
+    pub fn forward_t(&self, input: &BertInput, train: bool) -> Result<Tensor> {
+        let mut x = self.embeddings.forward(input, train)?;
+        let bias = match &input.attention_mask {
+            Some(mask) => Some(attention_bias(mask, x.dtype())?),
+            None => None,
+        };
+        for layer in &self.layers {
+            x = layer.forward(&x, bias.as_ref(), train)?;
+        }
+        Ok(x)
+    }
+}
+
+/// How a sequence becomes one vector for the classifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooling {
+    /// Hugging Face `BertPooler`: tanh(dense(hidden of [CLS])).
+    #[default]
+    Cls,
+    /// The mean of the hidden states of the unpadded tokens (sentence-transformers).
+    Mean,
+}
+
+/// What [`BertForSequenceClassification::forward_t`] computes.
+#[derive(Debug, Clone)]
+pub struct ClassifierOutput {
+    /// (batch, seq, hidden)
+    pub hidden: Tensor,
+    /// (batch, hidden)
+    pub pooled: Tensor,
+    /// (batch, num_labels)
+    pub logits: Tensor,
+}
+
+/// Hugging Face `BertForSequenceClassification`: `bert.*` (encoder and, with
+/// [`Pooling::Cls`], `bert.pooler.dense`), dropout, `classifier`.
+pub struct BertForSequenceClassification {
+    bert: BertModel,
+    pooler: Option<Dense>,
+    classifier: Dense,
+    dropout: f64,
+}
+
+impl BertForSequenceClassification {
+    pub fn new(vb: VarBuilder, config: &BertConfig, num_labels: usize, pooling: Pooling) -> Result<Self> {
+        let (h, std) = (config.hidden_size, config.initializer_range);
+        let pooler = match pooling {
+            Pooling::Cls => Some(Dense::new(vb.pp("bert.pooler.dense"), h, h, std)?),
+            Pooling::Mean => None,
+        };
+        Ok(Self {
+            bert: BertModel::new(vb.pp("bert"), config)?,
+            pooler,
+            classifier: Dense::new(vb.pp("classifier"), h, num_labels, std)?,
+            dropout: config.classifier_dropout(),
+        })
+    }
+
+    pub fn forward_t(&self, input: &BertInput, train: bool) -> Result<ClassifierOutput> {
+        let hidden = self.bert.forward_t(input, train)?;
+        let pooled = match &self.pooler {
+            Some(dense) => dense.forward(&hidden.i((.., 0))?)?.tanh()?,
+            None => masked_mean(&hidden, input.attention_mask.as_ref())?,
+        };
+        let logits = self.classifier.forward(&dropout(&pooled, self.dropout, train)?)?;
+        Ok(ClassifierOutput { hidden, pooled, logits })
+    }
+}
