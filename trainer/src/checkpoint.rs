@@ -38,7 +38,13 @@ pub struct Resumed {
     pub rng: TrainRng,
 }
 
-pub fn save(dir: &Path, vars: &ModelVars, stepper: &Stepper, epoch: u64, rng: &TrainRng) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    vars: &ModelVars,
+    stepper: &Stepper,
+    epoch: u64,
+    rng: &TrainRng,
+) -> Result<()> {
     if stepper.mid_step() {
         return Err(Error::Config(
             "a checkpoint must be taken between optimizer steps, not between micro-batches".into(),
@@ -65,7 +71,10 @@ pub fn save(dir: &Path, vars: &ModelVars, stepper: &Stepper, epoch: u64, rng: &T
         Ok(candle_core::safetensors::save(&model, tmp)?)
     })?;
     write_atomically(&dir.join(OPTIMIZER_FILE), |tmp| {
-        Ok(candle_core::safetensors::save(&moments.into_iter().collect(), tmp)?)
+        Ok(candle_core::safetensors::save(
+            &moments.into_iter().collect(),
+            tmp,
+        )?)
     })?;
     let json = serde_json::to_vec_pretty(&state).expect("trainer state serialises");
     write_atomically(&dir.join(STATE_FILE), |tmp| {
@@ -108,7 +117,8 @@ pub fn load(dir: &Path, vars: &ModelVars, stepper: &mut Stepper) -> Result<Resum
                 ),
             });
         }
-        v.var.set(&t.to_device(v.var.device())?.to_dtype(v.var.dtype())?)?;
+        v.var
+            .set(&t.to_device(v.var.device())?.to_dtype(v.var.dtype())?)?;
     }
     if !model.is_empty() {
         let mut extra: Vec<_> = model.keys().collect();

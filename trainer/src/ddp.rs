@@ -188,7 +188,9 @@ impl Ddp {
         while start < vars.len() {
             let mut end = start;
             let mut len = 0;
-            while end < vars.len() && (end == start || (len + vars[end].var.elem_count()) * 4 <= self.cfg.bucket_bytes) {
+            while end < vars.len()
+                && (end == start || (len + vars[end].var.elem_count()) * 4 <= self.cfg.bucket_bytes)
+            {
                 len += vars[end].var.elem_count();
                 end += 1;
             }
@@ -276,9 +278,9 @@ fn unflatten(bucket: &Bucket, params: &[NamedVar], grads: &mut Grads, buf: &[f32
         let src = &buf[off..off + var.elem_count()];
         let fresh = match grads.get(i) {
             Some(g) => host::overwrite(g, src)?,
-            None => Some(
-                Tensor::from_slice(src, var.shape(), var.device())?.to_dtype(var.dtype())?,
-            ),
+            None => {
+                Some(Tensor::from_slice(src, var.shape(), var.device())?.to_dtype(var.dtype())?)
+            }
         };
         if let Some(fresh) = fresh {
             grads.set(i, fresh);
@@ -299,7 +301,10 @@ fn agree(comm: &mut dyn Communicator, layout: &str) -> Result<()> {
     };
     let mut all = vec![0.0; n * summary.len()];
     comm.all_gather_f32(&summary, &mut all)?;
-    if all.chunks(summary.len()).all(|c| c == &all[..summary.len()]) {
+    if all
+        .chunks(summary.len())
+        .all(|c| c == &all[..summary.len()])
+    {
         return Ok(());
     }
     let lens: Vec<usize> = all

@@ -16,7 +16,9 @@ pub enum Error {
     },
     #[error("checkpoint {}: {detail}", path.display())]
     Checkpoint { path: PathBuf, detail: String },
-    #[error("step {step}: {what} is not finite (NaN or Inf); lower the learning rate, enable gradient clipping, or set the non-finite policy to skip")]
+    #[error(
+        "step {step}: {what} is not finite (NaN or Inf); lower the learning rate, enable gradient clipping, or set the non-finite policy to skip"
+    )]
     NonFinite { step: u64, what: String },
     /// Ranks of one job that were built differently (model, frozen set, bucket size).
     #[error("rank {rank} disagrees with rank 0: {detail}")]

@@ -1,8 +1,8 @@
 //! Gradients of the trainable variables, one slot per variable in name order: what
 //! accumulation sums, DDP averages, clipping scales and the optimizer consumes.
 
-use candle_core::backprop::GradStore;
 use candle_core::Tensor;
+use candle_core::backprop::GradStore;
 
 use crate::error::{Error, Result};
 use crate::host;

@@ -199,8 +199,8 @@ mod tests {
 
     #[test]
     fn globs_and_regexes_match_whole_names() {
-        let p = NamePatterns::parse(&["bert.embeddings.*", "re:layer\\.[01]\\.", "fc?.bias"])
-            .unwrap();
+        let p =
+            NamePatterns::parse(&["bert.embeddings.*", "re:layer\\.[01]\\.", "fc?.bias"]).unwrap();
         assert!(p.matches("bert.embeddings.word_embeddings.weight"));
         assert!(p.matches("bert.encoder.layer.1.attention.self.query.weight"));
         assert!(!p.matches("bert.encoder.layer.2.attention.self.query.weight"));
@@ -224,7 +224,11 @@ mod tests {
             assert!(no_decay(name, 2), "{name} should not decay");
         }
         assert!(no_decay("layer1.0.downsample.1.weight", 1));
-        for name in ["classifier.weight", "layer1.0.conv1.weight", "bert.pooler.dense.weight"] {
+        for name in [
+            "classifier.weight",
+            "layer1.0.conv1.weight",
+            "bert.pooler.dense.weight",
+        ] {
             assert!(!no_decay(name, 2), "{name} should decay");
         }
     }

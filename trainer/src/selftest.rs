@@ -125,7 +125,10 @@ pub struct SelftestArgs {
 pub fn run(args: &SelftestArgs, comm: Box<dyn Communicator>) -> Result<()> {
     let (rank, world) = (comm.rank() as u64, comm.world_size() as u64);
     let device = Device::Cpu;
-    let vars = ModelVars::new(NamePatterns::parse(&args.freeze)?, default_buffer_patterns());
+    let vars = ModelVars::new(
+        NamePatterns::parse(&args.freeze)?,
+        default_buffer_patterns(),
+    );
     let model = Mlp::new(vars.var_builder(DType::F32, &device), args.hidden)?;
     init_deterministic(&vars, args.seed + rank)?;
     let ddp = Ddp::new(

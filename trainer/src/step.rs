@@ -49,9 +49,18 @@ impl StepConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutcome {
     /// Gradients kept; `micro` of `accumulation` micro-batches seen.
-    Accumulating { micro: usize },
-    Updated { step: u64, lr: f64, grad_norm: f64 },
-    Skipped { step: u64, what: String },
+    Accumulating {
+        micro: usize,
+    },
+    Updated {
+        step: u64,
+        lr: f64,
+        grad_norm: f64,
+    },
+    Skipped {
+        step: u64,
+        what: String,
+    },
 }
 
 pub struct Stepper {
@@ -125,7 +134,10 @@ impl Stepper {
     /// averages, checks, clips and updates.
     pub fn backward(&mut self, loss: &Tensor) -> Result<StepOutcome> {
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>().map_err(|e| {
-            Error::Config(format!("the loss must be a scalar tensor, got shape {:?}: {e}", loss.dims()))
+            Error::Config(format!(
+                "the loss must be a scalar tensor, got shape {:?}: {e}",
+                loss.dims()
+            ))
         })?;
         self.loss_non_finite |= !value.is_finite();
         let mut store = loss.backward()?;

@@ -11,7 +11,11 @@ use ringmaster_trainer::params::{ModelVars, NamePatterns, default_buffer_pattern
 use ringmaster_trainer::selftest::{Mlp, init_deterministic};
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts `per_rank.len()` ranks, rank r with `per_rank[r]` as extra arguments, and
@@ -42,7 +46,11 @@ fn run_ranks(per_rank: &[Vec<String>]) -> Vec<Output> {
         .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut children: Vec<Option<Child>> = children.into_iter().map(Some).collect();
-    while children.iter_mut().flatten().any(|c| c.try_wait().unwrap().is_none()) {
+    while children
+        .iter_mut()
+        .flatten()
+        .any(|c| c.try_wait().unwrap().is_none())
+    {
         if Instant::now() > deadline {
             for c in children.iter_mut().flatten() {
                 let _ = c.kill();
@@ -85,7 +93,10 @@ fn check(outputs: &[Output]) {
 }
 
 fn out_path(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("ringmaster-ddp-{tag}-{}.safetensors", std::process::id()))
+    std::env::temp_dir().join(format!(
+        "ringmaster-ddp-{tag}-{}.safetensors",
+        std::process::id()
+    ))
 }
 
 fn load(path: &Path) -> HashMap<String, Vec<f32>> {
@@ -154,7 +165,9 @@ fn ranks_that_built_different_models_fail_naming_the_rank_and_variable() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "rank {rank} should fail");
         assert!(
-            err.contains("rank 1 disagrees with rank 0") && err.contains("fc1.bias [16]") && err.contains("fc1.bias [17]"),
+            err.contains("rank 1 disagrees with rank 0")
+                && err.contains("fc1.bias [16]")
+                && err.contains("fc1.bias [17]"),
             "rank {rank}: {err}"
         );
     }

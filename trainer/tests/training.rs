@@ -63,7 +63,10 @@ fn accumulated_micro_batches_equal_one_big_batch() -> Result<()> {
     };
     let (big, accumulated) = (run(1)?, run(4)?);
     let (start_vars, _) = model(&[])?;
-    assert!(max_diff(&big, &snapshot(&start_vars)) > 1e-3, "training moved the weights");
+    assert!(
+        max_diff(&big, &snapshot(&start_vars)) > 1e-3,
+        "training moved the weights"
+    );
     let diff = max_diff(&big, &accumulated);
     assert!(diff < 1e-6, "accumulated run differs by {diff}");
     Ok(())
@@ -80,7 +83,10 @@ fn clipping_bounds_the_global_gradient_norm() -> Result<()> {
     let StepOutcome::Updated { grad_norm, .. } = stepper.backward(&loss(&mlp, &x, &y)?)? else {
         panic!("expected an update")
     };
-    assert!(grad_norm > 1e-2, "unclipped norm {grad_norm} should exceed the limit");
+    assert!(
+        grad_norm > 1e-2,
+        "unclipped norm {grad_norm} should exceed the limit"
+    );
     // Plain SGD with lr 1 moves the parameters by exactly the clipped gradient.
     let moved: f64 = before
         .iter()
@@ -101,7 +107,12 @@ fn clipping_bounds_the_global_gradient_norm() -> Result<()> {
 fn frozen_variables_stay_bit_identical_and_get_no_state() -> Result<()> {
     let (vars, mlp) = model(&["fc1.*"])?;
     let before = snapshot(&vars);
-    let mut stepper = Stepper::new(StepConfig::new(0.05), &vars, OptimizerConfig::adamw(0.01), None)?;
+    let mut stepper = Stepper::new(
+        StepConfig::new(0.05),
+        &vars,
+        OptimizerConfig::adamw(0.01),
+        None,
+    )?;
     let names: Vec<&str> = stepper.params().iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["fc2.bias", "fc2.weight"]);
     for step in 0..3u64 {
@@ -138,7 +149,10 @@ fn non_finite_gradients_stop_with_the_step_and_tensor_named() -> Result<()> {
     let err = stepper.backward(&loss).unwrap_err();
     assert!(matches!(err, Error::NonFinite { step: 1, .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("step 1") && msg.contains("gradient of a.weight"), "{msg}");
+    assert!(
+        msg.contains("step 1") && msg.contains("gradient of a.weight"),
+        "{msg}"
+    );
     Ok(())
 }
 
@@ -162,7 +176,12 @@ fn non_finite_gradients_can_skip_the_update() -> Result<()> {
 #[test]
 fn a_nan_loss_is_reported_as_the_loss() -> Result<()> {
     let (vars, mlp) = model(&[])?;
-    let mut stepper = Stepper::new(StepConfig::new(0.1), &vars, OptimizerConfig::adamw(0.0), None)?;
+    let mut stepper = Stepper::new(
+        StepConfig::new(0.1),
+        &vars,
+        OptimizerConfig::adamw(0.0),
+        None,
+    )?;
     let (x, y) = batch(0..4, &Device::Cpu)?;
     let nan = (loss(&mlp, &x, &y)? * f64::NAN)?;
     let msg = stepper.backward(&nan).unwrap_err().to_string();
@@ -181,7 +200,10 @@ fn fresh_run(optimizer: &OptimizerConfig) -> Result<Run> {
     let (vars, mlp) = model(&[])?;
     let cfg = StepConfig {
         lr: 0.05,
-        schedule: Schedule::WarmupCosine { warmup: 2, total: 6 },
+        schedule: Schedule::WarmupCosine {
+            warmup: 2,
+            total: 6,
+        },
         accumulation: 2,
         clip_norm: Some(0.5),
         non_finite: NonFinitePolicy::Error,
@@ -207,7 +229,10 @@ fn train(run: &mut Run, steps: u64) -> Result<()> {
 
 #[test]
 fn resumed_training_continues_bit_for_bit() -> Result<()> {
-    for optimizer in [OptimizerConfig::adamw(0.01), OptimizerConfig::sgd(0.9, true, 1e-4)] {
+    for optimizer in [
+        OptimizerConfig::adamw(0.01),
+        OptimizerConfig::sgd(0.9, true, 1e-4),
+    ] {
         let mut straight = fresh_run(&optimizer)?;
         train(&mut straight, 6)?;
 
@@ -224,7 +249,11 @@ fn resumed_training_continues_bit_for_bit() -> Result<()> {
         resumed.rng = state.rng;
         train(&mut resumed, 3)?;
 
-        assert_eq!(snapshot(&resumed.vars), snapshot(&straight.vars), "{optimizer:?}");
+        assert_eq!(
+            snapshot(&resumed.vars),
+            snapshot(&straight.vars),
+            "{optimizer:?}"
+        );
         let dir2 = tempdir("resume-end");
         checkpoint::save(&dir2, &straight.vars, &straight.stepper, 1, &straight.rng)?;
         checkpoint::save(&dir, &resumed.vars, &resumed.stepper, 1, &resumed.rng)?;
@@ -253,7 +282,10 @@ fn a_checkpoint_missing_a_tensor_is_rejected_by_name() -> Result<()> {
     let msg = checkpoint::load(&dir, &other.vars, &mut other.stepper)
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("fc2.bias") && msg.contains("model.safetensors"), "{msg}");
+    assert!(
+        msg.contains("fc2.bias") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
 
     std::fs::write(dir.join(checkpoint::STATE_FILE), b"{\"step\": \"x\"}").unwrap();
     let msg = checkpoint::load(&dir, &other.vars, &mut other.stepper)

@@ -42,9 +42,14 @@ pub(crate) fn update(
     exp_avg_sq: &Var,
     h: Hyper,
 ) -> candle_core::Result<()> {
-    let all_reachable = [param.as_tensor(), grad, exp_avg.as_tensor(), exp_avg_sq.as_tensor()]
-        .into_iter()
-        .all(host::reachable);
+    let all_reachable = [
+        param.as_tensor(),
+        grad,
+        exp_avg.as_tensor(),
+        exp_avg_sq.as_tensor(),
+    ]
+    .into_iter()
+    .all(host::reachable);
     if all_reachable {
         update_fused(param, grad, exp_avg, exp_avg_sq, h)
     } else {

@@ -106,7 +106,10 @@ impl Optimizer {
 
     /// Whether weight decay applies to the parameter `name`.
     pub fn decays(&self, name: &str) -> Option<bool> {
-        self.names.iter().position(|n| n == name).map(|i| self.decays[i])
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| self.decays[i])
     }
 
     /// Updates every parameter that has a gradient.

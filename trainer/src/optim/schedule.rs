@@ -9,9 +9,15 @@ use serde::{Deserialize, Serialize};
 pub enum Schedule {
     Constant,
     /// Linear warmup from 0, then linear decay to 0 at `total` steps.
-    WarmupLinear { warmup: u64, total: u64 },
+    WarmupLinear {
+        warmup: u64,
+        total: u64,
+    },
     /// Linear warmup from 0, then half a cosine down to 0 at `total` steps.
-    WarmupCosine { warmup: u64, total: u64 },
+    WarmupCosine {
+        warmup: u64,
+        total: u64,
+    },
 }
 
 impl Schedule {
@@ -46,7 +52,10 @@ mod tests {
 
     #[test]
     fn warmup_then_linear_decay() {
-        let s = Schedule::WarmupLinear { warmup: 4, total: 12 };
+        let s = Schedule::WarmupLinear {
+            warmup: 4,
+            total: 12,
+        };
         let f: Vec<f64> = (0..14).map(|i| s.factor(i)).collect();
         let want = [
             0.0, 0.25, 0.5, 0.75, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0, 0.0,
@@ -56,10 +65,16 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine() {
-        let s = Schedule::WarmupCosine { warmup: 2, total: 6 };
+        let s = Schedule::WarmupCosine {
+            warmup: 2,
+            total: 6,
+        };
         assert!(close(s.factor(1), 0.5));
         assert!(close(s.factor(2), 1.0));
-        assert!(close(s.factor(3), 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())));
+        assert!(close(
+            s.factor(3),
+            0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())
+        ));
         assert!(close(s.factor(4), 0.5));
         assert!(close(s.factor(6), 0.0));
         assert!(close(s.factor(9), 0.0));
@@ -68,7 +83,10 @@ mod tests {
 
     #[test]
     fn serialises_with_a_kind_tag() {
-        let s = Schedule::WarmupCosine { warmup: 10, total: 100 };
+        let s = Schedule::WarmupCosine {
+            warmup: 10,
+            total: 100,
+        };
         let j = serde_json::to_string(&s).unwrap();
         assert_eq!(j, r#"{"kind":"warmup_cosine","warmup":10,"total":100}"#);
         assert_eq!(serde_json::from_str::<Schedule>(&j).unwrap(), s);

@@ -2,6 +2,7 @@
 parameters and gradients. Run once with any torch (not in CI):
     /tmp/venv-torch/bin/python trainer/tests/golden/optim_torch.py
 and paste the printed arrays into the tests."""
+import numpy as np
 import torch
 
 torch.set_default_dtype(torch.float32)
@@ -19,7 +20,8 @@ def run(make):
 
 
 def show(name, values):
-    print(f"const {name}: [f32; 3] = [{', '.join(repr(v) for v in values)}];")
+    # Shortest text that parses back to the same f32.
+    print(f"const {name}: [f32; 3] = [{', '.join(str(np.float32(v)) for v in values)}];")
 
 
 show("TORCH_ADAMW", run(lambda ps: torch.optim.AdamW(ps, lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, foreach=False)))
