@@ -81,6 +81,8 @@ pub struct BenchRow {
     pub algbw_gbps: f64,
     pub busbw_gbps: f64,
     pub correct: bool,
+    /// What carried the data (`Communicator::transport`): "shm", "tcp", "nccl".
+    pub transport: String,
 }
 
 const ROW_PREFIX: &str = "RINGMASTER-BENCH-ROW";
@@ -91,6 +93,7 @@ impl BenchRow {
         bytes: usize,
         mut times: Vec<f64>,
         correct: bool,
+        transport: &str,
     ) -> BenchRow {
         times.sort_by(f64::total_cmp);
         let k = times.len();
@@ -109,13 +112,20 @@ impl BenchRow {
             algbw_gbps,
             busbw_gbps: algbw_gbps * 2.0 * (world_size as f64 - 1.0) / world_size as f64,
             correct,
+            transport: transport.to_string(),
         }
     }
 
     fn to_line(&self) -> String {
         format!(
-            "{ROW_PREFIX} {} {} {} {:e} {:e} {}",
-            self.world_size, self.bytes, self.iters, self.median_s, self.min_s, self.correct
+            "{ROW_PREFIX} {} {} {} {:e} {:e} {} {}",
+            self.world_size,
+            self.bytes,
+            self.iters,
+            self.median_s,
+            self.min_s,
+            self.correct,
+            self.transport
         )
     }
 
@@ -127,17 +137,10 @@ impl BenchRow {
         let median_s: f64 = it.next()?.parse().ok()?;
         let min_s = it.next()?.parse().ok()?;
         let correct = it.next()?.parse().ok()?;
-        let algbw_gbps = bytes as f64 / median_s / 1e9;
-        Some(BenchRow {
-            world_size,
-            bytes,
-            iters,
-            median_s,
-            min_s,
-            algbw_gbps,
-            busbw_gbps: algbw_gbps * 2.0 * (world_size as f64 - 1.0) / world_size as f64,
-            correct,
-        })
+        let transport = it.next()?;
+        let mut row = BenchRow::new(world_size, bytes, vec![median_s], correct, transport);
+        (row.iters, row.min_s) = (iters, min_s);
+        Some(row)
     }
 }
 
@@ -191,7 +194,13 @@ pub fn run_rank(comm: &mut dyn Communicator, args: &BenchArgs) -> Result<Vec<Ben
         let ok = buf.iter().all(|&x| x == expected);
         let times = max_over_ranks(comm, &times)?;
         let all_ok = max_over_ranks(comm, &[if ok { 0.0 } else { 1.0 }])?[0] == 0.0;
-        let row = BenchRow::new(n, bytes, times.iter().map(|&t| t as f64).collect(), all_ok);
+        let row = BenchRow::new(
+            n,
+            bytes,
+            times.iter().map(|&t| t as f64).collect(),
+            all_ok,
+            comm.transport(),
+        );
         if rank == 0 {
             emit_row(&row);
         }
@@ -269,12 +278,13 @@ pub fn human_bytes(b: usize) -> String {
     }
 }
 
-pub const TABLE_HEADER: &str = "| ranks | size | bytes | iters | median (us) | min (us) | algbw (GB/s) | busbw (GB/s) | check |\n|---:|---:|---:|---:|---:|---:|---:|---:|:---:|";
+pub const TABLE_HEADER: &str = "| ranks | transport | size | bytes | iters | median (us) | min (us) | algbw (GB/s) | busbw (GB/s) | check |\n|---:|:---|---:|---:|---:|---:|---:|---:|---:|:---:|";
 
 pub fn table_row(r: &BenchRow) -> String {
     format!(
-        "| {} | {} | {} | {} | {:.1} | {:.1} | {:.3} | {:.3} | {} |",
+        "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.3} | {:.3} | {} |",
         r.world_size,
+        r.transport,
         human_bytes(r.bytes),
         r.bytes,
         r.iters,
@@ -354,7 +364,7 @@ pub fn drive(
                 // Field names follow the Gloo script's JSON Lines, so both load alike.
                 let _ = writeln!(
                     f,
-                    "{{\"bench\": \"ringmaster_{backend}_allreduce\", \"world_size\": {}, \"bytes\": {}, \"dtype\": \"float32\", \"op\": \"sum\", \"iters\": {}, \"median_s\": {:e}, \"min_s\": {:e}, \"algbw_GBps\": {}, \"busbw_GBps\": {}, \"correct\": {}}}",
+                    "{{\"bench\": \"ringmaster_{backend}_allreduce\", \"world_size\": {}, \"bytes\": {}, \"dtype\": \"float32\", \"op\": \"sum\", \"iters\": {}, \"median_s\": {:e}, \"min_s\": {:e}, \"algbw_GBps\": {}, \"busbw_GBps\": {}, \"correct\": {}, \"transport\": \"{}\"}}",
                     row.world_size,
                     row.bytes,
                     row.iters,
@@ -362,7 +372,8 @@ pub fn drive(
                     row.min_s,
                     row.algbw_gbps,
                     row.busbw_gbps,
-                    row.correct
+                    row.correct,
+                    row.transport
                 );
             }
         })?;
@@ -387,7 +398,7 @@ mod tests {
         };
         let s = a.sizes();
         assert_eq!((s[0], *s.last().unwrap(), s.len()), (1024, 256 << 20, 10));
-        let r = BenchRow::new(4, 1_000_000, vec![3e-3, 1e-3, 2e-3, 4e-3], true);
+        let r = BenchRow::new(4, 1_000_000, vec![3e-3, 1e-3, 2e-3, 4e-3], true, "shm");
         assert_eq!(r.median_s, 2.5e-3);
         assert!((r.busbw_gbps - 0.4 * 1.5).abs() < 1e-12);
         assert_eq!(BenchRow::from_line(&r.to_line()), Some(r));

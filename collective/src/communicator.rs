@@ -17,6 +17,11 @@ pub trait Communicator: Send {
     /// Short backend name for logs ("tcp-ring", "nccl").
     fn backend(&self) -> &'static str;
 
+    /// How this rank's bulk data moves ("shm", "tcp", "nccl", ...), for logs and benchmarks.
+    fn transport(&self) -> &'static str {
+        self.backend()
+    }
+
     /// Reduces `buf` across all ranks in place; every rank must pass the same length.
     fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()>;
 

@@ -330,6 +330,7 @@ impl NcclCommunicator {
                 bytes,
                 times.iter().map(|&t| t as f64).collect(),
                 all_ok,
+                "nccl",
             ));
         }
         Ok(rows)

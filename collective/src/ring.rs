@@ -641,6 +641,10 @@ impl Communicator for TcpRing {
         "tcp-ring"
     }
 
+    fn transport(&self) -> &'static str {
+        TcpRing::transport(self)
+    }
+
     fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
         self.all_reduce(buf, op)
     }
