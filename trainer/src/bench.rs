@@ -1,0 +1,171 @@
+//! `ringmaster bench optimizer`: one AdamW step over MiniLM-L6's parameter shapes (22.7M
+//! f32), ringmaster's fused update against candle's stock `AdamW` and, when a Python with
+//! torch is given, PyTorch's AdamW (for-loop, foreach and fused) in the same run with the
+//! same thread count.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use candle_nn::optim::{AdamW as CandleAdamW, Optimizer as _, ParamsAdamW};
+
+use crate::error::{Error, Result};
+use crate::grads::Grads;
+use crate::optim::{Optimizer, OptimizerConfig};
+use crate::params::{NamedVar, Role};
+
+/// MiniLM-L6 (all-MiniLM-L6-v2): embeddings, six encoder layers, pooler.
+pub fn minilm_shapes() -> Vec<Vec<usize>> {
+    let (h, inter, vocab) = (384, 1536, 30522);
+    let mut shapes = vec![vec![vocab, h], vec![512, h], vec![2, h], vec![h], vec![h]];
+    for _ in 0..6 {
+        for _ in 0..4 {
+            shapes.extend([vec![h, h], vec![h]]);
+        }
+        shapes.extend([vec![h], vec![h]]);
+        shapes.extend([
+            vec![inter, h],
+            vec![inter],
+            vec![h, inter],
+            vec![h],
+            vec![h],
+            vec![h],
+        ]);
+    }
+    shapes.extend([vec![h, h], vec![h]]);
+    shapes
+}
+
+pub struct Row {
+    pub variant: String,
+    pub params: usize,
+    pub ms: f64,
+}
+
+fn median_ms(iters: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64> {
+    step()?; // first step allocates the moments
+    let mut times: Vec<f64> = (0..iters)
+        .map(|_| {
+            let t = Instant::now();
+            step().map(|()| t.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn random_vars(shapes: &[Vec<usize>]) -> Result<Vec<(Var, Tensor)>> {
+    shapes
+        .iter()
+        .map(|s| {
+            let p = Var::randn(0f32, 1.0, s.as_slice(), &Device::Cpu)?;
+            let g = Tensor::randn(0f32, 1.0, s.as_slice(), &Device::Cpu)?;
+            Ok((p, g))
+        })
+        .collect()
+}
+
+/// `threads`: the size of rayon's global pool, which must not have started yet.
+pub fn run(iters: usize, threads: usize, torch_python: Option<&Path>) -> Result<Vec<Row>> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| Error::Config(format!("setting {threads} threads: {e}")))?;
+    let shapes = minilm_shapes();
+    let n: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+    let mut rows = Vec::new();
+
+    let vars = random_vars(&shapes)?;
+    let params: Vec<NamedVar> = vars
+        .iter()
+        .enumerate()
+        .map(|(i, (v, _))| NamedVar {
+            name: format!("p{i:03}.weight"),
+            var: v.clone(),
+            role: Role::Trainable,
+        })
+        .collect();
+    let grads = Grads::from_slots(vars.iter().map(|(_, g)| Some(g.clone())).collect());
+    let mut ours = Optimizer::new(OptimizerConfig::adamw(0.01), &params);
+    let ms = median_ms(iters, || ours.step(&params, &grads, 1e-3))?;
+    rows.push(Row {
+        variant: "ringmaster-fused".into(),
+        params: n,
+        ms,
+    });
+
+    let vars = random_vars(&shapes)?;
+    let mut store = GradStore::default();
+    for (v, g) in &vars {
+        store.insert(v.as_tensor(), g.clone());
+    }
+    let mut stock = CandleAdamW::new(
+        vars.iter().map(|(v, _)| v.clone()).collect(),
+        ParamsAdamW {
+            lr: 1e-3,
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+    )?;
+    let ms = median_ms(iters, || Ok(stock.step(&store)?))?;
+    rows.push(Row {
+        variant: "candle-nn-adamw".into(),
+        params: n,
+        ms,
+    });
+
+    if let Some(python) = torch_python {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/adamw_torch.py");
+        let out = Command::new(python)
+            .arg(&script)
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "--iters",
+                &iters.to_string(),
+            ])
+            .output()
+            .map_err(|source| Error::Io {
+                what: "running",
+                path: python.to_path_buf(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(Error::Config(format!(
+                "{} {} failed: {}",
+                python.display(),
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| Error::Config(format!("torch benchmark printed {line:?}: {e}")))?;
+            rows.push(Row {
+                variant: v["variant"].as_str().unwrap_or("torch").to_string(),
+                params: v["params"].as_u64().unwrap_or(0) as usize,
+                ms: v["ms"].as_f64().unwrap_or(f64::NAN),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// A markdown table with each variant's time relative to ringmaster's.
+pub fn table(rows: &[Row]) -> String {
+    let base = rows.first().map_or(f64::NAN, |r| r.ms);
+    let mut s =
+        String::from("| variant | params | ms/step | ringmaster speed-up |\n|---|---|---|---|\n");
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.1} | {:.2}x |\n",
+            r.variant,
+            r.params,
+            r.ms,
+            r.ms / base
+        ));
+    }
+    s
+}
