@@ -1,1 +1,263 @@
-fn main() {}
+//! ResNet-18 training throughput on CPU (samples/s, split into forward / backward /
+//! optimizer), optionally side by side with PyTorch's `resnet_bench.py` in the same run.
+//!
+//! Same definitions as `resnet_bench.py`: torchvision-shaped ResNet-18 with 10 classes
+//! (ImageNet stem at every size), random NCHW input, cross-entropy, SGD (lr 0.01, momentum
+//! 0.9), BatchNorm in training mode, 3 warm-up + 10 timed steps, medians.
+//!
+//! cargo bench -p ringmaster-nn --bench resnet_step -- [--configs 224:32,32:128]
+//!     [--threads 2] [--steps 10] [--warmup 3]
+//!     [--torch /tmp/bench-baselines --python /tmp/venv-torch/bin/python]
+//!
+//! `--torch DIR` runs `DIR/resnet_bench.py` (a writable copy of shared/bench-baselines)
+//! with the same configs and threads after the candle runs and prints the ratios.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{DType, Device, ModuleT, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use ringmaster_nn::models::batch_norm::is_batch_norm_buffer;
+use ringmaster_nn::models::resnet::{ResNet, ResNetConfig};
+
+struct Args {
+    configs: Vec<(usize, usize)>,
+    threads: usize,
+    steps: usize,
+    warmup: usize,
+    torch: Option<PathBuf>,
+    python: String,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        configs: vec![(224, 32), (32, 128)],
+        threads: 2,
+        steps: 10,
+        warmup: 3,
+        torch: None,
+        python: "python3".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--configs" => {
+                args.configs = value()
+                    .split(',')
+                    .map(|c| {
+                        let (hw, batch) = c.split_once(':').expect("--configs takes HxW:batch,...");
+                        (hw.parse().expect("size"), batch.parse().expect("batch"))
+                    })
+                    .collect()
+            }
+            "--threads" => args.threads = value().parse().expect("--threads"),
+            "--steps" => args.steps = value().parse().expect("--steps"),
+            "--warmup" => args.warmup = value().parse().expect("--warmup"),
+            "--torch" => args.torch = Some(value().into()),
+            "--python" => args.python = value(),
+            "--bench" => {} // added by `cargo bench`
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    args
+}
+
+/// PyTorch's SGD with momentum: `buf = momentum * buf + grad; p -= lr * buf`.
+struct Sgd {
+    params: Vec<Var>,
+    buffers: Vec<Option<Tensor>>,
+    lr: f64,
+    momentum: f64,
+}
+
+impl Sgd {
+    fn new(varmap: &VarMap, lr: f64, momentum: f64) -> Self {
+        let params: Vec<Var> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(name, _)| !is_batch_norm_buffer(name))
+            .map(|(_, var)| var.clone())
+            .collect();
+        let buffers = vec![None; params.len()];
+        Self {
+            params,
+            buffers,
+            lr,
+            momentum,
+        }
+    }
+
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        for (param, buffer) in self.params.iter().zip(&mut self.buffers) {
+            let Some(grad) = grads.get(param.as_tensor()) else {
+                continue;
+            };
+            let next = match buffer.take() {
+                Some(b) => ((b * self.momentum)? + grad)?,
+                None => grad.clone(),
+            };
+            param.set(&(param.as_tensor() - (&next * self.lr)?)?)?;
+            *buffer = Some(next);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Timings {
+    forward: Vec<f64>,
+    backward: Vec<f64>,
+    optimizer: Vec<f64>,
+    step: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bench(hw: usize, batch: usize, args: &Args) -> Result<Timings> {
+    let device = Device::Cpu;
+    let varmap = VarMap::new();
+    let config = ResNetConfig::new(18, 10).expect("ResNet-18");
+    let model = ResNet::new(
+        &config,
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+    )?;
+    let mut sgd = Sgd::new(&varmap, 0.01, 0.9);
+    let x = Tensor::randn(0f32, 1., (batch, 3, hw, hw), &device)?;
+    let labels = Tensor::rand(0f32, 10., batch, &device)?.to_dtype(DType::U32)?;
+    let mut t = Timings::default();
+    for i in 0..args.warmup + args.steps {
+        let t0 = Instant::now();
+        let loss = candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &labels)?;
+        loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        sgd.step(&grads)?;
+        let t3 = Instant::now();
+        if i >= args.warmup {
+            t.forward.push((t1 - t0).as_secs_f64());
+            t.backward.push((t2 - t1).as_secs_f64());
+            t.optimizer.push((t3 - t2).as_secs_f64());
+            t.step.push((t3 - t0).as_secs_f64());
+        }
+    }
+    Ok(t)
+}
+
+/// One `resnet_bench.py` record per config: (samples/s, forward, backward, optimizer).
+fn torch_results(dir: &PathBuf, args: &Args) -> HashMap<(usize, usize), [f64; 4]> {
+    let json = std::env::temp_dir().join(format!("resnet_step_torch_{}.jsonl", std::process::id()));
+    let configs: Vec<String> = args
+        .configs
+        .iter()
+        .map(|(hw, b)| format!("{hw}:{b}"))
+        .collect();
+    let status = Command::new(&args.python)
+        .current_dir(dir)
+        .args([
+            "resnet_bench.py",
+            "--threads",
+            &args.threads.to_string(),
+            "--configs",
+            &configs.join(","),
+        ])
+        .args([
+            "--steps",
+            &args.steps.to_string(),
+            "--warmup",
+            &args.warmup.to_string(),
+        ])
+        .arg("--json")
+        .arg(&json)
+        .status()
+        .expect("cannot run resnet_bench.py");
+    assert!(status.success(), "resnet_bench.py failed: {status}");
+    let text = std::fs::read_to_string(&json).expect("resnet_bench.py wrote no JSON");
+    let _ = std::fs::remove_file(&json);
+    text.lines()
+        .map(|line| {
+            let r: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+            let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+            let key = (
+                r["hw"].as_u64().unwrap() as usize,
+                r["batch"].as_u64().unwrap() as usize,
+            );
+            (
+                key,
+                [
+                    f("samples_per_s"),
+                    f("forward_s"),
+                    f("backward_s"),
+                    f("optimizer_s"),
+                ],
+            )
+        })
+        .collect()
+}
+
+fn main() -> Result<()> {
+    let args = parse_args();
+    // Before any thread pool exists: gemm and candle's own kernels read these.
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: no other thread runs yet.
+            unsafe { std::env::set_var(var, args.threads.to_string()) };
+        }
+    }
+    let mut rows = Vec::new();
+    for &(hw, batch) in &args.configs {
+        let t = bench(hw, batch, &args)?;
+        let sps = batch as f64 / median(&t.step);
+        println!(
+            "candle ResNet-18 train {hw}x{hw} batch {batch}, {} threads: {sps:.2} samples/s | step {:.0} ms = fwd {:.0} + bwd {:.0} + opt {:.0} ms",
+            args.threads,
+            median(&t.step) * 1e3,
+            median(&t.forward) * 1e3,
+            median(&t.backward) * 1e3,
+            median(&t.optimizer) * 1e3
+        );
+        rows.push((
+            (hw, batch),
+            [
+                sps,
+                median(&t.forward),
+                median(&t.backward),
+                median(&t.optimizer),
+            ],
+        ));
+    }
+    if let Some(dir) = &args.torch {
+        let torch = torch_results(dir, &args);
+        println!(
+            "\n| config | candle samples/s | torch samples/s | ratio | fwd c/t (ms) | bwd c/t (ms) | opt c/t (ms) |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for ((hw, batch), c) in rows {
+            let Some(t) = torch.get(&(hw, batch)) else {
+                continue;
+            };
+            println!(
+                "| {hw}x{hw} b{batch} | {:.2} | {:.2} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} |",
+                c[0],
+                t[0],
+                c[0] / t[0],
+                c[1] * 1e3,
+                t[1] * 1e3,
+                c[2] * 1e3,
+                t[2] * 1e3,
+                c[3] * 1e3,
+                t[3] * 1e3
+            );
+        }
+    }
+    Ok(())
+}

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, ModuleT, Result, Tensor, Var};
 use ringmaster_nn::gradcheck::check_gradient;
 use ringmaster_nn::models::batch_norm::{BatchNorm2d, is_batch_norm_buffer};
 use ringmaster_nn::ops::batch_norm::{batch_norm_train, batch_norm_train_composed};
+use ringmaster_nn::ops::conv2d::{Conv2dParams, conv2d};
 use ringmaster_nn::ops::max_pool::MaxPool2d;
 
 /// Distinct values (a permutation of 0..n spread over [-1, 1)), so no window has a tie
@@ -184,4 +185,81 @@ fn batch_norm_module_updates_running_statistics_only_in_training() -> Result<()>
     let saved = varmap.data().lock().unwrap()["running_mean"].to_vec1::<f32>()?;
     assert_eq!(saved, [mean]);
     Ok(())
+}
+
+/// (input NCHW, weight OIHW, stride, padding): the ResNet shapes plus odd ones.
+const CONV_CASES: [([usize; 4], [usize; 4], usize, usize); 6] = [
+    ([2, 3, 7, 6], [4, 3, 3, 3], 1, 1),
+    ([3, 2, 8, 8], [5, 2, 3, 3], 2, 1),
+    ([2, 4, 5, 5], [3, 4, 1, 1], 2, 0),
+    ([1, 3, 9, 9], [2, 3, 7, 7], 2, 3),
+    ([2, 2, 6, 5], [3, 2, 2, 3], 1, 0),
+    ([5, 3, 4, 4], [2, 3, 3, 3], 1, 1),
+];
+
+#[test]
+fn conv2d_backward_matches_finite_differences() -> Result<()> {
+    for (x_shape, w_shape, stride, padding) in CONV_CASES {
+        let params = Conv2dParams { stride, padding };
+        let x = Tensor::randn(0f64, 1., &x_shape, &Device::Cpu)?;
+        let weight = Tensor::randn(0f64, 1., &w_shape, &Device::Cpu)?;
+        let w = weights_like(&conv2d(&x, &weight, params)?)?;
+        let by_x = check_gradient(&x, 1e-6, |x| (conv2d(x, &weight, params)? * &w)?.sum_all())?;
+        let by_w = check_gradient(&weight, 1e-6, |k| (conv2d(&x, k, params)? * &w)?.sum_all())?;
+        for (what, check) in [("x", by_x), ("weight", by_w)] {
+            assert!(
+                check.max_rel_diff < 1e-7,
+                "{x_shape:?} * {w_shape:?} stride {stride} padding {padding}: d/d{what} {check:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn conv2d_forward_and_backward_equal_candle_in_f32() -> Result<()> {
+    for (x_shape, w_shape, stride, padding) in CONV_CASES {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., &x_shape, &Device::Cpu)?)?;
+        let weight = Var::from_tensor(&Tensor::randn(0f32, 1., &w_shape, &Device::Cpu)?)?;
+        let ours = conv2d(&x, &weight, Conv2dParams { stride, padding })?;
+        let candle = x.conv2d(&weight, padding, stride, 1, 1)?;
+        let w = Tensor::randn(0f32, 1., ours.shape(), &Device::Cpu)?;
+        let (g_ours, g_candle) = (
+            (&ours * &w)?.sum_all()?.backward()?,
+            (&candle * &w)?.sum_all()?.backward()?,
+        );
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        assert!(
+            max_diff(&ours, &candle)? < 1e-4,
+            "forward {x_shape:?} * {w_shape:?}"
+        );
+        for var in [&x, &weight] {
+            let diff = max_diff(g_ours.get(var).unwrap(), g_candle.get(var).unwrap())?;
+            assert!(
+                diff < 1e-4,
+                "gradient {:?} of {x_shape:?} * {w_shape:?}: {diff}",
+                var.shape()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn conv2d_rejects_mismatched_channels() {
+    let x = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((4, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let err = conv2d(
+        &x,
+        &w,
+        Conv2dParams {
+            stride: 1,
+            padding: 1,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("input has 3 channels"), "{err}");
 }

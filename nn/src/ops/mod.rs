@@ -1,6 +1,7 @@
 //! Differentiable ops candle lacks (custom ops with hand-written backward passes).
 
 pub mod batch_norm;
+pub mod conv2d;
 mod cpu;
 pub mod max_pool;
 mod float;

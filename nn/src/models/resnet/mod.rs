@@ -6,10 +6,11 @@
 pub mod checkpoint;
 
 use candle_core::{ModuleT, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
 
 use super::batch_norm::BatchNorm2d;
 use crate::Error;
+use crate::ops::conv2d::{Conv2dParams, conv2d};
 use crate::ops::max_pool::MaxPool2d;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +99,8 @@ impl ResNetConfig {
 /// Convolution without bias followed by BatchNorm.
 #[derive(Debug, Clone)]
 struct ConvBn {
-    conv: Conv2d,
+    weight: Tensor,
+    params: Conv2dParams,
     bn: BatchNorm2d,
 }
 
@@ -108,19 +110,21 @@ impl ConvBn {
         conv_vb: VarBuilder,
         bn_vb: VarBuilder,
     ) -> Result<Self> {
-        let cfg = Conv2dConfig {
-            padding: kernel / 2,
-            stride,
-            ..Default::default()
-        };
+        let shape = (out_c, in_c, kernel, kernel);
+        let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
         Ok(Self {
-            conv: candle_nn::conv2d_no_bias(in_c, out_c, kernel, cfg, conv_vb)?,
+            weight: conv_vb.get_with_hints(shape, "weight", init)?,
+            params: Conv2dParams {
+                stride,
+                padding: kernel / 2,
+            },
             bn: BatchNorm2d::new(out_c, bn_vb)?,
         })
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train)
+        self.bn
+            .forward_t(&conv2d(x, &self.weight, self.params)?, train)
     }
 }
 

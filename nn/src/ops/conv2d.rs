@@ -1,0 +1,406 @@
+//! 2-D convolution (no bias, no groups, no dilation) whose CPU backward is two matrix
+//! products per group of images, like its forward.
+//!
+//! candle's CPU backward of `conv2d` computes the input gradient with a direct-loop
+//! `conv_transpose2d` and the kernel gradient as a convolution whose kernel is the whole
+//! output gradient; on ResNet-18 that makes backward several times the forward. Here all
+//! three products go through im2col and `gemm`: forward `Y = W · col(x)`, kernel gradient
+//! `dW = dY · col(x)ᵀ`, input gradient `dx = col⁻¹(Wᵀ · dY)`. Images are processed in
+//! groups wide enough for an efficient product, one group per task, so the threads never
+//! synchronise inside a product. Other devices use candle's `conv2d`.
+
+use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor, bail};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::float::{Real, dispatch_real};
+
+/// Square stride and padding of a convolution; the kernel size comes from the weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dParams {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// Convolves NCHW `x` with `weight` `(C_out, C_in, KH, KW)`; differentiable in both.
+pub fn conv2d(x: &Tensor, weight: &Tensor, params: Conv2dParams) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => x.contiguous()?.apply_op2(&weight.contiguous()?, params),
+        _ => x.conv2d(weight, params.padding, params.stride, 1, 1),
+    }
+}
+
+/// Sizes of one convolution, and the im2col matrix `K x L` of one image.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    batch: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    kh: usize,
+    kw: usize,
+    out_h: usize,
+    out_w: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Geometry {
+    fn new(x: &Layout, weight: &Layout, p: Conv2dParams) -> Result<Self> {
+        let (batch, c_in, h, w) = x.shape().dims4()?;
+        let (c_out, wc_in, kh, kw) = weight.shape().dims4()?;
+        if wc_in != c_in {
+            bail!(
+                "conv2d: input has {c_in} channels, the weight {:?} expects {wc_in}",
+                weight.shape()
+            );
+        }
+        if p.stride == 0 || h + 2 * p.padding < kh || w + 2 * p.padding < kw {
+            bail!(
+                "conv2d: input {h}x{w} with padding {} does not fit kernel {kh}x{kw} (stride {})",
+                p.padding,
+                p.stride
+            );
+        }
+        Ok(Self {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            out_h: (h + 2 * p.padding - kh) / p.stride + 1,
+            out_w: (w + 2 * p.padding - kw) / p.stride + 1,
+            stride: p.stride,
+            padding: p.padding,
+        })
+    }
+
+    /// Rows of the im2col matrix: one per (input channel, kernel row, kernel column).
+    fn k(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+
+    /// Columns per image: one per output pixel.
+    fn l(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    fn in_image(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+
+    fn out_image(&self) -> usize {
+        self.c_out * self.l()
+    }
+
+    /// Images per task: enough output columns for an efficient product, but at least
+    /// as many tasks as threads.
+    fn group(&self) -> usize {
+        let wide_enough = 512usize.div_ceil(self.l());
+        let per_thread = self.batch.div_ceil(rayon::current_num_threads());
+        wide_enough.min(per_thread).max(1)
+    }
+
+    /// For output column `o` along one axis and kernel offset `k`: the input index, if
+    /// inside the image.
+    fn source(&self, o: usize, k: usize, size: usize) -> Option<usize> {
+        (o * self.stride + k)
+            .checked_sub(self.padding)
+            .filter(|&i| i < size)
+    }
+
+    /// Writes the im2col matrix of `images` (consecutive NCHW images) into `col`, a
+    /// `K x (images * L)` row-major matrix with the images side by side.
+    fn im2col<T: Real>(&self, images: &[T], col: &mut [T]) {
+        let (l, width) = (self.l(), images.len() / self.in_image() * self.l());
+        for (g, image) in images.chunks_exact(self.in_image()).enumerate() {
+            for (row, (c, ky, kx)) in self.rows().enumerate() {
+                let plane = &image[c * self.h * self.w..][..self.h * self.w];
+                let dst = &mut col[row * width + g * l..][..l];
+                for (oy, dst) in dst.chunks_exact_mut(self.out_w).enumerate() {
+                    let Some(iy) = self.source(oy, ky, self.h) else {
+                        dst.fill(T::zero());
+                        continue;
+                    };
+                    let src = &plane[iy * self.w..][..self.w];
+                    for (ox, d) in dst.iter_mut().enumerate() {
+                        *d = self.source(ox, kx, self.w).map_or(T::zero(), |ix| src[ix]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The inverse of [`Self::im2col`]: adds every entry of `col` into the input pixel it
+    /// came from.
+    fn col2im<T: Real>(&self, col: &[T], images: &mut [T]) {
+        let (l, width) = (self.l(), images.len() / self.in_image() * self.l());
+        for (g, image) in images.chunks_exact_mut(self.in_image()).enumerate() {
+            for (row, (c, ky, kx)) in self.rows().enumerate() {
+                let plane = &mut image[c * self.h * self.w..][..self.h * self.w];
+                let src = &col[row * width + g * l..][..l];
+                for (oy, src) in src.chunks_exact(self.out_w).enumerate() {
+                    let Some(iy) = self.source(oy, ky, self.h) else {
+                        continue;
+                    };
+                    let dst = &mut plane[iy * self.w..][..self.w];
+                    for (ox, &s) in src.iter().enumerate() {
+                        if let Some(ix) = self.source(ox, kx, self.w) {
+                            dst[ix] = dst[ix] + s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn rows(&self) -> impl Iterator<Item = (usize, usize, usize)> {
+        let (kh, kw) = (self.kh, self.kw);
+        (0..self.c_in)
+            .flat_map(move |c| (0..kh).flat_map(move |ky| (0..kw).map(move |kx| (c, ky, kx))))
+    }
+
+    /// Copies group outputs between NCHW images and the `C_out x (images * L)` matrix.
+    fn scatter_out<T: Real>(&self, matrix: &[T], images: &mut [T]) {
+        let (l, width) = (self.l(), images.len() / self.out_image() * self.l());
+        for (g, image) in images.chunks_exact_mut(self.out_image()).enumerate() {
+            for (c, dst) in image.chunks_exact_mut(l).enumerate() {
+                dst.copy_from_slice(&matrix[c * width + g * l..][..l]);
+            }
+        }
+    }
+
+    fn gather_out<T: Real>(&self, images: &[T], matrix: &mut [T]) {
+        let (l, width) = (self.l(), images.len() / self.out_image() * self.l());
+        for (g, image) in images.chunks_exact(self.out_image()).enumerate() {
+            for (c, src) in image.chunks_exact(l).enumerate() {
+                matrix[c * width + g * l..][..l].copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// Row-major matrix operand: `rows x cols` with the given strides.
+struct Matrix<T> {
+    ptr: *const T,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+fn row_major<T>(data: &[T], cols: usize) -> Matrix<T> {
+    Matrix {
+        ptr: data.as_ptr(),
+        row_stride: cols as isize,
+        col_stride: 1,
+    }
+}
+
+fn transposed<T>(data: &[T], cols: usize) -> Matrix<T> {
+    Matrix {
+        ptr: data.as_ptr(),
+        row_stride: 1,
+        col_stride: cols as isize,
+    }
+}
+
+/// `dst (m x n, row-major) = lhs (m x k) · rhs (k x n)`, plus `dst` when `accumulate`.
+fn matmul<T: Real>(
+    dst: &mut [T],
+    (m, n, k): (usize, usize, usize),
+    lhs: Matrix<T>,
+    rhs: Matrix<T>,
+    accumulate: bool,
+) {
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    // SAFETY: `dst` holds m x n elements; the operands were built from slices of at least
+    // m x k and k x n elements with these strides by the callers below.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.col_stride,
+            lhs.row_stride,
+            rhs.ptr,
+            rhs.col_stride,
+            rhs.row_stride,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+impl Conv2dParams {
+    fn forward<T: Real>(&self, x: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
+        let group = g.group();
+        let mut out = vec![T::zero(); g.batch * g.out_image()];
+        out.par_chunks_mut(group * g.out_image())
+            .zip(x.par_chunks(group * g.in_image()))
+            .for_each_init(
+                || {
+                    (
+                        vec![T::zero(); g.k() * group * g.l()],
+                        vec![T::zero(); group * g.out_image()],
+                    )
+                },
+                |(col, product), (out, x)| {
+                    let width = x.len() / g.in_image() * g.l();
+                    g.im2col(x, col);
+                    let product = &mut product[..g.c_out * width];
+                    matmul(
+                        product,
+                        (g.c_out, width, g.k()),
+                        row_major(weight, g.k()),
+                        row_major(col, width),
+                        false,
+                    );
+                    g.scatter_out(product, out);
+                },
+            );
+        out
+    }
+
+    /// `[dx | dW]` in one buffer.
+    fn backward<T: Real>(&self, x: &[T], weight: &[T], dy: &[T], g: &Geometry) -> Vec<T> {
+        let group = g.group();
+        let kernel_len = g.c_out * g.k();
+        let mut out = vec![T::zero(); x.len() + kernel_len];
+        let (dx, dw) = out.split_at_mut(x.len());
+        let per_task_dw = dx
+            .par_chunks_mut(group * g.in_image())
+            .zip(
+                x.par_chunks(group * g.in_image())
+                    .zip(dy.par_chunks(group * g.out_image())),
+            )
+            .fold(
+                || {
+                    let buffers = (
+                        vec![T::zero(); g.k() * group * g.l()],
+                        vec![T::zero(); group * g.out_image()],
+                    );
+                    (vec![T::zero(); kernel_len], buffers)
+                },
+                |(mut dw, (mut col, mut dy_matrix)), (dx, (x, dy))| {
+                    let width = x.len() / g.in_image() * g.l();
+                    let dy_matrix_used = &mut dy_matrix[..g.c_out * width];
+                    g.gather_out(dy, dy_matrix_used);
+                    g.im2col(x, &mut col);
+                    // dW += dY · col(x)ᵀ
+                    matmul(
+                        &mut dw,
+                        (g.c_out, g.k(), width),
+                        row_major(dy_matrix_used, width),
+                        transposed(&col, width),
+                        true,
+                    );
+                    // col(dx) = Wᵀ · dY, then folded back onto the images.
+                    let dcol = &mut col[..g.k() * width];
+                    matmul(
+                        dcol,
+                        (g.k(), width, g.c_out),
+                        transposed(weight, g.k()),
+                        row_major(dy_matrix_used, width),
+                        false,
+                    );
+                    g.col2im(dcol, dx);
+                    (dw, (col, dy_matrix))
+                },
+            )
+            .map(|(dw, _)| dw)
+            .reduce_with(|mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, &b)| *a = *a + b);
+                a
+            });
+        if let Some(sum) = per_task_dw {
+            dw.copy_from_slice(&sum);
+        }
+        out
+    }
+}
+
+impl CustomOp2 for Conv2dParams {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(x_l, w_l, *self)?;
+        let out = dispatch_real!(x, self.name(), |T| {
+            let x = T::elements(x, x_l, self.name())?;
+            let w = T::elements(w, w_l, self.name())?;
+            T::storage(self.forward(x, w, &g))
+        });
+        Ok((out, Shape::from((g.batch, g.c_out, g.out_h, g.out_w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(weight, &grad_res.contiguous()?, &Conv2dBackward(*self))?;
+        let n = x.elem_count();
+        let grad_x = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let grad_w = packed
+            .narrow(0, n, weight.elem_count())?
+            .reshape(weight.shape())?;
+        Ok((Some(grad_x), Some(grad_w)))
+    }
+}
+
+/// `(x, weight, dy) -> [dx | dW]` for [`Conv2dParams`].
+struct Conv2dBackward(Conv2dParams);
+
+impl candle_core::CustomOp3 for Conv2dBackward {
+    fn name(&self) -> &'static str {
+        "conv2d_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+        dy: &CpuStorage,
+        dy_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(x_l, w_l, self.0)?;
+        if dy_l.shape().dims() != [g.batch, g.c_out, g.out_h, g.out_w] {
+            bail!(
+                "conv2d_backward: gradient shape {:?} does not match the output",
+                dy_l.shape()
+            );
+        }
+        let out = dispatch_real!(x, self.name(), |T| {
+            let x = T::elements(x, x_l, self.name())?;
+            let w = T::elements(w, w_l, self.name())?;
+            let dy = T::elements(dy, dy_l, self.name())?;
+            T::storage(self.0.backward(x, w, dy, &g))
+        });
+        Ok((
+            out,
+            Shape::from(x_l.shape().elem_count() + w_l.shape().elem_count()),
+        ))
+    }
+}
