@@ -2,5 +2,4 @@
 
 pub mod batch_norm;
 pub mod resnet;
-
 pub mod bert;

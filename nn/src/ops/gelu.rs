@@ -62,7 +62,7 @@ impl CustomOp2 for GeluGrad {
             let dy = T::elements(dy, ldy, op)?;
             let (half, k) = (T::lit(-0.5), T::lit(inv_sqrt_2pi));
             T::storage(zip_elements(x, dy, |x, g| {
-                g * (cdf(x) + x * k * (half * x * x).exp())
+                g * (cdf(x) + x * k * (half * x * x).fast_exp())
             })?)
         });
         Ok((dx, lx.shape().clone()))

