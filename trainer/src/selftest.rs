@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 use ringmaster_collective::Communicator;
+use ringmaster_nn::models::bert::{BertConfig, BertForSequenceClassification, BertInput, Pooling};
 
 use crate::ddp::{Ddp, DdpConfig};
 use crate::error::{Error, Result};
 use crate::optim::OptimizerConfig;
 use crate::params::{ModelVars, NamePatterns, default_buffer_patterns};
 use crate::rng::TrainRng;
-use crate::step::{StepConfig, Stepper};
+use crate::step::{NonFinitePolicy, StepConfig, Stepper};
 
 pub const INPUTS: usize = 8;
 pub const CLASSES: usize = 3;
@@ -95,15 +96,108 @@ pub fn loss(model: &Mlp, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::loss::cross_entropy(&model.forward(x)?, y)?)
 }
 
+/// A tiny BERT for sequence classification (no dropout, so runs are deterministic).
+pub fn tiny_bert_config() -> BertConfig {
+    BertConfig::from_json(
+        r#"{"model_type": "bert", "architectures": ["BertForSequenceClassification"],
+            "vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 32, "hidden_act": "gelu",
+            "max_position_embeddings": 16, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0}"#,
+    )
+    .expect("valid tiny BERT config")
+}
+
+pub const BERT_SEQ: usize = 8;
+
+/// Token sequences for the given sample indices, padded to [`BERT_SEQ`] with a mask;
+/// the label is the sum of the tokens modulo [`CLASSES`].
+pub fn bert_batch(
+    indices: impl IntoIterator<Item = u64>,
+    device: &Device,
+) -> Result<(BertInput, Tensor)> {
+    let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    for i in indices {
+        let mut rng = TrainRng::new(i.wrapping_mul(0x9E6C_63D0_676A_9A99));
+        let len = 3 + rng.below(BERT_SEQ - 2);
+        let tokens: Vec<u32> = (0..len).map(|_| 1 + rng.below(39) as u32).collect();
+        labels.push(tokens.iter().sum::<u32>() % CLASSES as u32);
+        ids.extend(
+            tokens
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, BERT_SEQ - len)),
+        );
+        mask.extend((0..BERT_SEQ).map(|p| u32::from(p < len)));
+    }
+    let n = labels.len();
+    let input = BertInput {
+        input_ids: Tensor::from_vec(ids, (n, BERT_SEQ), device)?,
+        token_type_ids: None,
+        attention_mask: Some(Tensor::from_vec(mask, (n, BERT_SEQ), device)?),
+    };
+    Ok((input, Tensor::from_vec(labels, n, device)?))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SelftestOptimizer {
+    /// AdamW, weight decay 0.01.
+    Adamw,
+    /// SGD with momentum 0.9.
+    Sgd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SelftestModel {
+    Mlp,
+    TinyBert,
+}
+
+enum Model {
+    Mlp(Mlp),
+    Bert(Box<BertForSequenceClassification>),
+}
+
+impl Model {
+    fn new(which: SelftestModel, vb: VarBuilder, hidden: usize) -> Result<Self> {
+        Ok(match which {
+            SelftestModel::Mlp => Model::Mlp(Mlp::new(vb, hidden)?),
+            SelftestModel::TinyBert => Model::Bert(Box::new(BertForSequenceClassification::new(
+                vb,
+                &tiny_bert_config(),
+                CLASSES,
+                Pooling::Cls,
+            )?)),
+        })
+    }
+
+    fn loss(&self, indices: std::ops::Range<u64>, device: &Device) -> Result<Tensor> {
+        match self {
+            Model::Mlp(mlp) => {
+                let (x, y) = batch(indices, device)?;
+                loss(mlp, &x, &y)
+            }
+            Model::Bert(bert) => {
+                let (input, y) = bert_batch(indices, device)?;
+                let logits = bert.forward_t(&input, true)?.logits;
+                Ok(candle_nn::loss::cross_entropy(&logits, &y)?)
+            }
+        }
+    }
+}
+
 /// One rank of a data-parallel run: the global batch of step s is samples
 /// `s*G .. (s+1)*G` with `G = world_size * batch`, rank r taking the r-th slice.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SelftestArgs {
+    #[arg(long, value_enum, default_value = "mlp")]
+    pub model: SelftestModel,
     #[arg(long, default_value_t = 5)]
     pub steps: u64,
     /// Samples per rank per step.
     #[arg(long, default_value_t = 4)]
     pub batch: u64,
+    /// Hidden width of the MLP.
     #[arg(long, default_value_t = 16)]
     pub hidden: usize,
     /// Initial values come from this seed plus the rank, so only rank 0's broadcast
@@ -117,11 +211,22 @@ pub struct SelftestArgs {
     pub bucket_bytes: usize,
     #[arg(long, default_value_t = 0.05)]
     pub lr: f64,
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: SelftestOptimizer,
+    /// Make the loss NaN on this rank at `--nan-loss-step`.
+    #[arg(long)]
+    pub nan_loss_rank: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    pub nan_loss_step: u64,
+    /// Skip steps with non-finite values instead of stopping.
+    #[arg(long)]
+    pub skip_non_finite: bool,
     /// Rank 0 writes the final variables here (safetensors).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
+/// Prints one line per step outcome on stdout.
 pub fn run(args: &SelftestArgs, comm: Box<dyn Communicator>) -> Result<()> {
     let (rank, world) = (comm.rank() as u64, comm.world_size() as u64);
     let device = Device::Cpu;
@@ -129,7 +234,11 @@ pub fn run(args: &SelftestArgs, comm: Box<dyn Communicator>) -> Result<()> {
         NamePatterns::parse(&args.freeze)?,
         default_buffer_patterns(),
     );
-    let model = Mlp::new(vars.var_builder(DType::F32, &device), args.hidden)?;
+    let model = Model::new(
+        args.model,
+        vars.var_builder(DType::F32, &device),
+        args.hidden,
+    )?;
     init_deterministic(&vars, args.seed + rank)?;
     let ddp = Ddp::new(
         comm,
@@ -138,17 +247,23 @@ pub fn run(args: &SelftestArgs, comm: Box<dyn Communicator>) -> Result<()> {
             bucket_bytes: args.bucket_bytes,
         },
     )?;
-    let mut stepper = Stepper::new(
-        StepConfig::new(args.lr),
-        &vars,
-        OptimizerConfig::adamw(0.01),
-        Some(ddp),
-    )?;
+    let mut cfg = StepConfig::new(args.lr);
+    if args.skip_non_finite {
+        cfg.non_finite = NonFinitePolicy::Skip;
+    }
+    let optimizer = match args.optimizer {
+        SelftestOptimizer::Adamw => OptimizerConfig::adamw(0.01),
+        SelftestOptimizer::Sgd => OptimizerConfig::sgd(0.9, false, 0.0),
+    };
+    let mut stepper = Stepper::new(cfg, &vars, optimizer, Some(ddp))?;
     let global = world * args.batch;
     for step in 0..args.steps {
         let first = step * global + rank * args.batch;
-        let (x, y) = batch(first..first + args.batch, &device)?;
-        stepper.backward(&loss(&model, &x, &y)?)?;
+        let mut loss = model.loss(first..first + args.batch, &device)?;
+        if args.nan_loss_rank == Some(rank) && args.nan_loss_step == step {
+            loss = (loss * f64::NAN)?;
+        }
+        println!("{:?}", stepper.backward(&loss)?);
     }
     if let (0, Some(out)) = (rank, &args.out) {
         let tensors: std::collections::HashMap<String, Tensor> = vars
