@@ -4,39 +4,49 @@
 //! (each with its own backward); attention scores are the largest tensors in BERT.
 
 use super::float::{Real, dispatch_real, last_dim, map_row_pairs, map_rows, rows_per_task};
-use rayon::prelude::*;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
 
 /// Softmax over the last dimension, differentiable. Fused f32/f64 kernels on CPU,
 /// candle's composed softmax elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        return candle_nn::ops::softmax(x, D::Minus1);
-    }
-    x.contiguous()?.apply_op1(Softmax)
+    attention_softmax(x, 1.0, None)
 }
 
-/// `softmax(scores + bias)` over the last dimension for attention: scores
+/// `softmax(scale * scores + bias)` over the last dimension, for attention: scores
 /// (batch, heads, queries, keys), bias (batch, 1, 1, keys) such as
-/// [`attention_bias`](crate::models::bert::attention_bias). Saves the full-size
-/// broadcast add (and its backward) in front of the softmax. Differentiable in `scores`.
-pub fn softmax_with_bias(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let (batch, _, _, keys) = scores.dims4()?;
-    if bias.dims() != [batch, 1, 1, keys] {
-        bail!("softmax_with_bias: bias has shape {:?}, expected [{batch}, 1, 1, {keys}]", bias.dims())
+/// [`attention_bias`](crate::models::bert::attention_bias). Folding the 1/sqrt(d) scale
+/// and the mask into the softmax saves two full-size passes forward and two backward.
+/// Differentiable in `scores`.
+pub fn attention_softmax(scores: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(bias) = bias {
+        let (batch, _, _, keys) = scores.dims4()?;
+        if bias.dims() != [batch, 1, 1, keys] {
+            bail!(
+                "attention_softmax: bias has shape {:?}, expected [{batch}, 1, 1, {keys}]",
+                bias.dims()
+            )
+        }
     }
     if !scores.device().is_cpu() {
-        return candle_nn::ops::softmax(&scores.broadcast_add(bias)?, D::Minus1);
+        let scaled = (scores * scale)?;
+        let shifted = match bias {
+            Some(bias) => scaled.broadcast_add(bias)?,
+            None => scaled,
+        };
+        return candle_nn::ops::softmax(&shifted, D::Minus1);
     }
-    scores.contiguous()?.apply_op2(&bias.contiguous()?, BiasedSoftmax)
+    let scores = scores.contiguous()?;
+    match bias {
+        Some(bias) => scores.apply_op2(&bias.contiguous()?, BiasedSoftmax { scale }),
+        None => scores.apply_op1(Softmax { scale }),
+    }
 }
 
-struct Softmax;
-
-fn softmax_row<T: Real>(y: &mut [T], x: &[T], bias: Option<&[T]>) {
+fn softmax_row<T: Real>(y: &mut [T], x: &[T], scale: T, bias: Option<&[T]>) {
     let shifted = |i: usize| match bias {
-        Some(b) => x[i] + b[i],
-        None => x[i],
+        Some(b) => scale * x[i] + b[i],
+        None => scale * x[i],
     };
     let max = (0..x.len()).fold(T::neg_infinity(), |m, i| num_traits::Float::max(m, shifted(i)));
     let mut sum = T::zero();
@@ -48,8 +58,8 @@ fn softmax_row<T: Real>(y: &mut [T], x: &[T], bias: Option<&[T]>) {
     y.iter_mut().for_each(|y| *y = *y * inv);
 }
 
-fn forward<T: Real>(x: &[T], d: usize) -> Vec<T> {
-    map_rows(x, d, |y, x| softmax_row(y, x, None))
+struct Softmax {
+    scale: f64,
 }
 
 impl CustomOp1 for Softmax {
@@ -61,19 +71,22 @@ impl CustomOp1 for Softmax {
         let op = self.name();
         let d = last_dim(layout, op)?;
         let y = dispatch_real!(x, op, |T| {
-            T::storage(forward(T::elements(x, layout, op)?, d))
+            let scale = T::lit(self.scale);
+            T::storage(map_rows(T::elements(x, layout, op)?, d, |y, x| softmax_row(y, x, scale, None)))
         });
         Ok((y, layout.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad)?))
+        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad { scale: self.scale })?))
     }
 }
 
-struct BiasedSoftmax;
+struct BiasedSoftmax {
+    scale: f64,
+}
 
-fn biased_forward<T: Real>(x: &[T], bias: &[T], keys: usize) -> Vec<T> {
+fn biased_forward<T: Real>(x: &[T], bias: &[T], keys: usize, scale: T) -> Vec<T> {
     // Every batch item owns heads * queries consecutive rows of x.
     let rows_per_item = x.len() / bias.len().max(1);
     let rows_per_chunk = rows_per_task(keys);
@@ -84,7 +97,7 @@ fn biased_forward<T: Real>(x: &[T], bias: &[T], keys: usize) -> Vec<T> {
         .for_each(|(chunk, (y, x))| {
             for (i, (y, x)) in y.chunks_exact_mut(keys).zip(x.chunks_exact(keys)).enumerate() {
                 let item = (chunk * rows_per_chunk + i) / rows_per_item;
-                softmax_row(y, x, Some(&bias[item * keys..(item + 1) * keys]))
+                softmax_row(y, x, scale, Some(&bias[item * keys..(item + 1) * keys]))
             }
         });
     y
@@ -105,24 +118,34 @@ impl CustomOp2 for BiasedSoftmax {
         let op = self.name();
         let keys = last_dim(lx, op)?;
         let y = dispatch_real!(x, op, |T| {
-            T::storage(biased_forward(T::elements(x, lx, op)?, T::elements(bias, lb, op)?, keys))
+            let (x, bias) = (T::elements(x, lx, op)?, T::elements(bias, lb, op)?);
+            T::storage(biased_forward(x, bias, keys, T::lit(self.scale)))
         });
         Ok((y, lx.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, _bias: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad)?), None))
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _bias: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad { scale: self.scale })?;
+        Ok((Some(dx), None))
     }
 }
 
-/// dx = y * (dy - sum(dy * y)) per row, from the forward's output `y`.
-struct SoftmaxGrad;
+/// dx = scale * y * (dy - sum(dy * y)) per row, from the forward's output `y`.
+struct SoftmaxGrad {
+    scale: f64,
+}
 
-fn backward<T: Real>(y: &[T], dy: &[T], d: usize) -> Result<Vec<T>> {
+fn backward<T: Real>(y: &[T], dy: &[T], d: usize, scale: T) -> Result<Vec<T>> {
     map_row_pairs(y, dy, d, |dx, y, dy| {
         let dot = y.iter().zip(dy).fold(T::zero(), |s, (&y, &g)| s + y * g);
         for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(dy) {
-            *dx = y * (g - dot);
+            *dx = scale * y * (g - dot);
         }
     })
 }
@@ -142,7 +165,8 @@ impl CustomOp2 for SoftmaxGrad {
         let op = self.name();
         let d = last_dim(ly, op)?;
         let dx = dispatch_real!(y, op, |T| {
-            T::storage(backward(T::elements(y, ly, op)?, T::elements(dy, ldy, op)?, d)?)
+            let (y, dy) = (T::elements(y, ly, op)?, T::elements(dy, ldy, op)?);
+            T::storage(backward(y, dy, d, T::lit(self.scale))?)
         });
         Ok((dx, ly.shape().clone()))
     }
@@ -170,20 +194,23 @@ mod tests {
         let w = Tensor::randn(0f64, 1.0, (3, 4, 6), &Device::Cpu)?;
         let check = check_gradient(&x, 1e-5, |x| (softmax_last_dim(x)? * &w)?.sum_all())?;
         assert!(check.max_rel_diff < 1e-8, "{check:?}");
+        let check = check_gradient(&x, 1e-5, |x| (attention_softmax(x, 0.25, None)? * &w)?.sum_all())?;
+        assert!(check.max_rel_diff < 1e-8, "scaled: {check:?}");
         Ok(())
     }
 
     #[test]
-    fn biased_softmax_matches_add_then_softmax_and_its_backward_checks() -> Result<()> {
+    fn attention_softmax_matches_scale_add_softmax_and_its_backward_checks() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f64, 2.0, (2, 3, 4, 5), &dev)?;
-        let bias = Tensor::new(&[[0f64, 0., -1e4, 0., 0.], [0., 0., 0., 0., -1e4]], &dev)?.reshape((2, 1, 1, 5))?;
-        let fused = softmax_with_bias(&x, &bias)?;
-        let composed = candle_nn::ops::softmax(&x.broadcast_add(&bias)?, D::Minus1)?;
+        let bias = Tensor::new(&[[0f64, 0., -1e4, 0., 0.], [0., 0., 0., 0., -1e4]], &dev)?
+            .reshape((2, 1, 1, 5))?;
+        let fused = attention_softmax(&x, 0.3, Some(&bias))?;
+        let composed = candle_nn::ops::softmax(&(&x * 0.3)?.broadcast_add(&bias)?, D::Minus1)?;
         let diff = (fused - composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "max diff {diff}");
         let w = Tensor::randn(0f64, 1.0, (2, 3, 4, 5), &dev)?;
-        let check = check_gradient(&x, 1e-5, |x| (softmax_with_bias(x, &bias)? * &w)?.sum_all())?;
+        let check = check_gradient(&x, 1e-5, |x| (attention_softmax(x, 0.3, Some(&bias))? * &w)?.sum_all())?;
         assert!(check.max_rel_diff < 1e-8, "{check:?}");
         Ok(())
     }

@@ -1,9 +1,6 @@
 //! The building blocks of a BERT layer, with Hugging Face weight names.
 
-use crate::ops::{
-    layer_norm::layer_norm,
-    softmax::{softmax_last_dim, softmax_with_bias},
-};
+use crate::ops::{layer_norm::layer_norm, softmax::attention_softmax};
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -24,15 +21,12 @@ impl Dense {
         })
     }
 
-    /// Flattens the leading dimensions into one matrix product: a batched matmul against
-    /// a broadcast weight would make backward build one weight gradient per batch item.
+    /// x: (rows, in). The encoder keeps hidden states as (batch * seq, hidden) matrices:
+    /// a batched matmul against a broadcast weight would make backward build one weight
+    /// gradient per batch item, and every reshape is one more node whose backward
+    /// allocates and adds a full-size gradient.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        let in_dim = dims.pop().unwrap_or(0);
-        let rows = dims.iter().product::<usize>();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
-        dims.push(self.weight.dim(0)?);
-        y.reshape(dims)
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
     }
 }
 
@@ -96,26 +90,22 @@ impl SelfAttention {
         })
     }
 
-    /// x: (batch, seq, hidden); bias: (batch, 1, 1, seq) from [`attention_bias`].
-    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let (batch, seq, hidden) = x.dims3()?;
-        let head_size = hidden / self.heads;
+    /// x: (batch * seq, hidden); bias: (batch, 1, 1, seq) from [`attention_bias`].
+    pub fn forward(&self, x: &Tensor, batch: usize, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (rows, hidden) = x.dims2()?;
+        let (seq, head_size) = (rows / batch, hidden / self.heads);
         let split_heads = |t: Tensor| {
             t.reshape((batch, seq, self.heads, head_size))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        // Scaling the queries costs a (seq x hidden) pass instead of (seq x seq x heads).
-        let q = split_heads((self.query.forward(x)? * (head_size as f64).powf(-0.5))?)?;
+        let q = split_heads(self.query.forward(x)?)?;
         let k = split_heads(self.key.forward(x)?)?;
         let v = split_heads(self.value.forward(x)?)?;
         let scores = q.matmul(&k.t()?)?;
-        let probs = match bias {
-            Some(bias) => softmax_with_bias(&scores, bias)?,
-            None => softmax_last_dim(&scores)?,
-        };
+        let probs = attention_softmax(&scores, (head_size as f64).powf(-0.5), bias)?;
         let probs = dropout(&probs, self.dropout, train)?;
-        probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, seq, hidden))
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((rows, hidden))
     }
 }
 

@@ -91,8 +91,9 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let attended = self.attention.forward(x, bias, train)?;
+    /// x: (batch * seq, hidden).
+    fn forward(&self, x: &Tensor, batch: usize, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let attended = self.attention.forward(x, batch, bias, train)?;
         let x = self.attention_output.forward(&attended, x, train)?;
         let inner = self.intermediate.forward(&x)?;
         let inner = match self.activation {
@@ -124,15 +125,17 @@ impl BertModel {
 
     /// The last hidden states, (batch, seq, hidden).
     pub fn forward_t(&self, input: &BertInput, train: bool) -> Result<Tensor> {
-        let mut x = self.embeddings.forward(input, train)?;
+        let embedded = self.embeddings.forward(input, train)?;
+        let (batch, seq, hidden) = embedded.dims3()?;
+        let mut x = embedded.reshape((batch * seq, hidden))?;
         let bias = match &input.attention_mask {
             Some(mask) => Some(attention_bias(mask, x.dtype())?),
             None => None,
         };
         for layer in &self.layers {
-            x = layer.forward(&x, bias.as_ref(), train)?;
+            x = layer.forward(&x, batch, bias.as_ref(), train)?;
         }
-        Ok(x)
+        x.reshape((batch, seq, hidden))
     }
 }
 
