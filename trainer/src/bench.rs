@@ -1,20 +1,26 @@
-//! `ringmaster bench optimizer`: one AdamW step over MiniLM-L6's parameter shapes (22.7M
-//! f32), ringmaster's fused update against candle's stock `AdamW` and, when a Python with
-//! torch is given, PyTorch's AdamW (for-loop, foreach and fused) in the same run with the
-//! same thread count.
+//! Trainer benchmarks over MiniLM-L6's parameter shapes (22.7M f32):
+//! - `ringmaster bench optimizer`: one AdamW step, ringmaster's fused update against
+//!   candle's stock `AdamW` and, when a Python with torch is given, PyTorch's AdamW
+//!   (for-loop, foreach and fused) in the same run with the same thread count;
+//! - `ringmaster bench ddp`: DDP gradient averaging (bucketing, flattening, write-back)
+//!   against one raw all-reduce of the same number of floats, over real rank processes.
 
+use std::net::TcpListener;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
+use candle_nn::Init;
 use candle_nn::optim::{AdamW as CandleAdamW, Optimizer as _, ParamsAdamW};
+use ringmaster_collective::{Communicator, ReduceOp, RendezvousConfig, connect_tcp};
 
+use crate::ddp::{Ddp, DdpConfig};
 use crate::error::{Error, Result};
 use crate::grads::Grads;
 use crate::optim::{Optimizer, OptimizerConfig};
-use crate::params::{NamedVar, Role};
+use crate::params::{ModelVars, NamePatterns, NamedVar, Role, default_buffer_patterns};
 
 /// MiniLM-L6 (all-MiniLM-L6-v2): embeddings, six encoder layers, pooler.
 pub fn minilm_shapes() -> Vec<Vec<usize>> {
@@ -168,4 +174,101 @@ pub fn table(rows: &[Row]) -> String {
         ));
     }
     s
+}
+
+/// One rank of `bench ddp` (RANK/WORLD_SIZE/MASTER_* from the environment); rank 0 prints
+/// `ddp_ms allreduce_ms params` on stdout.
+pub fn ddp_rank(iters: usize, bucket_bytes: usize) -> Result<()> {
+    let comm = connect_tcp(&RendezvousConfig::from_env()?)?;
+    let rank = comm.rank();
+    let vars = ModelVars::new(NamePatterns::default(), default_buffer_patterns());
+    let vb = vars.var_builder(candle_core::DType::F32, &Device::Cpu);
+    let shapes = minilm_shapes();
+    for (i, s) in shapes.iter().enumerate() {
+        vb.get_with_hints(s.as_slice(), &format!("p{i:03}.weight"), Init::Const(0.0))?;
+    }
+    let mut ddp = Ddp::new(Box::new(comm), &vars, DdpConfig { bucket_bytes })?;
+    let mut grads = Grads::from_slots(
+        random_vars(&shapes)?
+            .into_iter()
+            .map(|(_, g)| Some(g))
+            .collect(),
+    );
+    let ddp_ms = median_ms(iters, || ddp.reduce_grads(&mut grads, false).map(|_| ()))?;
+    let n: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+    let mut flat = vec![1.0f32; n];
+    let comm = ddp.communicator();
+    let raw_ms = median_ms(iters, || Ok(comm.all_reduce_f32(&mut flat, ReduceOp::Avg)?))?;
+    if rank == 0 {
+        println!("{ddp_ms} {raw_ms} {n}");
+    }
+    Ok(())
+}
+
+/// Runs `bench ddp` ranks on loopback for each world size and tabulates rank 0's lines.
+pub fn ddp_drive(world_sizes: &[usize], iters: usize, bucket_bytes: usize) -> Result<String> {
+    let exe = std::env::current_exe().map_err(|source| Error::Io {
+        what: "locating",
+        path: "the ringmaster executable".into(),
+        source,
+    })?;
+    let mut table = String::from(
+        "| ranks | params | bucket MiB | DDP reduce ms | raw all-reduce ms | DDP overhead |\n|---|---|---|---|---|---|\n",
+    );
+    for &world in world_sizes {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|source| Error::Io {
+                what: "finding a free port on",
+                path: "127.0.0.1".into(),
+                source,
+            })?
+            .port();
+        let kids = (0..world)
+            .map(|rank| {
+                Command::new(&exe)
+                    .args(["bench", "ddp-rank", "--iters", &iters.to_string()])
+                    .args(["--bucket-bytes", &bucket_bytes.to_string()])
+                    .env("RANK", rank.to_string())
+                    .env("WORLD_SIZE", world.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    .env("RINGMASTER_TOKEN", "ringmaster-bench-ddp")
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .map_err(|source| Error::Io {
+                        what: "starting",
+                        path: exe.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut line = String::new();
+        for (rank, kid) in kids.into_iter().enumerate() {
+            let out = kid.wait_with_output().map_err(|source| Error::Io {
+                what: "waiting for",
+                path: exe.clone(),
+                source,
+            })?;
+            if !out.status.success() {
+                return Err(Error::Config(format!(
+                    "bench ddp rank {rank} failed ({})",
+                    out.status
+                )));
+            }
+            if rank == 0 {
+                line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            }
+        }
+        let v: Vec<f64> = line.split(' ').filter_map(|x| x.parse().ok()).collect();
+        let [ddp_ms, raw_ms, n] = v[..] else {
+            return Err(Error::Config(format!("bench ddp rank 0 printed {line:?}")));
+        };
+        table.push_str(&format!(
+            "| {world} | {n} | {:.0} | {ddp_ms:.1} | {raw_ms:.1} | {:.2}x |\n",
+            bucket_bytes as f64 / (1 << 20) as f64,
+            ddp_ms / raw_ms
+        ));
+    }
+    Ok(table)
 }

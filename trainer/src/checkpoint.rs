@@ -55,9 +55,12 @@ pub fn save(
         path: dir.to_path_buf(),
         source,
     })?;
+    // f32 master weights replace their low-precision copies: the checkpoint keeps full
+    // precision.
     let model: HashMap<String, Tensor> = vars
         .all()
         .into_iter()
+        .chain(stepper.master_params().iter().cloned())
         .map(|v| (v.name, v.var.as_tensor().clone()))
         .collect();
     let (meta, moments) = stepper.optimizer().state();
@@ -100,9 +103,10 @@ pub fn load(dir: &Path, vars: &ModelVars, stepper: &mut Stepper) -> Result<Resum
     })?;
 
     let model_path = dir.join(MODEL_FILE);
-    let mut model = read_tensors(&model_path)?;
-    for v in vars.all() {
-        let t = model.remove(&v.name).ok_or_else(|| Error::Checkpoint {
+    let model = read_tensors(&model_path)?;
+    let masters = stepper.master_params().to_vec();
+    for v in vars.all().iter().chain(&masters) {
+        let t = model.get(&v.name).ok_or_else(|| Error::Checkpoint {
             path: model_path.clone(),
             detail: format!("tensor {} is missing", v.name),
         })?;
@@ -120,17 +124,16 @@ pub fn load(dir: &Path, vars: &ModelVars, stepper: &mut Stepper) -> Result<Resum
         v.var
             .set(&t.to_device(v.var.device())?.to_dtype(v.var.dtype())?)?;
     }
-    if !model.is_empty() {
-        let mut extra: Vec<_> = model.keys().collect();
+    let mut extra: Vec<_> = model.keys().filter(|k| !vars.contains(k)).collect();
+    if !extra.is_empty() {
         extra.sort();
         warn!(path = %model_path.display(), ?extra, "checkpoint tensors the model does not use");
     }
 
     let optimizer_path = dir.join(OPTIMIZER_FILE);
     let moments = read_tensors(&optimizer_path)?;
-    let params = stepper.params().to_vec();
     stepper.optimizer_mut().load_state(
-        &params,
+        &masters,
         &state.optimizer,
         &moments,
         &optimizer_path.display().to_string(),

@@ -76,6 +76,12 @@ impl Ddp {
         self.comm.world_size()
     }
 
+    /// The communicator, for collectives outside gradient averaging (a barrier before a
+    /// checkpoint, metrics).
+    pub fn communicator(&mut self) -> &mut dyn Communicator {
+        self.comm.as_mut()
+    }
+
     /// Variable names per bucket, in reduction order.
     pub fn bucket_names(&self) -> Vec<Vec<&str>> {
         self.buckets

@@ -61,6 +61,24 @@ enum Bench {
         #[arg(long)]
         torch_python: Option<PathBuf>,
     },
+    /// DDP gradient averaging of MiniLM-L6's 22.7M gradients (buckets, flattening,
+    /// write-back) against one raw all-reduce of as many floats, over rank processes.
+    Ddp {
+        #[arg(long, default_value = "2", value_delimiter = ',')]
+        world_sizes: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long, default_value_t = 25 << 20)]
+        bucket_bytes: usize,
+    },
+    /// One rank of `bench ddp` (started by it).
+    #[command(hide = true)]
+    DdpRank {
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long, default_value_t = 25 << 20)]
+        bucket_bytes: usize,
+    },
     /// One rank of `bench allreduce` (started by it).
     #[command(hide = true)]
     AllreduceRank {
@@ -102,6 +120,17 @@ fn main() -> ExitCode {
         }) => ringmaster_trainer::bench::run(iters, threads, torch_python.as_deref())
             .map(|rows| print!("{}", ringmaster_trainer::bench::table(&rows)))
             .map_err(|e| e.to_string()),
+        Command::Bench(Bench::Ddp {
+            world_sizes,
+            iters,
+            bucket_bytes,
+        }) => ringmaster_trainer::bench::ddp_drive(&world_sizes, iters, bucket_bytes)
+            .map(|table| print!("{table}"))
+            .map_err(|e| e.to_string()),
+        Command::Bench(Bench::DdpRank {
+            iters,
+            bucket_bytes,
+        }) => ringmaster_trainer::bench::ddp_rank(iters, bucket_bytes).map_err(|e| e.to_string()),
         Command::DdpSelftest(args) => ddp_selftest(&args).map_err(|e| e.to_string()),
     };
     match result {

@@ -124,6 +124,10 @@ impl ModelVars {
         &self.varmap
     }
 
+    pub fn contains(&self, name: &str) -> bool {
+        self.contains_tensor(name)
+    }
+
     pub fn role(&self, name: &str) -> Role {
         if self.buffers.matches(name) {
             Role::Buffer

@@ -2,7 +2,7 @@
 //! averaging, the NaN/Inf check, global-norm clipping, the learning-rate schedule and the
 //! optimizer update, in that order.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -65,7 +65,12 @@ pub enum StepOutcome {
 
 pub struct Stepper {
     cfg: StepConfig,
+    /// The model's trainable variables: where gradients come from.
     params: Vec<NamedVar>,
+    /// What the optimizer updates: the variable itself when it is f32/f64, otherwise an
+    /// f32 master copy (bf16/f16 compute), copied back into the model after each update
+    /// so small updates are not rounded away.
+    updated: Vec<NamedVar>,
     optimizer: Optimizer,
     ddp: Option<Ddp>,
     /// Optimizer steps taken (skipped ones included).
@@ -89,10 +94,21 @@ impl Stepper {
             ));
         }
         let params = vars.trainable();
+        let updated = params
+            .iter()
+            .map(|p| {
+                let var = match p.var.dtype() {
+                    DType::F32 | DType::F64 => p.var.clone(),
+                    _ => Var::from_tensor(&p.var.to_dtype(DType::F32)?)?,
+                };
+                Ok(NamedVar { var, ..p.clone() })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Stepper {
-            optimizer: Optimizer::new(optimizer, &params),
+            optimizer: Optimizer::new(optimizer, &updated),
             cfg,
             params,
+            updated,
             ddp,
             step: 0,
             pending: None,
@@ -107,6 +123,22 @@ impl Stepper {
 
     pub fn params(&self) -> &[NamedVar] {
         &self.params
+    }
+
+    /// The variables the optimizer updates, in [`Self::params`] order: f32 master copies
+    /// of low-precision parameters, the parameters themselves otherwise.
+    pub fn master_params(&self) -> &[NamedVar] {
+        &self.updated
+    }
+
+    /// Copies master weights into the model's low-precision variables.
+    pub(crate) fn refresh_model_from_masters(&self) -> Result<()> {
+        for (p, master) in self.params.iter().zip(&self.updated) {
+            if p.var.dtype() != master.var.dtype() {
+                p.var.set(&master.var.to_dtype(p.var.dtype())?)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn optimizer(&self) -> &Optimizer {
@@ -190,7 +222,8 @@ impl Stepper {
             None => squares.iter().sum::<f64>().sqrt(),
         };
         let lr = self.cfg.lr * self.cfg.schedule.factor(self.step);
-        self.optimizer.step(&self.params, &grads, lr)?;
+        self.optimizer.step(&self.updated, &grads, lr)?;
+        self.refresh_model_from_masters()?;
         self.step = step;
         Ok(StepOutcome::Updated {
             step,

@@ -199,13 +199,16 @@ fn tiny_bert_two_ranks_train_like_one_rank_of_twice_the_batch() {
     // ignores a shift shared by all keys), and Adam would turn its rounding noise, which
     // differs between the runs, into full-size steps.
     let bert = ["--model", "tiny-bert", "--optimizer", "sgd", "--lr", "0.05"];
+    check(&run_ranks(&[args_for_steps(0, 4, Some(&start), &bert)]));
     check(&run_ranks(&[args(4, Some(&one), &bert)]));
     check(&run_ranks(&[
         args(2, Some(&two), &bert),
         args(2, None, &bert),
     ]));
-    let (one, two) = (load(&one), load(&two));
+    let (start, one, two) = (load(&start), load(&one), load(&two));
     assert!(one.contains_key("bert.encoder.layer.1.output.LayerNorm.weight"));
+    let moved = max_diff(&one, &start);
+    assert!(moved > 1e-3, "training moved the weights by only {moved}");
     let diff = max_diff(&one, &two);
     assert!(
         diff < 1e-5,
