@@ -7,6 +7,7 @@ use ringmaster_nn::models::batch_norm::{BatchNorm2d, is_batch_norm_buffer};
 use ringmaster_nn::ops::batch_norm::{batch_norm_train, batch_norm_train_composed};
 use ringmaster_nn::ops::conv2d::{Conv2dParams, conv2d};
 use ringmaster_nn::ops::max_pool::MaxPool2d;
+use ringmaster_nn::ops::residual::add_relu;
 
 /// Distinct values (a permutation of 0..n spread over [-1, 1)), so no window has a tie
 /// that a finite-difference probe could flip.
@@ -92,8 +93,8 @@ fn max_pool_rejects_bad_geometry() {
 }
 
 /// `sum(w * batch_norm(x, gamma, beta))` with the non-probed arguments fixed.
-fn bn_loss(x: &Tensor, gamma: &Tensor, beta: &Tensor, w: &Tensor) -> Result<Tensor> {
-    (batch_norm_train(x, gamma, beta, 1e-5)?.output * w)?.sum_all()
+fn bn_loss(x: &Tensor, gamma: &Tensor, beta: &Tensor, w: &Tensor, relu: bool) -> Result<Tensor> {
+    (batch_norm_train(x, gamma, beta, 1e-5, relu)?.output * w)?.sum_all()
 }
 
 #[test]
@@ -102,11 +103,16 @@ fn batch_norm_backward_matches_finite_differences() -> Result<()> {
     let gamma = Tensor::new(&[0.5f64, 1.5, -1.0, 2.0], &Device::Cpu)?;
     let beta = Tensor::new(&[0.1f64, -0.2, 0.3, 0.0], &Device::Cpu)?;
     let w = weights_like(&x)?;
-    let by_x = check_gradient(&x, 1e-6, |x| bn_loss(x, &gamma, &beta, &w))?;
-    let by_gamma = check_gradient(&gamma, 1e-6, |g| bn_loss(&x, g, &beta, &w))?;
-    let by_beta = check_gradient(&beta, 1e-6, |b| bn_loss(&x, &gamma, b, &w))?;
-    for (what, check) in [("x", by_x), ("gamma", by_gamma), ("beta", by_beta)] {
-        assert!(check.max_abs_diff < 1e-6, "d/d{what}: {check:?}");
+    for relu in [false, true] {
+        let by_x = check_gradient(&x, 1e-6, |x| bn_loss(x, &gamma, &beta, &w, relu))?;
+        let by_gamma = check_gradient(&gamma, 1e-6, |g| bn_loss(&x, g, &beta, &w, relu))?;
+        let by_beta = check_gradient(&beta, 1e-6, |b| bn_loss(&x, &gamma, b, &w, relu))?;
+        for (what, check) in [("x", by_x), ("gamma", by_gamma), ("beta", by_beta)] {
+            assert!(
+                check.max_abs_diff < 1e-6,
+                "relu {relu}: d/d{what}: {check:?}"
+            );
+        }
     }
     Ok(())
 }
@@ -118,18 +124,21 @@ fn fused_batch_norm_equals_composed_in_f32() -> Result<()> {
     let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.3, 8, &dev)?)?;
     let beta = Var::from_tensor(&Tensor::randn(0f32, 0.3, 8, &dev)?)?;
     let w = Tensor::randn(0f32, 1., (4, 8, 5, 5), &dev)?;
-    let fused = batch_norm_train(&x, &gamma, &beta, 1e-5)?;
-    let composed = batch_norm_train_composed(&x, &gamma, &beta, 1e-5)?;
-    let max_diff =
-        |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
-    assert!(max_diff(&fused.output, &composed.output)? < 1e-5);
-    assert!(max_diff(&fused.mean, &composed.mean)? < 1e-5);
-    assert!(max_diff(&fused.var, &composed.var)? < 1e-5);
-    let g_fused = (fused.output * &w)?.sum_all()?.backward()?;
-    let g_composed = (composed.output * &w)?.sum_all()?.backward()?;
-    for var in [&x, &gamma, &beta] {
-        let (a, b) = (g_fused.get(var).unwrap(), g_composed.get(var).unwrap());
-        assert!(max_diff(a, b)? < 1e-4, "{:?}", var.shape());
+    for relu in [false, true] {
+        let fused = batch_norm_train(&x, &gamma, &beta, 1e-5, relu)?;
+        let composed = batch_norm_train_composed(&x, &gamma, &beta, 1e-5, relu)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        assert!(max_diff(&fused.output, &composed.output)? < 1e-5);
+        assert!(max_diff(&fused.mean, &composed.mean)? < 1e-5);
+        assert!(max_diff(&fused.var, &composed.var)? < 1e-5);
+        let g_fused = (fused.output * &w)?.sum_all()?.backward()?;
+        let g_composed = (composed.output * &w)?.sum_all()?.backward()?;
+        for var in [&x, &gamma, &beta] {
+            let (a, b) = (g_fused.get(var).unwrap(), g_composed.get(var).unwrap());
+            assert!(max_diff(a, b)? < 1e-4, "relu {relu}: {:?}", var.shape());
+        }
     }
     Ok(())
 }
@@ -138,7 +147,7 @@ fn fused_batch_norm_equals_composed_in_f32() -> Result<()> {
 fn batch_norm_needs_more_than_one_value_per_channel_in_training() -> Result<()> {
     let x = Tensor::ones((1, 2, 1, 1), DType::F32, &Device::Cpu)?;
     let ones = Tensor::ones(2, DType::F32, &Device::Cpu)?;
-    let err = batch_norm_train(&x, &ones, &ones, 1e-5)
+    let err = batch_norm_train(&x, &ones, &ones, 1e-5, false)
         .err()
         .unwrap()
         .to_string();
@@ -262,4 +271,19 @@ fn conv2d_rejects_mismatched_channels() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("input has 3 channels"), "{err}");
+}
+
+#[test]
+fn add_relu_backward_matches_finite_differences() -> Result<()> {
+    let a = distinct(&[2, 3, 4, 5])?;
+    let b = (distinct(&[2, 3, 4, 5])?.flip(&[3])? * 0.37)?;
+    let w = weights_like(&a)?;
+    let by_a = check_gradient(&a, 1e-6, |a| (add_relu(a, &b)? * &w)?.sum_all())?;
+    let by_b = check_gradient(&b, 1e-6, |b| (add_relu(&a, b)? * &w)?.sum_all())?;
+    for (what, check) in [("a", by_a), ("b", by_b)] {
+        assert!(check.max_abs_diff < 1e-6, "d/d{what}: {check:?}");
+    }
+    let err = add_relu(&a, &a.flatten_all()?).unwrap_err().to_string();
+    assert!(err.contains("shapes"), "{err}");
+    Ok(())
 }

@@ -52,8 +52,17 @@ impl BatchNorm2d {
         self.running_var.as_tensor()
     }
 
-    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        let out = batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+    /// `relu(self(x))` in one fused op when training; what ResNet calls after most convolutions.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            self.forward_train(x, true)
+        } else {
+            self.forward_eval(x)?.relu()
+        }
+    }
+
+    fn forward_train(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let out = batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
         let (n, _, h, w) = x.dims4()?;
         let count = (n * h * w) as f64;
         // Normalisation uses the biased variance, the running average the unbiased one.
@@ -86,7 +95,7 @@ impl BatchNorm2d {
 impl ModuleT for BatchNorm2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
-            self.forward_train(x)
+            self.forward_train(x, false)
         } else {
             self.forward_eval(x)
         }

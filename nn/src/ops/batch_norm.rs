@@ -1,19 +1,20 @@
-//! Training-mode batch normalisation over NCHW input as one fused op with a
-//! hand-written backward.
+//! Training-mode batch normalisation over NCHW input, optionally followed by ReLU, as
+//! one fused op with a hand-written backward.
 //!
-//! Composed from candle ops, a training BatchNorm is about ten passes over the
+//! Composed from candle ops, a training BatchNorm + ReLU is about a dozen passes over the
 //! activation forward and more backward, each allocating a tensor. The CPU path here
 //! makes two passes for the statistics and one for the output, and backward makes one
-//! pass for the per-channel sums and one for all three gradients. Other devices take the
-//! composed path, which also serves as the reference in the tests.
+//! pass for the per-channel sums and one for all three gradients (the ReLU mask comes from
+//! the output). Other devices take the composed path, which is also the reference the
+//! tests hold the fused kernel to.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Tensor, WithDType, bail,
+    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, bail,
 };
+use num_traits::Float;
 use rayon::prelude::*;
 
-use super::cpu::contiguous;
+use super::float::{Real, dispatch_real};
 
 /// Output of [`batch_norm_train`]: the normalised tensor and the per-channel batch
 /// statistics the running averages are updated with.
@@ -25,13 +26,15 @@ pub struct BatchNormOutput {
     pub var: Tensor,
 }
 
-/// Normalises `x` (NCHW) with its own per-channel statistics, then scales by `gamma` and
-/// shifts by `beta` (both `(C,)`). Differentiable with respect to all three.
+/// Normalises `x` (NCHW) with its own per-channel statistics, then scales by `gamma`,
+/// shifts by `beta` (both `(C,)`) and applies ReLU when `relu`. Differentiable with
+/// respect to `x`, `gamma` and `beta`.
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<BatchNormOutput> {
     let (n, c, h, w) = x.dims4()?;
     if n * h * w < 2 {
@@ -49,24 +52,30 @@ pub fn batch_norm_train(
         }
     }
     match x.device() {
-        Device::Cpu => fused(x, gamma, beta, eps),
-        _ => batch_norm_train_composed(x, gamma, beta, eps),
+        Device::Cpu => fused(x, gamma, beta, eps, relu),
+        _ => batch_norm_train_composed(x, gamma, beta, eps, relu),
     }
 }
 
-fn fused(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<BatchNormOutput> {
+fn fused(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<BatchNormOutput> {
     let x = x.contiguous()?;
     let stats = x.apply_op1_no_bwd(&ChannelStats)?;
     let (mean, var) = (stats.get(0)?, stats.get(1)?);
-    let mean_host = mean.to_vec1::<f64>()?;
-    let invstd = var
-        .to_vec1::<f64>()?
-        .iter()
-        .map(|v| 1.0 / (v + eps).sqrt())
-        .collect();
     let op = BatchNormTrain {
-        mean: mean_host,
-        invstd,
+        mean: mean.to_vec1::<f64>()?,
+        invstd: var
+            .to_vec1::<f64>()?
+            .iter()
+            .map(|v| 1.0 / (v + eps).sqrt())
+            .collect(),
+        gamma: gamma.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        relu,
     };
     let output = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
     Ok(BatchNormOutput {
@@ -83,6 +92,7 @@ pub fn batch_norm_train_composed(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<BatchNormOutput> {
     let channels = x.dim(1)?;
     let per_channel_mean = |t: &Tensor| t.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3);
@@ -94,7 +104,7 @@ pub fn batch_norm_train_composed(
         .broadcast_mul(&gamma.reshape((1, channels, 1, 1))?)?
         .broadcast_add(&beta.reshape((1, channels, 1, 1))?)?;
     Ok(BatchNormOutput {
-        output,
+        output: if relu { output.relu()? } else { output },
         mean: mean.flatten_all()?.detach(),
         var: var.flatten_all()?.detach(),
     })
@@ -134,14 +144,18 @@ impl Channels {
 struct ChannelStats;
 
 impl ChannelStats {
-    fn stats<T: WithDType>(x: &[T], ch: Channels) -> Vec<f64> {
+    fn stats<T: Real>(x: &[T], ch: Channels) -> Vec<f64> {
         let per_channel = ch.map(|c| {
-            let sum: f64 = ch.planes(x, c).flatten().map(|v| v.to_f64()).sum();
+            let sum: f64 = ch
+                .planes(x, c)
+                .flatten()
+                .map(|&v| WithDType::to_f64(v))
+                .sum();
             let mean = sum / ch.count();
             let sq: f64 = ch
                 .planes(x, c)
                 .flatten()
-                .map(|v| (v.to_f64() - mean).powi(2))
+                .map(|&v| (WithDType::to_f64(v) - mean).powi(2))
                 .sum();
             (mean, sq / ch.count())
         });
@@ -157,35 +171,41 @@ impl CustomOp1 for ChannelStats {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let ch = Channels::of(layout)?;
-        let stats = match storage {
-            CpuStorage::F32(x) => Self::stats(contiguous(x, layout, self.name())?, ch),
-            CpuStorage::F64(x) => Self::stats(contiguous(x, layout, self.name())?, ch),
-            other => bail!("batch_norm: unsupported dtype {:?}", other.dtype()),
-        };
+        let stats = dispatch_real!(storage, self.name(), |T| Self::stats(
+            T::elements(storage, layout, self.name())?,
+            ch
+        ));
         Ok((CpuStorage::F64(stats), Shape::from((2, ch.c))))
     }
 }
 
-/// `(x, gamma, beta) -> gamma * (x - mean) * invstd + beta` with the batch statistics
-/// computed beforehand.
+/// `(x, gamma, beta) -> [relu](gamma * (x - mean) * invstd + beta)` with the batch
+/// statistics computed beforehand. `gamma` is kept on the host for the backward.
 struct BatchNormTrain {
     mean: Vec<f64>,
     invstd: Vec<f64>,
+    gamma: Vec<f64>,
+    relu: bool,
 }
 
 impl BatchNormTrain {
-    fn normalise<T: WithDType>(&self, x: &[T], gamma: &[T], beta: &[T], ch: Channels) -> Vec<T> {
+    fn normalise<T: Real>(&self, x: &[T], beta: &[T], ch: Channels) -> Vec<T> {
         let mut out = vec![T::zero(); x.len()];
+        let floor = if self.relu {
+            T::zero()
+        } else {
+            T::neg_infinity()
+        };
         out.par_chunks_mut(ch.plane)
             .zip(x.par_chunks(ch.plane))
             .enumerate()
             .for_each(|(i, (out, x))| {
                 let c = i % ch.c;
-                let scale = gamma[c].to_f64() * self.invstd[c];
-                let shift = beta[c].to_f64() - self.mean[c] * scale;
-                let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
+                let scale = self.gamma[c] * self.invstd[c];
+                let shift = WithDType::to_f64(beta[c]) - self.mean[c] * scale;
+                let (scale, shift) = (T::lit(scale), T::lit(shift));
                 for (o, &v) in out.iter_mut().zip(x) {
-                    *o = v * scale + shift;
+                    *o = Float::max(v * scale + shift, floor);
                 }
             });
         out
@@ -201,37 +221,18 @@ impl CustomOp3 for BatchNormTrain {
         &self,
         x: &CpuStorage,
         x_layout: &Layout,
-        gamma: &CpuStorage,
-        gamma_layout: &Layout,
+        _gamma: &CpuStorage,
+        _gamma_layout: &Layout,
         beta: &CpuStorage,
         beta_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let ch = Channels::of(x_layout)?;
         let name = self.name();
-        let out = match (x, gamma, beta) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.normalise(
-                    contiguous(x, x_layout, name)?,
-                    contiguous(g, gamma_layout, name)?,
-                    contiguous(b, beta_layout, name)?,
-                    ch,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
-                CpuStorage::F64(self.normalise(
-                    contiguous(x, x_layout, name)?,
-                    contiguous(g, gamma_layout, name)?,
-                    contiguous(b, beta_layout, name)?,
-                    ch,
-                ))
-            }
-            (x, g, b) => bail!(
-                "batch_norm: input, weight and bias must share one float dtype, got {:?}, {:?}, {:?}",
-                x.dtype(),
-                g.dtype(),
-                b.dtype()
-            ),
-        };
+        let out = dispatch_real!(x, name, |T| T::storage(self.normalise(
+            T::elements(x, x_layout, name)?,
+            T::elements(beta, beta_layout, name)?,
+            ch
+        )));
         Ok((out, x_layout.shape().clone()))
     }
 
@@ -240,15 +241,17 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let backward = BatchNormTrainBackward {
             mean: self.mean.clone(),
             invstd: self.invstd.clone(),
+            gamma: self.gamma.clone(),
+            relu: self.relu,
         };
         // One buffer [dx | dgamma | dbeta], split by views without copying.
-        let packed = x.apply_op3_no_bwd(gamma, &grad_res.contiguous()?, &backward)?;
+        let packed = x.apply_op3_no_bwd(res, &grad_res.contiguous()?, &backward)?;
         let (numel, c) = (x.elem_count(), gamma.elem_count());
         let grad_x = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
         let grad_gamma = packed.narrow(0, numel, c)?;
@@ -257,48 +260,65 @@ impl CustomOp3 for BatchNormTrain {
     }
 }
 
-/// `(x, gamma, dy) -> [dx | dgamma | dbeta]` for [`BatchNormTrain`].
+/// `(x, y, dy) -> [dx | dgamma | dbeta]` for [`BatchNormTrain`]; `y` (the forward
+/// output) gives the ReLU mask.
 struct BatchNormTrainBackward {
     mean: Vec<f64>,
     invstd: Vec<f64>,
+    gamma: Vec<f64>,
+    relu: bool,
 }
 
 impl BatchNormTrainBackward {
-    fn gradients<T: WithDType>(&self, x: &[T], gamma: &[T], dy: &[T], ch: Channels) -> Vec<T> {
-        // Per channel: sum(dy) and sum(dy * (x - mean)).
+    fn gradients<T: Real>(&self, x: &[T], y: &[T], dy: &[T], ch: Channels) -> Vec<T> {
+        let relu = self.relu;
+        let masked = move |dy: T, y: T| {
+            if relu && y <= T::zero() {
+                T::zero()
+            } else {
+                dy
+            }
+        };
+        // Per channel: sum(dy) and sum(dy * (x - mean)), with dy after the ReLU mask.
         let sums = ch.map(|c| {
             let mean = self.mean[c];
-            ch.planes(dy, c)
-                .zip(ch.planes(x, c))
-                .fold((0f64, 0f64), |acc, (dy, x)| {
-                    dy.iter().zip(x).fold(acc, |(s, sx), (&dy, &x)| {
-                        let dy = dy.to_f64();
-                        (s + dy, sx + dy * (x.to_f64() - mean))
+            let planes = ch.planes(dy, c).zip(ch.planes(y, c)).zip(ch.planes(x, c));
+            planes.fold((0f64, 0f64), |acc, ((dy, y), x)| {
+                dy.iter()
+                    .zip(y)
+                    .zip(x)
+                    .fold(acc, |(s, sx), ((&dy, &y), &x)| {
+                        let dy = WithDType::to_f64(masked(dy, y));
+                        (s + dy, sx + dy * (WithDType::to_f64(x) - mean))
                     })
-                })
+            })
         });
         let numel = x.len();
         let mut out = vec![T::zero(); numel + 2 * ch.c];
         let (dx, dparams) = out.split_at_mut(numel);
         dx.par_chunks_mut(ch.plane)
-            .zip(x.par_chunks(ch.plane).zip(dy.par_chunks(ch.plane)))
+            .zip(
+                x.par_chunks(ch.plane)
+                    .zip(y.par_chunks(ch.plane))
+                    .zip(dy.par_chunks(ch.plane)),
+            )
             .enumerate()
-            .for_each(|(i, (dx, (x, dy)))| {
+            .for_each(|(i, (dx, ((x, y), dy)))| {
                 let c = i % ch.c;
                 let (sum_dy, sum_dy_xmu) = sums[c];
                 let invstd = self.invstd[c];
                 // dx = gamma * invstd * (dy - mean(dy) - (x - mean) * invstd² * mean(dy * (x - mean)))
-                let scale = gamma[c].to_f64() * invstd;
                 let k = invstd * invstd * sum_dy_xmu / ch.count();
                 let offset = sum_dy / ch.count() - self.mean[c] * k;
-                let (scale, k, offset) = (T::from_f64(scale), T::from_f64(k), T::from_f64(offset));
-                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                    *dx = scale * (dy - x * k - offset);
+                let (scale, k, offset) =
+                    (T::lit(self.gamma[c] * invstd), T::lit(k), T::lit(offset));
+                for (((dx, &x), &y), &dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+                    *dx = scale * (masked(dy, y) - x * k - offset);
                 }
             });
         for (c, (sum_dy, sum_dy_xmu)) in sums.into_iter().enumerate() {
-            dparams[c] = T::from_f64(sum_dy_xmu * self.invstd[c]);
-            dparams[ch.c + c] = T::from_f64(sum_dy);
+            dparams[c] = T::lit(sum_dy_xmu * self.invstd[c]);
+            dparams[ch.c + c] = T::lit(sum_dy);
         }
         out
     }
@@ -313,46 +333,26 @@ impl CustomOp3 for BatchNormTrainBackward {
         &self,
         x: &CpuStorage,
         x_layout: &Layout,
-        gamma: &CpuStorage,
-        gamma_layout: &Layout,
+        y: &CpuStorage,
+        y_layout: &Layout,
         dy: &CpuStorage,
         dy_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let ch = Channels::of(x_layout)?;
-        if dy_layout.shape() != x_layout.shape() {
+        let name = self.name();
+        if dy_layout.shape() != x_layout.shape() || y_layout.shape() != x_layout.shape() {
             bail!(
-                "{}: gradient shape {:?}, expected {:?}",
-                self.name(),
+                "{name}: gradient shape {:?}, expected {:?}",
                 dy_layout.shape(),
                 x_layout.shape()
             );
         }
-        let name = self.name();
-        let out = match (x, gamma, dy) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(dy)) => {
-                CpuStorage::F32(self.gradients(
-                    contiguous(x, x_layout, name)?,
-                    contiguous(g, gamma_layout, name)?,
-                    contiguous(dy, dy_layout, name)?,
-                    ch,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(dy)) => {
-                CpuStorage::F64(self.gradients(
-                    contiguous(x, x_layout, name)?,
-                    contiguous(g, gamma_layout, name)?,
-                    contiguous(dy, dy_layout, name)?,
-                    ch,
-                ))
-            }
-            (x, g, dy) => bail!(
-                "{name}: unsupported dtypes {:?}, {:?}, {:?}",
-                x.dtype(),
-                g.dtype(),
-                dy.dtype()
-            ),
-        };
-        let len = x_layout.shape().elem_count() + 2 * ch.c;
-        Ok((out, Shape::from(len)))
+        let out = dispatch_real!(x, name, |T| T::storage(self.gradients(
+            T::elements(x, x_layout, name)?,
+            T::elements(y, y_layout, name)?,
+            T::elements(dy, dy_layout, name)?,
+            ch
+        )));
+        Ok((out, Shape::from(x_layout.shape().elem_count() + 2 * ch.c)))
     }
 }

@@ -9,6 +9,8 @@
 //! groups wide enough for an efficient product, one group per task, so the threads never
 //! synchronise inside a product. Other devices use candle's `conv2d`.
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -104,12 +106,20 @@ impl Geometry {
         wide_enough.min(per_thread).max(1)
     }
 
-    /// For output column `o` along one axis and kernel offset `k`: the input index, if
-    /// inside the image.
-    fn source(&self, o: usize, k: usize, size: usize) -> Option<usize> {
-        (o * self.stride + k)
-            .checked_sub(self.padding)
-            .filter(|&i| i < size)
+    /// The output positions along one axis (input `size`) whose kernel tap `k` falls
+    /// inside the image; the rest read padding.
+    fn valid(&self, k: usize, size: usize, out: usize) -> Range<usize> {
+        let lo = self.padding.saturating_sub(k).div_ceil(self.stride);
+        let hi = match (size + self.padding).checked_sub(k + 1) {
+            Some(last) => (last / self.stride + 1).min(out),
+            None => 0,
+        };
+        lo..hi.max(lo)
+    }
+
+    /// Input index of output position `o` for kernel tap `k`, for `o` in [`Self::valid`].
+    fn source(&self, o: usize, k: usize) -> usize {
+        o * self.stride + k - self.padding
     }
 
     /// Writes the im2col matrix of `images` (consecutive NCHW images) into `col`, a
@@ -120,14 +130,25 @@ impl Geometry {
             for (row, (c, ky, kx)) in self.rows().enumerate() {
                 let plane = &image[c * self.h * self.w..][..self.h * self.w];
                 let dst = &mut col[row * width + g * l..][..l];
+                let (ys, xs) = (
+                    self.valid(ky, self.h, self.out_h),
+                    self.valid(kx, self.w, self.out_w),
+                );
                 for (oy, dst) in dst.chunks_exact_mut(self.out_w).enumerate() {
-                    let Some(iy) = self.source(oy, ky, self.h) else {
+                    if !ys.contains(&oy) || xs.is_empty() {
                         dst.fill(T::zero());
                         continue;
-                    };
-                    let src = &plane[iy * self.w..][..self.w];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        *d = self.source(ox, kx, self.w).map_or(T::zero(), |ix| src[ix]);
+                    }
+                    dst[..xs.start].fill(T::zero());
+                    dst[xs.end..].fill(T::zero());
+                    let src = &plane[self.source(oy, ky) * self.w + self.source(xs.start, kx)..];
+                    let dst = &mut dst[xs.clone()];
+                    if self.stride == 1 {
+                        dst.copy_from_slice(&src[..dst.len()]);
+                    } else {
+                        dst.iter_mut()
+                            .zip(src.iter().step_by(self.stride))
+                            .for_each(|(d, &s)| *d = s);
                     }
                 }
             }
@@ -142,16 +163,21 @@ impl Geometry {
             for (row, (c, ky, kx)) in self.rows().enumerate() {
                 let plane = &mut image[c * self.h * self.w..][..self.h * self.w];
                 let src = &col[row * width + g * l..][..l];
-                for (oy, src) in src.chunks_exact(self.out_w).enumerate() {
-                    let Some(iy) = self.source(oy, ky, self.h) else {
-                        continue;
-                    };
-                    let dst = &mut plane[iy * self.w..][..self.w];
-                    for (ox, &s) in src.iter().enumerate() {
-                        if let Some(ix) = self.source(ox, kx, self.w) {
-                            dst[ix] = dst[ix] + s;
-                        }
-                    }
+                let (ys, xs) = (
+                    self.valid(ky, self.h, self.out_h),
+                    self.valid(kx, self.w, self.out_w),
+                );
+                if xs.is_empty() {
+                    continue;
+                }
+                for oy in ys {
+                    let src = &src[oy * self.out_w..][xs.clone()];
+                    let dst =
+                        &mut plane[self.source(oy, ky) * self.w + self.source(xs.start, kx)..];
+                    dst.iter_mut()
+                        .step_by(self.stride)
+                        .zip(src)
+                        .for_each(|(d, &s)| *d = *d + s);
                 }
             }
         }

@@ -5,11 +5,10 @@
 //! output gradient to the input element that won its window (the first maximum in
 //! row-major order, as PyTorch does), found again from the input instead of being stored.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::contiguous;
+use super::float::{Real, dispatch_real};
 
 /// Window geometry of a square max-pool over NCHW input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +66,7 @@ impl MaxPool2d {
 
     /// Index (within its plane) of the first maximum of the window at output `(oy, ox)`.
     /// NaN wins, so that it propagates like in PyTorch.
-    fn argmax<T: Copy + PartialOrd>(&self, plane: &[T], p: &Planes, oy: usize, ox: usize) -> usize {
+    fn argmax<T: Real>(&self, plane: &[T], p: &Planes, oy: usize, ox: usize) -> usize {
         let y0 = (oy * self.stride) as isize - self.padding as isize;
         let x0 = (ox * self.stride) as isize - self.padding as isize;
         let ys = y0.max(0) as usize..((y0 + self.kernel as isize) as usize).min(p.h);
@@ -77,20 +76,19 @@ impl MaxPool2d {
             for x in xs.clone() {
                 let i = y * p.w + x;
                 let v = plane[i];
-                #[allow(clippy::eq_op)] // v != v is the generic NaN test
-                if v > plane[best] || v != v {
+                if v.is_nan() {
+                    return i;
+                }
+                if v > plane[best] {
                     best = i;
-                    if v != v {
-                        return best;
-                    }
                 }
             }
         }
         best
     }
 
-    fn pool<T: Copy + PartialOrd + Send + Sync + Default>(&self, x: &[T], p: &Planes) -> Vec<T> {
-        let mut out = vec![T::default(); p.count * p.out_h * p.out_w];
+    fn pool<T: Real>(&self, x: &[T], p: &Planes) -> Vec<T> {
+        let mut out = vec![T::zero(); p.count * p.out_h * p.out_w];
         out.par_chunks_mut(p.out_h * p.out_w)
             .zip(x.par_chunks(p.h * p.w))
             .for_each(|(pooled, plane)| {
@@ -103,13 +101,8 @@ impl MaxPool2d {
         out
     }
 
-    fn unpool<T: Copy + PartialOrd + Send + Sync + std::ops::AddAssign + Default>(
-        &self,
-        x: &[T],
-        grad_out: &[T],
-        p: &Planes,
-    ) -> Vec<T> {
-        let mut grad_in = vec![T::default(); x.len()];
+    fn unpool<T: Real>(&self, x: &[T], grad_out: &[T], p: &Planes) -> Vec<T> {
+        let mut grad_in = vec![T::zero(); x.len()];
         grad_in
             .par_chunks_mut(p.h * p.w)
             .zip(x.par_chunks(p.h * p.w))
@@ -149,15 +142,9 @@ impl CustomOp1 for MaxPool2d {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let p = self.planes(layout)?;
-        let out = match storage {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(self.pool(contiguous(x, layout, self.name())?, &p))
-            }
-            CpuStorage::F64(x) => {
-                CpuStorage::F64(self.pool(contiguous(x, layout, self.name())?, &p))
-            }
-            other => bail!("max_pool2d: unsupported dtype {:?}", other.dtype()),
-        };
+        let out = dispatch_real!(storage, self.name(), |T| T::storage(
+            self.pool(T::elements(storage, layout, self.name())?, &p)
+        ));
         Ok((out, p.out_shape()))
     }
 
@@ -192,23 +179,11 @@ impl CustomOp2 for MaxPool2dBackward {
             );
         }
         let name = self.name();
-        let grad_in = match (x, grad) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(pool.unpool(
-                contiguous(x, x_layout, name)?,
-                contiguous(g, grad_layout, name)?,
-                &p,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(pool.unpool(
-                contiguous(x, x_layout, name)?,
-                contiguous(g, grad_layout, name)?,
-                &p,
-            )),
-            (x, g) => bail!(
-                "max_pool2d_backward: unsupported dtypes {:?} / {:?}",
-                x.dtype(),
-                g.dtype()
-            ),
-        };
+        let grad_in = dispatch_real!(x, name, |T| T::storage(pool.unpool(
+            T::elements(x, x_layout, name)?,
+            T::elements(grad, grad_layout, name)?,
+            &p
+        )));
         Ok((grad_in, x_layout.shape().clone()))
     }
 }

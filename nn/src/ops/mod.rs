@@ -2,10 +2,10 @@
 
 pub mod batch_norm;
 pub mod conv2d;
-mod cpu;
-pub mod max_pool;
-mod float;
 pub mod dropout;
+mod float;
 pub mod gelu;
 pub mod layer_norm;
+pub mod max_pool;
+pub mod residual;
 pub mod softmax;

@@ -12,6 +12,7 @@ use super::batch_norm::BatchNorm2d;
 use crate::Error;
 use crate::ops::conv2d::{Conv2dParams, conv2d};
 use crate::ops::max_pool::MaxPool2d;
+use crate::ops::residual::add_relu;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockKind {
@@ -123,8 +124,11 @@ impl ConvBn {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn
-            .forward_t(&conv2d(x, &self.weight, self.params)?, train)
+        self.bn.forward_t(&conv2d(x, &self.weight, self.params)?, train)
+    }
+
+    fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.bn.forward_relu_t(&conv2d(x, &self.weight, self.params)?, train)
     }
 }
 
@@ -177,18 +181,17 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (last, inner) = self.convs.split_last().expect("a block has convolutions");
         let mut y = x.clone();
-        for (i, conv) in self.convs.iter().enumerate() {
-            if i > 0 {
-                y = y.relu()?;
-            }
-            y = conv.forward_t(&y, train)?;
+        for conv in inner {
+            y = conv.forward_relu_t(&y, train)?;
         }
+        let y = last.forward_t(&y, train)?;
         let shortcut = match &self.downsample {
             Some(downsample) => downsample.forward_t(x, train)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        add_relu(&y, &shortcut)
     }
 }
 
@@ -240,7 +243,7 @@ impl ResNet {
 impl ModuleT for ResNet {
     /// NCHW images to `(N, num_classes)` logits; `train` selects batch statistics.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut x = self.pool.forward(&self.stem.forward_t(x, train)?.relu()?)?;
+        let mut x = self.pool.forward(&self.stem.forward_relu_t(x, train)?)?;
         for block in &self.blocks {
             x = block.forward_t(&x, train)?;
         }
