@@ -244,3 +244,23 @@ fn a_nan_loss_on_one_rank_stops_or_skips_on_every_rank() {
         assert!(lines[3].starts_with("Updated { step: 4"), "{lines:?}");
     }
 }
+
+#[test]
+fn ranks_with_different_bucket_sizes_fail() {
+    let outputs = run_ranks(&[args(4, None, &[]), {
+        let mut a = args(4, None, &[]);
+        let at = a.iter().position(|x| x == "256").unwrap();
+        a[at] = "512".into();
+        a
+    }]);
+    for o in &outputs {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(
+            err.contains("rank 1 disagrees with rank 0")
+                && err.contains("buckets of 256 bytes")
+                && err.contains("buckets of 512 bytes"),
+            "{err}"
+        );
+    }
+}
