@@ -15,6 +15,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
 
+#[inline(always)]
 fn cdf<T: Real>(x: T) -> T {
     T::lit(0.5) * (T::one() + (x * T::lit(std::f64::consts::FRAC_1_SQRT_2)).erf())
 }
@@ -78,7 +79,10 @@ mod tests {
     #[test]
     fn forward_matches_candle() -> Result<()> {
         let x = Tensor::randn(0f32, 3.0, (3, 4097), &Device::Cpu)?;
-        let diff = (gelu_erf(&x)? - x.gelu_erf()?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (gelu_erf(&x)? - x.gelu_erf()?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-6, "max diff {diff}");
         Ok(())
     }
@@ -98,7 +102,10 @@ mod tests {
         let ours = gelu_erf(&x)?.sum_all()?.backward()?;
         let ours = ours.get(&x).unwrap().clone();
         let theirs = x.gelu_erf()?.sum_all()?.backward()?;
-        let diff = (ours - theirs.get(&x).unwrap())?.abs()?.max_all()?.to_dtype(DType::F64)?;
+        let diff = (ours - theirs.get(&x).unwrap())?
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?;
         assert!(diff.to_scalar::<f64>()? < 1e-5, "{diff}");
         Ok(())
     }

@@ -44,14 +44,15 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, bias: Option<&Tensor>) -> 
 }
 
 fn softmax_row<T: Real>(y: &mut [T], x: &[T], scale: T, bias: Option<&[T]>) {
-    let shifted = |i: usize| match bias {
-        Some(b) => scale * x[i] + b[i],
-        None => scale * x[i],
-    };
-    let max = (0..x.len()).fold(T::neg_infinity(), |m, i| num_traits::Float::max(m, shifted(i)));
+    // Separate simple passes (shift, max, exp + sum, normalise) so each vectorises.
+    match bias {
+        Some(bias) => y.iter_mut().zip(x).zip(bias).for_each(|((y, &x), &b)| *y = scale * x + b),
+        None => y.iter_mut().zip(x).for_each(|(y, &x)| *y = scale * x),
+    }
+    let max = y.iter().fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
     let mut sum = T::zero();
-    for (i, y) in y.iter_mut().enumerate() {
-        *y = (shifted(i) - max).fast_exp();
+    for y in y.iter_mut() {
+        *y = (*y - max).fast_exp();
         sum = sum + *y;
     }
     let inv = sum.recip();
