@@ -177,7 +177,7 @@ impl Geometry {
                     dst.iter_mut()
                         .step_by(self.stride)
                         .zip(src)
-                        .for_each(|(d, &s)| *d = *d + s);
+                        .for_each(|(d, &s)| *d += s);
                 }
             }
         }
@@ -346,7 +346,7 @@ impl Conv2dParams {
             )
             .map(|(dw, _)| dw)
             .reduce_with(|mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, &b)| *a = *a + b);
+                a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
                 a
             });
         if let Some(sum) = per_task_dw {
