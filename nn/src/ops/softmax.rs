@@ -46,17 +46,23 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, bias: Option<&Tensor>) -> 
 fn softmax_row<T: Real>(y: &mut [T], x: &[T], scale: T, bias: Option<&[T]>) {
     // Separate simple passes (shift, max, exp + sum, normalise) so each vectorises.
     match bias {
-        Some(bias) => y.iter_mut().zip(x).zip(bias).for_each(|((y, &x), &b)| *y = scale * x + b),
+        Some(bias) => y
+            .iter_mut()
+            .zip(x)
+            .zip(bias)
+            .for_each(|((y, &x), &b)| *y = scale * x + b),
         None => y.iter_mut().zip(x).for_each(|(y, &x)| *y = scale * x),
     }
-    let max = y.iter().fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
+    let max = y
+        .iter()
+        .fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
     let mut sum = T::zero();
     for y in y.iter_mut() {
         *y = (*y - max).fast_exp();
-        sum = sum + *y;
+        sum += *y;
     }
     let inv = sum.recip();
-    y.iter_mut().for_each(|y| *y = *y * inv);
+    y.iter_mut().for_each(|y| *y *= inv);
 }
 
 struct Softmax {
@@ -73,13 +79,18 @@ impl CustomOp1 for Softmax {
         let d = last_dim(layout, op)?;
         let y = dispatch_real!(x, op, |T| {
             let scale = T::lit(self.scale);
-            T::storage(map_rows(T::elements(x, layout, op)?, d, |y, x| softmax_row(y, x, scale, None)))
+            T::storage(map_rows(T::elements(x, layout, op)?, d, |y, x| {
+                softmax_row(y, x, scale, None)
+            }))
         });
         Ok((y, layout.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad { scale: self.scale })?))
+        Ok(Some(y.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &SoftmaxGrad { scale: self.scale },
+        )?))
     }
 }
 
@@ -96,7 +107,11 @@ fn biased_forward<T: Real>(x: &[T], bias: &[T], keys: usize, scale: T) -> Vec<T>
         .zip(x.par_chunks(rows_per_chunk * keys))
         .enumerate()
         .for_each(|(chunk, (y, x))| {
-            for (i, (y, x)) in y.chunks_exact_mut(keys).zip(x.chunks_exact(keys)).enumerate() {
+            for (i, (y, x)) in y
+                .chunks_exact_mut(keys)
+                .zip(x.chunks_exact(keys))
+                .enumerate()
+            {
                 let item = (chunk * rows_per_chunk + i) / rows_per_item;
                 softmax_row(y, x, scale, Some(&bias[item * keys..(item + 1) * keys]))
             }
@@ -195,7 +210,9 @@ mod tests {
         let w = Tensor::randn(0f64, 1.0, (3, 4, 6), &Device::Cpu)?;
         let check = check_gradient(&x, 1e-5, |x| (softmax_last_dim(x)? * &w)?.sum_all())?;
         assert!(check.max_rel_diff < 1e-8, "{check:?}");
-        let check = check_gradient(&x, 1e-5, |x| (attention_softmax(x, 0.25, None)? * &w)?.sum_all())?;
+        let check = check_gradient(&x, 1e-5, |x| {
+            (attention_softmax(x, 0.25, None)? * &w)?.sum_all()
+        })?;
         assert!(check.max_rel_diff < 1e-8, "scaled: {check:?}");
         Ok(())
     }
@@ -211,7 +228,9 @@ mod tests {
         let diff = (fused - composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "max diff {diff}");
         let w = Tensor::randn(0f64, 1.0, (2, 3, 4, 5), &dev)?;
-        let check = check_gradient(&x, 1e-5, |x| (attention_softmax(x, 0.3, Some(&bias))? * &w)?.sum_all())?;
+        let check = check_gradient(&x, 1e-5, |x| {
+            (attention_softmax(x, 0.3, Some(&bias))? * &w)?.sum_all()
+        })?;
         assert!(check.max_rel_diff < 1e-8, "{check:?}");
         Ok(())
     }

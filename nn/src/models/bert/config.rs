@@ -82,7 +82,11 @@ impl BertConfig {
         let kind: ModelKind = serde_json::from_str(text).map_err(|e| e.to_string())?;
         match kind.model_type.as_deref() {
             Some("bert") => {}
-            Some(other) => return Err(format!("model_type `{other}` is not supported, expected `bert`")),
+            Some(other) => {
+                return Err(format!(
+                    "model_type `{other}` is not supported, expected `bert`"
+                ));
+            }
             None => return Err("missing field `model_type` (expected `bert`)".into()),
         }
         if let Some(arch) = kind.architectures.iter().find(|a| !a.starts_with("Bert")) {
@@ -104,7 +108,9 @@ impl BertConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -112,7 +118,10 @@ impl BertConfig {
         }
         for (name, p) in [
             ("hidden_dropout_prob", self.hidden_dropout_prob),
-            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
             ("classifier_dropout", self.classifier_dropout()),
         ] {
             if !(0.0..1.0).contains(&p) {
@@ -155,11 +164,26 @@ mod tests {
     fn rejects_what_the_model_cannot_run_and_names_it() {
         let cases = [
             (MINILM.replace("\"gelu\"", "\"swish\""), "swish"),
-            (MINILM.replace("\"bert\"", "\"roberta\""), "model_type `roberta`"),
-            (MINILM.replace("BertModel", "GPT2LMHeadModel"), "architecture `GPT2LMHeadModel`"),
-            (MINILM.replace("\"absolute\"", "\"relative_key\""), "relative_key"),
-            (MINILM.replace("\"num_attention_heads\": 12", "\"num_attention_heads\": 7"), "not a multiple"),
-            (MINILM.replace("\"hidden_size\": 384,", ""), "missing field `hidden_size`"),
+            (
+                MINILM.replace("\"bert\"", "\"roberta\""),
+                "model_type `roberta`",
+            ),
+            (
+                MINILM.replace("BertModel", "GPT2LMHeadModel"),
+                "architecture `GPT2LMHeadModel`",
+            ),
+            (
+                MINILM.replace("\"absolute\"", "\"relative_key\""),
+                "relative_key",
+            ),
+            (
+                MINILM.replace("\"num_attention_heads\": 12", "\"num_attention_heads\": 7"),
+                "not a multiple",
+            ),
+            (
+                MINILM.replace("\"hidden_size\": 384,", ""),
+                "missing field `hidden_size`",
+            ),
         ];
         for (json, expected) in cases {
             let err = BertConfig::from_json(&json).unwrap_err();
@@ -174,7 +198,10 @@ mod tests {
         let path = dir.join("config.json");
         std::fs::write(&path, MINILM.replace("\"gelu\"", "\"tanh\"")).unwrap();
         let err = BertConfig::from_file(&path).unwrap_err().to_string();
-        assert!(err.starts_with(&path.display().to_string()) && err.contains("tanh"), "{err}");
+        assert!(
+            err.starts_with(&path.display().to_string()) && err.contains("tanh"),
+            "{err}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

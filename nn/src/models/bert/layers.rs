@@ -14,7 +14,10 @@ pub(crate) struct Dense {
 
 impl Dense {
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, init_std: f64) -> Result<Self> {
-        let init = Init::Randn { mean: 0., stdev: init_std };
+        let init = Init::Randn {
+            mean: 0.,
+            stdev: init_std,
+        };
         Ok(Self {
             weight: vb.get_with_hints((out_dim, in_dim), "weight", init)?,
             bias: vb.get_with_hints(out_dim, "bias", Init::Const(0.))?,
@@ -68,7 +71,9 @@ pub(crate) fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
 pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
     let (batch, seq) = mask.dims2()?;
     let keep = mask.to_dtype(DType::F32)?;
-    ((1. - keep)? * -1e4)?.to_dtype(dtype)?.reshape((batch, 1, 1, seq))
+    ((1. - keep)? * -1e4)?
+        .to_dtype(dtype)?
+        .reshape((batch, 1, 1, seq))
 }
 
 pub(crate) struct SelfAttention {
@@ -80,7 +85,13 @@ pub(crate) struct SelfAttention {
 }
 
 impl SelfAttention {
-    pub fn new(vb: VarBuilder, hidden: usize, heads: usize, dropout: f64, init_std: f64) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        hidden: usize,
+        heads: usize,
+        dropout: f64,
+        init_std: f64,
+    ) -> Result<Self> {
         Ok(Self {
             query: Dense::new(vb.pp("query"), hidden, hidden, init_std)?,
             key: Dense::new(vb.pp("key"), hidden, hidden, init_std)?,
@@ -91,7 +102,13 @@ impl SelfAttention {
     }
 
     /// x: (batch * seq, hidden); bias: (batch, 1, 1, seq) from [`attention_bias`].
-    pub fn forward(&self, x: &Tensor, batch: usize, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let (rows, hidden) = x.dims2()?;
         let (seq, head_size) = (rows / batch, hidden / self.heads);
         let split_heads = |t: Tensor| {
@@ -117,7 +134,14 @@ pub(crate) struct ResidualNorm {
 }
 
 impl ResidualNorm {
-    pub fn new(vb: VarBuilder, in_dim: usize, hidden: usize, eps: f64, dropout: f64, init_std: f64) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        in_dim: usize,
+        hidden: usize,
+        eps: f64,
+        dropout: f64,
+        init_std: f64,
+    ) -> Result<Self> {
         Ok(Self {
             dense: Dense::new(vb.pp("dense"), in_dim, hidden, init_std)?,
             norm: Norm::new(vb.pp("LayerNorm"), hidden, eps)?,

@@ -28,9 +28,12 @@ pub fn load_sequence_classifier(
     let config = BertConfig::from_file(&config_file)?;
     let vb = VarBuilder::from_varmap(varmap, dtype, device);
     let model = BertForSequenceClassification::new(vb, &config, num_labels, pooling)?;
-    load_weights(varmap, &dir.join("model.safetensors"), &config_file, |name| {
-        name.starts_with("classifier.") || name.starts_with("bert.pooler.")
-    })?;
+    load_weights(
+        varmap,
+        &dir.join("model.safetensors"),
+        &config_file,
+        |name| name.starts_with("classifier.") || name.starts_with("bert.pooler."),
+    )?;
     Ok((config, model))
 }
 
@@ -50,7 +53,10 @@ pub fn load_weights(
         .into_iter()
         .map(|(name, t)| (model_name(&name), (name, t)))
         .collect();
-    let vars = varmap.data().lock().expect("a VarMap lock is only poisoned by a panic");
+    let vars = varmap
+        .data()
+        .lock()
+        .expect("a VarMap lock is only poisoned by a panic");
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();
     for name in names {
@@ -63,7 +69,9 @@ pub fn load_weights(
             return Err(Error::Checkpoint {
                 file: file.to_owned(),
                 tensor: name.clone(),
-                reason: format!("missing (looked for `{name}`, without the `bert.` prefix too, and `gamma`/`beta` for LayerNorm)"),
+                reason: format!(
+                    "missing (looked for `{name}`, without the `bert.` prefix too, and `gamma`/`beta` for LayerNorm)"
+                ),
             });
         };
         if tensor.dims() != var.dims() {
@@ -104,7 +112,11 @@ fn model_name(name: &str) -> String {
 /// Loads a `tokenizer.json` for `config`: fixed padding is turned off (a batch is padded
 /// to its longest sequence by the caller), truncation is capped at the model's maximum
 /// positions, and a vocabulary larger than the embedding matrix is an error.
-pub fn load_tokenizer(file: &Path, config: &BertConfig, config_file: &Path) -> Result<tokenizers::Tokenizer> {
+pub fn load_tokenizer(
+    file: &Path,
+    config: &BertConfig,
+    config_file: &Path,
+) -> Result<tokenizers::Tokenizer> {
     let mut tokenizer = tokenizers::Tokenizer::from_file(file).map_err(|e| Error::File {
         file: file.to_owned(),
         reason: format!("cannot load tokenizer: {e}"),
@@ -113,9 +125,14 @@ pub fn load_tokenizer(file: &Path, config: &BertConfig, config_file: &Path) -> R
     tokenizer.with_padding(None);
     let max_length = tokenizer
         .get_truncation()
-        .map_or(config.max_position_embeddings, |t| t.max_length.min(config.max_position_embeddings));
+        .map_or(config.max_position_embeddings, |t| {
+            t.max_length.min(config.max_position_embeddings)
+        });
     tokenizer
-        .with_truncation(Some(tokenizers::TruncationParams { max_length, ..Default::default() }))
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length,
+            ..Default::default()
+        }))
         .map_err(|e| Error::File {
             file: file.to_owned(),
             reason: format!("cannot set truncation to {max_length}: {e}"),
@@ -124,7 +141,12 @@ pub fn load_tokenizer(file: &Path, config: &BertConfig, config_file: &Path) -> R
 }
 
 /// Token ids index the word embeddings: every id the tokenizer can produce must have a row.
-pub fn check_vocabulary(vocab_size: usize, tokenizer_file: &Path, config: &BertConfig, config_file: &Path) -> Result<()> {
+pub fn check_vocabulary(
+    vocab_size: usize,
+    tokenizer_file: &Path,
+    config: &BertConfig,
+    config_file: &Path,
+) -> Result<()> {
     if vocab_size > config.vocab_size {
         return Err(Error::Vocabulary {
             tokenizer: tokenizer_file.to_owned(),
@@ -143,9 +165,18 @@ mod tests {
     #[test]
     fn checkpoint_names_map_to_model_names() {
         for (file, model) in [
-            ("embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight"),
-            ("bert.embeddings.LayerNorm.gamma", "bert.embeddings.LayerNorm.weight"),
-            ("encoder.layer.0.output.LayerNorm.beta", "bert.encoder.layer.0.output.LayerNorm.bias"),
+            (
+                "embeddings.word_embeddings.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+            (
+                "bert.embeddings.LayerNorm.gamma",
+                "bert.embeddings.LayerNorm.weight",
+            ),
+            (
+                "encoder.layer.0.output.LayerNorm.beta",
+                "bert.encoder.layer.0.output.LayerNorm.bias",
+            ),
             ("classifier.weight", "classifier.weight"),
         ] {
             assert_eq!(model_name(file), model);

@@ -2,7 +2,9 @@
 //! computes them, with dropout active only when training.
 
 use super::config::{BertConfig, HiddenAct};
-use super::layers::{Dense, Norm, ResidualNorm, SelfAttention, attention_bias, dropout, masked_mean};
+use super::layers::{
+    Dense, Norm, ResidualNorm, SelfAttention, attention_bias, dropout, masked_mean,
+};
 use crate::ops::gelu::gelu_erf;
 use candle_core::{DType, IndexOp, Result, Tensor, bail};
 use candle_nn::{Embedding, Init, VarBuilder};
@@ -30,8 +32,13 @@ struct Embeddings {
 impl Embeddings {
     fn new(vb: VarBuilder, c: &BertConfig) -> Result<Self> {
         let table = |name: &str, rows: usize| -> Result<Embedding> {
-            let init = Init::Randn { mean: 0., stdev: c.initializer_range };
-            let weight = vb.pp(name).get_with_hints((rows, c.hidden_size), "weight", init)?;
+            let init = Init::Randn {
+                mean: 0.,
+                stdev: c.initializer_range,
+            };
+            let weight = vb
+                .pp(name)
+                .get_with_hints((rows, c.hidden_size), "weight", init)?;
             Ok(Embedding::new(weight, c.hidden_size))
         };
         Ok(Self {
@@ -49,7 +56,10 @@ impl Embeddings {
         let ids = &input.input_ids;
         let (batch, seq) = ids.dims2()?;
         if seq > self.max_positions {
-            bail!("bert: sequence length {seq} exceeds max_position_embeddings {}", self.max_positions)
+            bail!(
+                "bert: sequence length {seq} exceeds max_position_embeddings {}",
+                self.max_positions
+            )
         }
         let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
         let token_types = match &input.token_type_ids {
@@ -84,15 +94,35 @@ impl Layer {
                 c.attention_probs_dropout_prob,
                 std,
             )?,
-            attention_output: ResidualNorm::new(vb.pp("attention.output"), h, h, eps, c.hidden_dropout_prob, std)?,
+            attention_output: ResidualNorm::new(
+                vb.pp("attention.output"),
+                h,
+                h,
+                eps,
+                c.hidden_dropout_prob,
+                std,
+            )?,
             intermediate: Dense::new(vb.pp("intermediate.dense"), h, c.intermediate_size, std)?,
             activation: c.hidden_act,
-            output: ResidualNorm::new(vb.pp("output"), c.intermediate_size, h, eps, c.hidden_dropout_prob, std)?,
+            output: ResidualNorm::new(
+                vb.pp("output"),
+                c.intermediate_size,
+                h,
+                eps,
+                c.hidden_dropout_prob,
+                std,
+            )?,
         })
     }
 
     /// x: (batch * seq, hidden).
-    fn forward(&self, x: &Tensor, batch: usize, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let attended = self.attention.forward(x, batch, bias, train)?;
         let x = self.attention_output.forward(&attended, x, train)?;
         let inner = self.intermediate.forward(&x)?;
@@ -170,7 +200,12 @@ pub struct BertForSequenceClassification {
 }
 
 impl BertForSequenceClassification {
-    pub fn new(vb: VarBuilder, config: &BertConfig, num_labels: usize, pooling: Pooling) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        config: &BertConfig,
+        num_labels: usize,
+        pooling: Pooling,
+    ) -> Result<Self> {
         let (h, std) = (config.hidden_size, config.initializer_range);
         let pooler = match pooling {
             Pooling::Cls => Some(Dense::new(vb.pp("bert.pooler.dense"), h, h, std)?),
@@ -190,7 +225,13 @@ impl BertForSequenceClassification {
             Some(dense) => dense.forward(&hidden.i((.., 0))?)?.tanh()?,
             None => masked_mean(&hidden, input.attention_mask.as_ref())?,
         };
-        let logits = self.classifier.forward(&dropout(&pooled, self.dropout, train)?)?;
-        Ok(ClassifierOutput { hidden, pooled, logits })
+        let logits = self
+            .classifier
+            .forward(&dropout(&pooled, self.dropout, train)?)?;
+        Ok(ClassifierOutput {
+            hidden,
+            pooled,
+            logits,
+        })
     }
 }
