@@ -114,6 +114,23 @@ struct Timings {
     backward: Vec<f64>,
     optimizer: Vec<f64>,
     step: Vec<f64>,
+    /// CPU seconds this process used per step: on a shared machine, wall time counts
+    /// other processes' load too, CPU time much less.
+    cpu: Vec<f64>,
+}
+
+/// User + system CPU seconds of this process (Linux `/proc/self/stat`, 100 ticks/s).
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -135,7 +152,7 @@ fn bench(hw: usize, batch: usize, args: &Args) -> Result<Timings> {
     let labels = Tensor::rand(0f32, 10., batch, &device)?.to_dtype(DType::U32)?;
     let mut t = Timings::default();
     for i in 0..args.warmup + args.steps {
-        let t0 = Instant::now();
+        let (t0, cpu0) = (Instant::now(), process_cpu_seconds());
         let loss = candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &labels)?;
         loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
@@ -148,6 +165,7 @@ fn bench(hw: usize, batch: usize, args: &Args) -> Result<Timings> {
             t.backward.push((t2 - t1).as_secs_f64());
             t.optimizer.push((t3 - t2).as_secs_f64());
             t.step.push((t3 - t0).as_secs_f64());
+            t.cpu.push(process_cpu_seconds() - cpu0);
         }
     }
     Ok(t)
@@ -218,12 +236,13 @@ fn main() -> Result<()> {
         let t = bench(hw, batch, &args)?;
         let sps = batch as f64 / median(&t.step);
         println!(
-            "candle ResNet-18 train {hw}x{hw} batch {batch}, {} threads: {sps:.2} samples/s | step {:.0} ms = fwd {:.0} + bwd {:.0} + opt {:.0} ms",
+            "candle ResNet-18 train {hw}x{hw} batch {batch}, {} threads: {sps:.2} samples/s | step {:.0} ms = fwd {:.0} + bwd {:.0} + opt {:.0} ms | {:.2} CPU s/step",
             args.threads,
             median(&t.step) * 1e3,
             median(&t.forward) * 1e3,
             median(&t.backward) * 1e3,
-            median(&t.optimizer) * 1e3
+            median(&t.optimizer) * 1e3,
+            median(&t.cpu)
         );
         rows.push((
             (hw, batch),

@@ -284,22 +284,31 @@ impl Conv2dParams {
                 |(col, product), (out, x)| {
                     let width = x.len() / g.in_image() * g.l();
                     g.im2col(x, col);
-                    let product = &mut product[..g.c_out * width];
-                    matmul(
-                        product,
-                        (g.c_out, width, g.k()),
-                        row_major(weight, g.k()),
-                        row_major(col, width),
-                        false,
-                    );
-                    g.scatter_out(product, out);
+                    let shape = (g.c_out, width, g.k());
+                    let (weight, col) = (row_major(weight, g.k()), row_major(col, width));
+                    // One image's output already is the `C_out x L` matrix.
+                    if width == g.l() {
+                        matmul(out, shape, weight, col, false);
+                    } else {
+                        let product = &mut product[..g.c_out * width];
+                        matmul(product, shape, weight, col, false);
+                        g.scatter_out(product, out);
+                    }
                 },
             );
         out
     }
 
-    /// `[dx | dW]` in one buffer.
-    fn backward<T: Real>(&self, x: &[T], weight: &[T], dy: &[T], g: &Geometry) -> Vec<T> {
+    /// `[dx | dW]` in one buffer; `dx` stays zero (and its pages untouched) unless
+    /// `input_grad`.
+    fn backward<T: Real>(
+        &self,
+        x: &[T],
+        weight: &[T],
+        dy: &[T],
+        g: &Geometry,
+        input_grad: bool,
+    ) -> Vec<T> {
         let group = g.group();
         let kernel_len = g.c_out * g.k();
         let mut out = vec![T::zero(); x.len() + kernel_len];
@@ -318,30 +327,39 @@ impl Conv2dParams {
                     );
                     (vec![T::zero(); kernel_len], buffers)
                 },
-                |(mut dw, (mut col, mut dy_matrix)), (dx, (x, dy))| {
+                |(mut dw, (mut col, mut dy_buffer)), (dx, (x, dy))| {
                     let width = x.len() / g.in_image() * g.l();
-                    let dy_matrix_used = &mut dy_matrix[..g.c_out * width];
-                    g.gather_out(dy, dy_matrix_used);
+                    // One image's gradient already is the `C_out x L` matrix.
+                    let dy_matrix = if width == g.l() {
+                        dy
+                    } else {
+                        g.gather_out(dy, &mut dy_buffer[..g.c_out * width]);
+                        &dy_buffer[..g.c_out * width]
+                    };
                     g.im2col(x, &mut col);
                     // dW += dY · col(x)ᵀ
+                    let shape = (g.c_out, g.k(), width);
                     matmul(
                         &mut dw,
-                        (g.c_out, g.k(), width),
-                        row_major(dy_matrix_used, width),
+                        shape,
+                        row_major(dy_matrix, width),
                         transposed(&col, width),
                         true,
                     );
-                    // col(dx) = Wᵀ · dY, then folded back onto the images.
-                    let dcol = &mut col[..g.k() * width];
-                    matmul(
-                        dcol,
-                        (g.k(), width, g.c_out),
-                        transposed(weight, g.k()),
-                        row_major(dy_matrix_used, width),
-                        false,
-                    );
-                    g.col2im(dcol, dx);
-                    (dw, (col, dy_matrix))
+                    if input_grad {
+                        // col(dx) = Wᵀ · dY, then folded back onto the images.
+                        let dcol = &mut col[..g.k() * width];
+                        let shape = (g.k(), width, g.c_out);
+                        matmul(
+                            dcol,
+                            shape,
+                            transposed(weight, g.k()),
+                            row_major(dy_matrix, width),
+                            false,
+                        );
+                        g.col2im(dcol, dx);
+                    }
+                    (dw, (col, dy_buffer))
                 },
             )
             .map(|(dw, _)| dw)
@@ -384,18 +402,27 @@ impl CustomOp2 for Conv2dParams {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let packed = x.apply_op3_no_bwd(weight, &grad_res.contiguous()?, &Conv2dBackward(*self))?;
+        // The images entering the stem need no gradient: skip half of its backward.
+        let input_grad = x.track_op();
+        let backward = Conv2dBackward {
+            params: *self,
+            input_grad,
+        };
+        let packed = x.apply_op3_no_bwd(weight, &grad_res.contiguous()?, &backward)?;
         let n = x.elem_count();
         let grad_x = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let grad_w = packed
             .narrow(0, n, weight.elem_count())?
             .reshape(weight.shape())?;
-        Ok((Some(grad_x), Some(grad_w)))
+        Ok((input_grad.then_some(grad_x), Some(grad_w)))
     }
 }
 
 /// `(x, weight, dy) -> [dx | dW]` for [`Conv2dParams`].
-struct Conv2dBackward(Conv2dParams);
+struct Conv2dBackward {
+    params: Conv2dParams,
+    input_grad: bool,
+}
 
 impl candle_core::CustomOp3 for Conv2dBackward {
     fn name(&self) -> &'static str {
@@ -411,7 +438,7 @@ impl candle_core::CustomOp3 for Conv2dBackward {
         dy: &CpuStorage,
         dy_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(x_l, w_l, self.0)?;
+        let g = Geometry::new(x_l, w_l, self.params)?;
         if dy_l.shape().dims() != [g.batch, g.c_out, g.out_h, g.out_w] {
             bail!(
                 "conv2d_backward: gradient shape {:?} does not match the output",
@@ -422,7 +449,7 @@ impl candle_core::CustomOp3 for Conv2dBackward {
             let x = T::elements(x, x_l, self.name())?;
             let w = T::elements(w, w_l, self.name())?;
             let dy = T::elements(dy, dy_l, self.name())?;
-            T::storage(self.0.backward(x, w, dy, &g))
+            T::storage(self.params.backward(x, w, dy, &g, self.input_grad))
         });
         Ok((
             out,
