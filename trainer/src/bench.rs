@@ -264,10 +264,14 @@ pub fn ddp_drive(world_sizes: &[usize], iters: usize, bucket_bytes: usize) -> Re
         let [ddp_ms, raw_ms, n] = v[..] else {
             return Err(Error::Config(format!("bench ddp rank 0 printed {line:?}")));
         };
+        let overhead = if world > 1 {
+            format!("{:.2}x", ddp_ms / raw_ms)
+        } else {
+            "-".into()
+        };
         table.push_str(&format!(
-            "| {world} | {n} | {:.0} | {ddp_ms:.1} | {raw_ms:.1} | {:.2}x |\n",
+            "| {world} | {n} | {:.0} | {ddp_ms:.1} | {raw_ms:.1} | {overhead} |\n",
             bucket_bytes as f64 / (1 << 20) as f64,
-            ddp_ms / raw_ms
         ));
     }
     Ok(table)

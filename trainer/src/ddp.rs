@@ -131,6 +131,15 @@ impl Ddp {
             buckets,
             ..
         } = self;
+        if comm.world_size() == 1 {
+            // Nothing to average: only give absent gradients their zeros, as n ranks would.
+            for (i, p) in params.iter().enumerate() {
+                if grads.get(i).is_none() {
+                    grads.set(i, p.var.zeros_like()?);
+                }
+            }
+            return Ok(loss_non_finite);
+        }
         let last = buckets.len() - 1;
         let flag = if loss_non_finite { 1.0 } else { 0.0 };
         let comm = comm.as_mut();
