@@ -368,3 +368,28 @@ fn snapshot_f32(vars: &ModelVars) -> std::collections::HashMap<String, Vec<f32>>
         })
         .collect()
 }
+
+#[test]
+fn updates_follow_the_learning_rate_schedule() -> Result<()> {
+    let (vars, mlp) = model(&[])?;
+    let mut cfg = StepConfig::new(0.1);
+    cfg.schedule = Schedule::WarmupLinear {
+        warmup: 2,
+        total: 4,
+    };
+    let mut stepper = Stepper::new(cfg, &vars, OptimizerConfig::sgd(0.0, false, 0.0), None)?;
+    let mut lrs = Vec::new();
+    for step in 0..5u64 {
+        let (x, y) = batch(step * 4..step * 4 + 4, &Device::Cpu)?;
+        match stepper.backward(&loss(&mlp, &x, &y)?)? {
+            StepOutcome::Updated { lr, .. } => lrs.push(lr),
+            other => panic!("{other:?}"),
+        }
+    }
+    let want = [0.0, 0.05, 0.1, 0.05, 0.0];
+    assert!(
+        lrs.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12),
+        "{lrs:?}"
+    );
+    Ok(())
+}
