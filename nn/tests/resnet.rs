@@ -383,6 +383,38 @@ fn bad_checkpoints_are_errors_naming_file_and_tensor() -> Result<()> {
         .to_string();
     assert!(err.contains("not a ResNet checkpoint"), "{err}");
 
+    let with_config = dir.join("model.safetensors");
+    save_as(&varmap, &layout, &with_config, &[])?;
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"hidden_act": "gelu", "layer_type": "basic"}"#,
+    )
+    .unwrap();
+    let err = load_resnet(&with_config, 10, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("hidden_act `gelu`"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"hidden_act": "relu", "downsample_in_bottleneck": true}"#,
+    )
+    .unwrap();
+    let err = load_resnet(&with_config, 10, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("downsample_in_bottleneck"), "{err}");
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"hidden_act": "relu", "downsample_in_bottleneck": false}"#,
+    )
+    .unwrap();
+    assert!(load_resnet(&with_config, 10, &Device::Cpu).is_ok());
+
     let err = load_resnet(&dir.join("absent.safetensors"), 10, &Device::Cpu)
         .err()
         .unwrap()

@@ -110,6 +110,39 @@ fn infer_config(
     })
 }
 
+/// The tensors cannot tell every architecture variant apart: a Hugging Face
+/// `config.json` beside the weights that asks for one this model does not implement
+/// (another activation, stride on the 1x1 convolution) is an error, not a silently
+/// different network.
+fn check_hugging_face_config(weights: &Path) -> Result<()> {
+    let path = weights.with_file_name("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let config_error = |reason: String| Error::Config {
+        file: path.clone(),
+        reason,
+    };
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| config_error(format!("invalid JSON: {e}")))?;
+    if let Some(act) = config.get("hidden_act").and_then(|v| v.as_str())
+        && act != "relu"
+    {
+        return Err(config_error(format!(
+            "hidden_act `{act}` is not supported (ResNet here uses relu)"
+        )));
+    }
+    for flag in ["downsample_in_bottleneck", "downsample_in_first_stage"] {
+        if config.get(flag).and_then(|v| v.as_bool()) == Some(true) {
+            return Err(config_error(format!(
+                "`{flag}: true` is not supported (torchvision layout: stride on the 3x3 \
+                 convolution, first stage not downsampled)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A ResNet and the variables it trains, loaded from a safetensors checkpoint.
 pub struct LoadedResNet {
     pub model: ResNet,
@@ -134,6 +167,9 @@ pub fn load_resnet(file: &Path, num_classes: usize, device: &Device) -> Result<L
                  `resnet.embedder.embedder.convolution.weight` (Hugging Face)"
             .into(),
     })?;
+    if matches!(layout, WeightLayout::HuggingFace { .. }) {
+        check_hugging_face_config(file)?;
+    }
     let config = infer_config(&tensors, &layout, file, num_classes)?;
     let varmap = VarMap::new();
     let model = ResNet::new(
@@ -155,7 +191,11 @@ pub fn load_resnet(file: &Path, num_classes: usize, device: &Device) -> Result<L
             false
         }
     };
-    let vars = varmap.data().lock().expect("VarMap lock poisoned").clone();
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?
+        .clone();
     for (name, var) in vars {
         if name.starts_with("fc.") && !keep_head {
             continue;
