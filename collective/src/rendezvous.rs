@@ -109,7 +109,7 @@ impl RendezvousConfig {
     /// (`RINGMASTER_TOKEN` or `RINGMASTER_TOKEN_FILE`) and the optional
     /// `RINGMASTER_TIMEOUT_S` (60), `RINGMASTER_RENDEZVOUS_TIMEOUT_S` (300),
     /// `RINGMASTER_RING_ORDER` (e.g. `0,2,1,3`), `RINGMASTER_RING_STREAMS` (2),
-    /// `RINGMASTER_RING_CHUNK_BYTES` (512 KiB), `RINGMASTER_RING_SMALL_BYTES` (1 MiB),
+    /// `RINGMASTER_RING_CHUNK_BYTES` (1 MiB), `RINGMASTER_RING_SMALL_BYTES` (1 MiB),
     /// `RINGMASTER_TRANSPORT` (`auto`: shared memory when all ranks share this host; `tcp`).
     pub fn from_env() -> Result<Self> {
         let rank = env_required("RANK", "a rank number")?;

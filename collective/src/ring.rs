@@ -30,7 +30,7 @@ pub struct RingConfig {
     pub timeout: Duration,
     /// TCP connections per neighbour; each has a sender and a receiver thread.
     pub streams: usize,
-    /// Largest pipeline chunk (with shared memory: the slot size).
+    /// Largest pipeline chunk (with shared memory: the slot size, at most 512 KiB).
     pub chunk_bytes: usize,
     /// Buffers whose size times (world size - 1) is at most this take the low-latency
     /// path (also capped by what every rank's socket send buffer holds).
@@ -74,7 +74,7 @@ impl Default for RingConfig {
         RingConfig {
             timeout: Duration::from_secs(60),
             streams: 2,
-            chunk_bytes: 512 << 10,
+            chunk_bytes: 1 << 20,
             small_max_bytes: 1 << 20,
             transport: Transport::Auto,
         }

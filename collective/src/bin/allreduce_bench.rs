@@ -12,7 +12,7 @@ use ringmaster_collective::bench::{self, BenchArgs};
     about = "All-reduce (f32 sum) bus bandwidth of the TCP ring on loopback, with the same sizes, \
              iteration rules and busbw formula as bench-baselines/allreduce_bench.py (Gloo).",
     after_help = "Ring tuning is read from the environment by every rank: RINGMASTER_RING_STREAMS (2), \
-                  RINGMASTER_RING_CHUNK_BYTES (524288), RINGMASTER_RING_SMALL_BYTES (1048576), RINGMASTER_TIMEOUT_S (60), RINGMASTER_TRANSPORT (auto: shared memory between ranks on one host; tcp).\n\
+                  RINGMASTER_RING_CHUNK_BYTES (1048576), RINGMASTER_RING_SMALL_BYTES (1048576), RINGMASTER_TIMEOUT_S (60), RINGMASTER_TRANSPORT (auto: shared memory between ranks on one host; tcp).\n\
                   Example: ringmaster-allreduce-bench --world-sizes 2,4 --max-bytes 268435456"
 )]
 struct Cli {
