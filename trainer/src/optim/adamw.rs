@@ -71,12 +71,12 @@ pub(crate) fn update_fused(
     let (b2, eps) = (h.beta2 as f32, h.eps as f32);
     let (one_minus_b1, one_minus_b2) = ((1.0 - h.beta1) as f32, (1.0 - h.beta2) as f32);
     let kernel = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
-        for i in 0..p.len() {
-            let gi = g[i];
-            m[i] += one_minus_b1 * (gi - m[i]);
-            v[i] = v[i] * b2 + one_minus_b2 * gi * gi;
-            let denom = v[i].sqrt() / bc2_sqrt + eps;
-            p[i] = p[i] * decay - step_size * (m[i] / denom);
+        // Zipped iterators: no bounds checks, so the loop vectorises.
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            *m += one_minus_b1 * (g - *m);
+            *v = *v * b2 + one_minus_b2 * g * g;
+            let denom = v.sqrt() / bc2_sqrt + eps;
+            *p = *p * decay - step_size * (*m / denom);
         }
     };
     let unreachable = || candle_core::Error::Msg("AdamW: buffer not reachable".into());
