@@ -8,7 +8,7 @@
 //! AdamW (lr 5e-5, wd 0.01), 3 warm-up + 10 timed steps, medians.
 //!
 //! cargo bench -p ringmaster-nn --bench bert_step -- [--batches 32,8] [--seq 128]
-//!     [--threads 2] [--steps 10] [--warmup 3] [--infer-steps 10] [--no-ops]
+//!     [--threads 2] [--steps 10] [--warmup 3] [--infer-steps 10] [--modes train,infer,ops]
 //!     [--torch DIR --python /tmp/venv-torch/bin/python]
 //!
 //! `--torch DIR` runs `DIR/minilm_bench.py` (a writable copy of shared/bench-baselines
@@ -40,7 +40,7 @@ struct Args {
     steps: usize,
     warmup: usize,
     infer_steps: usize,
-    ops: bool,
+    modes: Vec<String>,
     torch: Option<PathBuf>,
     python: String,
 }
@@ -53,7 +53,7 @@ fn parse_args() -> Args {
         steps: 10,
         warmup: 3,
         infer_steps: 10,
-        ops: true,
+        modes: vec!["train".into(), "infer".into(), "ops".into()],
         torch: None,
         python: "python3".into(),
     };
@@ -72,7 +72,7 @@ fn parse_args() -> Args {
             "--steps" => args.steps = value().parse().expect("--steps"),
             "--warmup" => args.warmup = value().parse().expect("--warmup"),
             "--infer-steps" => args.infer_steps = value().parse().expect("--infer-steps"),
-            "--no-ops" => args.ops = false,
+            "--modes" => args.modes = value().split(',').map(str::to_string).collect(),
             "--torch" => args.torch = Some(value().into()),
             "--python" => args.python = value(),
             // cargo bench passes --bench to every harness = false target.
@@ -311,6 +311,7 @@ fn torch_results(dir: &PathBuf, args: &Args) -> Vec<(String, usize, f64, String)
             &args.warmup.to_string(),
         ])
         .args(["--infer-steps", &args.infer_steps.to_string()])
+        .args(["--modes", &torch_modes(args)])
         .current_dir(dir)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", args.python));
@@ -338,6 +339,17 @@ fn torch_results(dir: &PathBuf, args: &Args) -> Vec<(String, usize, f64, String)
         .collect()
 }
 
+/// The modes minilm_bench.py shares with this benchmark.
+fn torch_modes(args: &Args) -> String {
+    let shared: Vec<&str> = args
+        .modes
+        .iter()
+        .map(String::as_str)
+        .filter(|m| ["train", "infer"].contains(m))
+        .collect();
+    shared.join(",")
+}
+
 fn main() -> Result<()> {
     let args = parse_args();
     rayon::ThreadPoolBuilder::new()
@@ -349,7 +361,11 @@ fn main() -> Result<()> {
         args.seq, args.threads
     );
     let mut ours = vec![];
+    let mode = |m: &str| args.modes.iter().any(|x| x == m);
     for &b in &args.batches {
+        if !mode("train") {
+            continue;
+        }
         let t = bench_train(b, &args)?;
         println!(
             "train batch={b}: {:.2} samples/s | step {:.0} ms = fwd {:.0} + bwd {:.0} + opt {:.0} ms",
@@ -360,6 +376,11 @@ fn main() -> Result<()> {
             t.optimizer * 1e3
         );
         ours.push(("train".to_string(), b, b as f64 / t.step));
+    }
+    for &b in &args.batches {
+        if !mode("infer") {
+            continue;
+        }
         let infer = bench_infer(b, &args)?;
         println!(
             "infer batch={b}: {:.2} samples/s | batch {:.0} ms",
@@ -368,10 +389,14 @@ fn main() -> Result<()> {
         );
         ours.push(("infer".to_string(), b, b as f64 / infer));
     }
-    if args.ops {
+    if mode("ops") {
         bench_ops(*args.batches.first().unwrap_or(&32), args.seq)?;
     }
-    if let Some(dir) = &args.torch {
+    if let Some(dir) = args
+        .torch
+        .as_ref()
+        .filter(|_| !torch_modes(&args).is_empty())
+    {
         println!("\n# PyTorch, same run:");
         let torch = torch_results(dir, &args);
         for (_, _, _, line) in &torch {

@@ -170,11 +170,12 @@ pub(crate) fn last_dim(layout: &Layout, op: &str) -> Result<usize> {
 /// Elements per parallel task for element-wise kernels.
 const ELEMENTS_PER_TASK: usize = 16 * 1024;
 
-/// `f(a[i], b[i])` for every element, in parallel.
-pub(crate) fn zip_elements<T: Real>(
+/// `f(out, a, b)` over matching chunks of the flat inputs, in parallel. The kernels
+/// loop over the chunk themselves so the per-element math inlines and vectorises.
+pub(crate) fn zip_chunks<T: Real>(
     a: &[T],
     b: &[T],
-    f: impl Fn(T, T) -> T + Sync,
+    f: impl Fn(&mut [T], &[T], &[T]) + Sync,
 ) -> Result<Vec<T>> {
     if a.len() != b.len() {
         bail!(
@@ -189,11 +190,7 @@ pub(crate) fn zip_elements<T: Real>(
             a.par_chunks(ELEMENTS_PER_TASK)
                 .zip(b.par_chunks(ELEMENTS_PER_TASK)),
         )
-        .for_each(|(out, (a, b))| {
-            for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
-                *o = f(a, b)
-            }
-        });
+        .for_each(|(out, (a, b))| f(out, a, b));
     Ok(out)
 }
 

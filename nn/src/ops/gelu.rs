@@ -3,7 +3,7 @@
 //! candle's `gelu_erf` backward runs nine tensor ops over the largest activation of a
 //! BERT layer (the intermediate, 4x hidden); this backward is one pass.
 
-use super::float::{Real, dispatch_real, zip_elements};
+use super::float::{Real, dispatch_real, zip_chunks};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// `x * Phi(x)` with the standard normal CDF `Phi`, differentiable. Fused f32/f64 kernels
@@ -31,7 +31,9 @@ impl CustomOp1 for Gelu {
         let op = self.name();
         let y = dispatch_real!(x, op, |T| {
             let x = T::elements(x, layout, op)?;
-            T::storage(zip_elements(x, x, |x, _| x * cdf(x))?)
+            T::storage(zip_chunks(x, x, |y, x, _| {
+                y.iter_mut().zip(x).for_each(|(y, &x)| *y = x * cdf(x))
+            })?)
         });
         Ok((y, layout.shape().clone()))
     }
@@ -62,8 +64,10 @@ impl CustomOp2 for GeluGrad {
             let x = T::elements(x, lx, op)?;
             let dy = T::elements(dy, ldy, op)?;
             let (half, k) = (T::lit(-0.5), T::lit(inv_sqrt_2pi));
-            T::storage(zip_elements(x, dy, |x, g| {
-                g * (cdf(x) + x * k * (half * x * x).fast_exp())
+            T::storage(zip_chunks(x, dy, |dx, x, dy| {
+                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
+                    *dx = g * (cdf(x) + x * k * (half * x * x).fast_exp());
+                }
             })?)
         });
         Ok((dx, lx.shape().clone()))
