@@ -25,6 +25,12 @@ pub fn kubeconfig() -> PathBuf {
 
 /// A client for the local control plane, or a panic that says how to start one.
 pub async fn client() -> Client {
+    client_with_read_timeout(Some(Duration::from_secs(30))).await
+}
+
+/// `client()` with another read timeout (None: wait as long as the server takes, for
+/// calls such as deleting thousands of pods at once).
+pub async fn client_with_read_timeout(read_timeout: Option<Duration>) -> Client {
     let path = kubeconfig();
     let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap_or_else(|e| {
         panic!(
@@ -36,7 +42,7 @@ pub async fn client() -> Client {
     let mut config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .expect("valid kubeconfig");
-    config.read_timeout = Some(Duration::from_secs(30));
+    config.read_timeout = read_timeout;
     Client::try_from(config).expect("client from kubeconfig")
 }
 

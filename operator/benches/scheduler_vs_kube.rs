@@ -29,7 +29,9 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use ringmaster_crds::keys::{GANG, GANG_SIZE};
-use ringmaster_e2e::{client, delete_namespace, kubeconfig, namespace, wait_until};
+use ringmaster_e2e::{
+    client_with_read_timeout, delete_namespace, kubeconfig, namespace, wait_until,
+};
 use serde_json::json;
 
 const BENCH_LABEL: &str = "ringmaster.dev/bench";
@@ -269,6 +271,7 @@ async fn round(
 ) -> Round {
     let api = Api::<Pod>::namespaced(client.clone(), ns);
     let total = pods.len();
+    let names: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
     let mut pods = Some(pods);
     if arrival == Arrival::Backlog {
         let took = create_pods(&api, pods.take().unwrap()).await;
@@ -333,16 +336,20 @@ async fn round(
     let _ = scheduler.wait();
     watch.abort();
     let binds = binds.lock().unwrap().clone();
-    // Force-delete (grace 0): the pods are gone at once, their GPUs free.
-    api.delete_collection(
-        &DeleteParams {
-            grace_period_seconds: Some(0),
-            ..DeleteParams::default()
-        },
-        &ListParams::default(),
-    )
-    .await
-    .expect("delete pods");
+    // Force-delete (grace 0): the pods are gone at once, their GPUs free. One call per
+    // pod: a deletecollection of thousands outlasts the API server's request timeout.
+    let force = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    futures::stream::iter(names)
+        .for_each_concurrent(64, |name| {
+            let (api, force) = (api.clone(), force.clone());
+            async move {
+                let _ = api.delete(&name, &force).await;
+            }
+        })
+        .await;
     wait_until(Duration::from_secs(300), "bench pods deleted", || async {
         api.list(&ListParams::default().limit(1))
             .await
@@ -378,7 +385,8 @@ async fn main() {
     let single_pods = args.get(1).copied().unwrap_or(5000);
     let gangs = args.get(2).copied().unwrap_or(600);
     let gpus = nodes * GPUS_PER_NODE;
-    let client = client().await;
+    // Deleting thousands of pods in one call outlasts the tests' 30 s read timeout.
+    let client = client_with_read_timeout(None).await;
     let ns = namespace(&client, "bench-sched").await;
     let work = std::env::temp_dir().join(&ns);
     std::fs::create_dir_all(&work).unwrap();
