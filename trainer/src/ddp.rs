@@ -122,8 +122,9 @@ impl Ddp {
     /// every rank learns whether any rank's loss was NaN/Inf and all of them skip or stop
     /// together (returned).
     ///
-    /// Bucket k is reduced on a communication thread while this thread flattens bucket
-    /// k+1 and writes back bucket k-1.
+    /// Bucket k is reduced on a communication thread while this thread flattens the
+    /// buckets after it; each bucket is written back as soon as its reduction returns,
+    /// while later ones are still on the wire.
     pub fn reduce_grads(&mut self, grads: &mut Grads, loss_non_finite: bool) -> Result<bool> {
         let Ddp {
             comm,
@@ -168,9 +169,9 @@ impl Ddp {
                 if k == last {
                     buf[bucket.len - 1] = flag;
                 }
-                to_comm
-                    .send((k, buf))
-                    .map_err(|_| Error::Config("DDP communication thread stopped".into()))?;
+                if to_comm.send((k, buf)).is_err() {
+                    break; // the thread stopped on a failed all-reduce, received below
+                }
                 sent += 1;
             }
             drop(to_comm);
