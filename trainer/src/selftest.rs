@@ -218,6 +218,11 @@ pub struct SelftestArgs {
     pub nan_loss_rank: Option<u64>,
     #[arg(long, default_value_t = 0)]
     pub nan_loss_step: u64,
+    /// This rank exits with status 3 at the start of `--exit-step`, as a crashed worker.
+    #[arg(long)]
+    pub exit_rank: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    pub exit_step: u64,
     /// Skip steps with non-finite values instead of stopping.
     #[arg(long)]
     pub skip_non_finite: bool,
@@ -258,6 +263,9 @@ pub fn run(args: &SelftestArgs, comm: Box<dyn Communicator>) -> Result<()> {
     let mut stepper = Stepper::new(cfg, &vars, optimizer, Some(ddp))?;
     let global = world * args.batch;
     for step in 0..args.steps {
+        if args.exit_rank == Some(rank) && args.exit_step == step {
+            std::process::exit(3);
+        }
         let first = step * global + rank * args.batch;
         let mut loss = model.loss(first..first + args.batch, &device)?;
         if args.nan_loss_rank == Some(rank) && args.nan_loss_step == step {

@@ -264,3 +264,19 @@ fn ranks_with_different_bucket_sizes_fail() {
         );
     }
 }
+
+#[test]
+fn a_crashed_rank_makes_the_others_fail_fast_naming_it() {
+    let crash = ["--exit-rank", "1", "--exit-step", "2"];
+    let started = Instant::now();
+    let outputs = run_ranks(&[args(4, None, &crash), args(4, None, &crash)]);
+    assert_eq!(outputs[1].status.code(), Some(3));
+    let err = String::from_utf8_lossy(&outputs[0].stderr);
+    assert!(!outputs[0].status.success(), "rank 0 should fail: {err}");
+    assert!(err.contains("rank 1"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+}
