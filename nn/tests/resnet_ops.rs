@@ -196,14 +196,17 @@ fn batch_norm_module_updates_running_statistics_only_in_training() -> Result<()>
     Ok(())
 }
 
-/// (input NCHW, weight OIHW, stride, padding): the ResNet shapes plus odd ones.
-const CONV_CASES: [([usize; 4], [usize; 4], usize, usize); 6] = [
+/// (input NCHW, weight OIHW, stride, padding): the ResNet shapes plus odd ones; the
+/// last two have outputs wide enough (>= 32) for the row-copy im2col path.
+const CONV_CASES: [([usize; 4], [usize; 4], usize, usize); 8] = [
     ([2, 3, 7, 6], [4, 3, 3, 3], 1, 1),
     ([3, 2, 8, 8], [5, 2, 3, 3], 2, 1),
     ([2, 4, 5, 5], [3, 4, 1, 1], 2, 0),
     ([1, 3, 9, 9], [2, 3, 7, 7], 2, 3),
     ([2, 2, 6, 5], [3, 2, 2, 3], 1, 0),
     ([5, 3, 4, 4], [2, 3, 3, 3], 1, 1),
+    ([2, 2, 5, 36], [3, 2, 3, 3], 1, 1),
+    ([1, 2, 6, 70], [2, 2, 3, 3], 2, 1),
 ];
 
 #[test]

@@ -17,6 +17,9 @@ use rayon::prelude::*;
 
 use super::float::{Real, dispatch_real};
 
+/// Marks a tap that reads padding (no plane is this large).
+const PADDING: u32 = u32::MAX;
+
 /// Square stride and padding of a convolution; the kernel size comes from the weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dParams {
@@ -122,10 +125,49 @@ impl Geometry {
         o * self.stride + k - self.padding
     }
 
+    /// For small outputs, per-row bookkeeping costs more than the copying: then a table
+    /// gives, for each kernel tap and output pixel, the input pixel (within a plane) it
+    /// reads, `PADDING` for none. Wide rows are copied as slices instead.
+    fn taps(&self) -> Option<Vec<u32>> {
+        if self.out_w >= 32 {
+            return None;
+        }
+        let mut taps = Vec::with_capacity(self.kh * self.kw * self.l());
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                let (ys, xs) = (
+                    self.valid(ky, self.h, self.out_h),
+                    self.valid(kx, self.w, self.out_w),
+                );
+                for oy in 0..self.out_h {
+                    for ox in 0..self.out_w {
+                        taps.push(if ys.contains(&oy) && xs.contains(&ox) {
+                            (self.source(oy, ky) * self.w + self.source(ox, kx)) as u32
+                        } else {
+                            PADDING
+                        });
+                    }
+                }
+            }
+        }
+        Some(taps)
+    }
+
     /// Writes the im2col matrix of `images` (consecutive NCHW images) into `col`, a
     /// `K x (images * L)` row-major matrix with the images side by side.
-    fn im2col<T: Real>(&self, images: &[T], col: &mut [T]) {
+    fn im2col<T: Real>(&self, images: &[T], col: &mut [T], taps: Option<&[u32]>) {
         let (l, width) = (self.l(), images.len() / self.in_image() * self.l());
+        if let Some(taps) = taps {
+            for (g, image) in images.chunks_exact(self.in_image()).enumerate() {
+                for (row, (plane, taps)) in self.planes_by_tap(image, taps).enumerate() {
+                    let dst = &mut col[row * width + g * l..][..l];
+                    for (d, &i) in dst.iter_mut().zip(taps) {
+                        *d = plane.get(i as usize).copied().unwrap_or(T::zero());
+                    }
+                }
+            }
+            return;
+        }
         for (g, image) in images.chunks_exact(self.in_image()).enumerate() {
             for (row, (c, ky, kx)) in self.rows().enumerate() {
                 let plane = &image[c * self.h * self.w..][..self.h * self.w];
@@ -157,8 +199,25 @@ impl Geometry {
 
     /// The inverse of [`Self::im2col`]: adds every entry of `col` into the input pixel it
     /// came from.
-    fn col2im<T: Real>(&self, col: &[T], images: &mut [T]) {
+    fn col2im<T: Real>(&self, col: &[T], images: &mut [T], taps: Option<&[u32]>) {
         let (l, width) = (self.l(), images.len() / self.in_image() * self.l());
+        if let Some(taps) = taps {
+            let plane_len = self.h * self.w;
+            for (g, image) in images.chunks_exact_mut(self.in_image()).enumerate() {
+                for (c, plane) in image.chunks_exact_mut(plane_len).enumerate() {
+                    for (tap, taps) in taps.chunks_exact(l).enumerate() {
+                        let row = c * self.kh * self.kw + tap;
+                        let src = &col[row * width + g * l..][..l];
+                        for (&s, &i) in src.iter().zip(taps) {
+                            if let Some(d) = plane.get_mut(i as usize) {
+                                *d += s;
+                            }
+                        }
+                    }
+                }
+            }
+            return;
+        }
         for (g, image) in images.chunks_exact_mut(self.in_image()).enumerate() {
             for (row, (c, ky, kx)) in self.rows().enumerate() {
                 let plane = &mut image[c * self.h * self.w..][..self.h * self.w];
@@ -181,6 +240,18 @@ impl Geometry {
                 }
             }
         }
+    }
+
+    /// For each im2col row in order: the input plane it reads and that tap's table.
+    fn planes_by_tap<'a, T>(
+        &self,
+        image: &'a [T],
+        taps: &'a [u32],
+    ) -> impl Iterator<Item = (&'a [T], &'a [u32])> {
+        let l = self.l();
+        image
+            .chunks_exact(self.h * self.w)
+            .flat_map(move |plane| taps.chunks_exact(l).map(move |taps| (plane, taps)))
     }
 
     fn rows(&self) -> impl Iterator<Item = (usize, usize, usize)> {
@@ -270,7 +341,7 @@ fn matmul<T: Real>(
 
 impl Conv2dParams {
     fn forward<T: Real>(&self, x: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
-        let group = g.group();
+        let (group, taps) = (g.group(), g.taps());
         let mut out = vec![T::zero(); g.batch * g.out_image()];
         out.par_chunks_mut(group * g.out_image())
             .zip(x.par_chunks(group * g.in_image()))
@@ -283,7 +354,7 @@ impl Conv2dParams {
                 },
                 |(col, product), (out, x)| {
                     let width = x.len() / g.in_image() * g.l();
-                    g.im2col(x, col);
+                    g.im2col(x, col, taps.as_deref());
                     let shape = (g.c_out, width, g.k());
                     let (weight, col) = (row_major(weight, g.k()), row_major(col, width));
                     // One image's output already is the `C_out x L` matrix.
@@ -309,7 +380,7 @@ impl Conv2dParams {
         g: &Geometry,
         input_grad: bool,
     ) -> Vec<T> {
-        let group = g.group();
+        let (group, taps) = (g.group(), g.taps());
         let kernel_len = g.c_out * g.k();
         let mut out = vec![T::zero(); x.len() + kernel_len];
         let (dx, dw) = out.split_at_mut(x.len());
@@ -336,7 +407,7 @@ impl Conv2dParams {
                         g.gather_out(dy, &mut dy_buffer[..g.c_out * width]);
                         &dy_buffer[..g.c_out * width]
                     };
-                    g.im2col(x, &mut col);
+                    g.im2col(x, &mut col, taps.as_deref());
                     // dW += dY · col(x)ᵀ
                     let shape = (g.c_out, g.k(), width);
                     matmul(
@@ -357,7 +428,7 @@ impl Conv2dParams {
                             row_major(dy_matrix, width),
                             false,
                         );
-                        g.col2im(dcol, dx);
+                        g.col2im(dcol, dx, taps.as_deref());
                     }
                     (dw, (col, dy_buffer))
                 },
