@@ -56,7 +56,7 @@ pub fn load_weights(
     let vars = varmap
         .data()
         .lock()
-        .expect("a VarMap lock is only poisoned by a panic");
+        .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned by a panic elsewhere".into()))?;
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();
     for name in names {
