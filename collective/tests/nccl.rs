@@ -1,7 +1,11 @@
 //! NCCL backend on real GPUs (build with `--features nccl`; run by gpu-check.sh).
 #![cfg(feature = "nccl")]
 
-use ringmaster_collective::{Communicator, ReduceOp, RendezvousConfig, Token, bf16, connect_nccl};
+use std::time::{Duration, Instant};
+
+use ringmaster_collective::{
+    Communicator, ReduceOp, RendezvousConfig, StoreClient, Token, bf16, connect_nccl,
+};
 
 fn single_rank() -> ringmaster_collective::NcclCommunicator {
     let cfg = RendezvousConfig::new(0, 1, "127.0.0.1", 0, Token::new("gpu-check").unwrap());
@@ -34,4 +38,37 @@ fn nccl_world_of_one_host_and_device_buffers() {
     let mut dev = stream.clone_htod(&want).unwrap();
     c.all_reduce_device(&mut dev, ReduceOp::Sum).unwrap();
     assert_eq!(stream.clone_dtoh(&dev).unwrap(), want);
+}
+
+/// NCCL's own rendezvous is bounded too: rank 1 joins the store and announces itself but
+/// never starts NCCL, so rank 0's non-blocking init must give up at the deadline (aborting
+/// the half-built communicator) instead of waiting forever.
+#[test]
+fn nccl_init_gives_up_when_a_rank_never_arrives() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token = Token::new("gpu-check").unwrap();
+    let mut cfg = RendezvousConfig::new(0, 2, "127.0.0.1", port, token.clone());
+    cfg.rendezvous_timeout = Duration::from_secs(8);
+    let silent_rank = std::thread::spawn(move || {
+        let addr = format!("127.0.0.1:{port}");
+        let mut store = StoreClient::connect(&addr, &token, Duration::from_secs(10)).unwrap();
+        store.set("nccl/world/1", b"2").unwrap();
+        std::thread::sleep(Duration::from_secs(12));
+    });
+    let t = Instant::now();
+    let err = connect_nccl(&cfg, 0)
+        .err()
+        .expect("init cannot complete without rank 1");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert!(
+        err.to_string()
+            .contains("NCCL communicator set-up of rank 0"),
+        "{err}"
+    );
+    silent_rank.join().unwrap();
 }
