@@ -7,9 +7,14 @@ Rust test rebuilds the same 11.7M weights without a checkpoint in the repo (the 
 nn/tests/golden/resnet18_golden.json (a few KB): eval logits, training-mode logits, running
 statistics after one training-mode forward, and gradients of a cross-entropy loss.
 
+Also writes nn/tests/golden/resnet_hf_names.json: the tensor names and shapes of Hugging
+Face `ResNetForImageClassification` (ResNet-18 and -50, 10 labels), which the loader's
+name mapping must produce exactly.
+
 Run once, outside CI:
   /tmp/venv-torch/bin/python nn/scripts/resnet_golden.py
-(needs torch and torchvision==0.29.2, e.g. `pip install --no-deps torchvision==0.29.2`).
+(needs torch, torchvision==0.29.2 and pillow, and transformers for the HF names; e.g.
+`pip install --no-deps torchvision==0.29.2 pillow`).
 """
 import json
 import os
@@ -55,6 +60,24 @@ def deterministic_values(name, tensor_index, shape):
     return v.astype(np.float32).reshape(shape)
 
 
+GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden")
+
+
+def write_hugging_face_names():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    names = {}
+    for depth, depths, layer_type, widths in [
+        (18, [2, 2, 2, 2], "basic", [64, 128, 256, 512]),
+        (50, [3, 4, 6, 3], "bottleneck", [256, 512, 1024, 2048]),
+    ]:
+        config = ResNetConfig(depths=depths, layer_type=layer_type, hidden_sizes=widths, num_labels=NUM_CLASSES)
+        state = ResNetForImageClassification(config).state_dict()
+        names[f"resnet{depth}"] = {n: list(t.shape) for n, t in state.items() if not n.endswith("num_batches_tracked")}
+    with open(os.path.join(GOLDEN_DIR, "resnet_hf_names.json"), "w") as f:
+        json.dump(names, f, indent=0, sort_keys=True)
+
+
 def main():
     torch.set_num_threads(2)
     model = torchvision.models.resnet18(weights=None, num_classes=NUM_CLASSES)
@@ -95,9 +118,10 @@ def main():
         },
         "gradients": {name: head(params[name].grad) for name in GRAD_TENSORS},
     }
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden", "resnet18_golden.json")
+    out = os.path.join(GOLDEN_DIR, "resnet18_golden.json")
     with open(out, "w") as f:
         json.dump(golden, f, indent=1)
+    write_hugging_face_names()
     print(f"wrote {os.path.normpath(out)}: eval logits {eval_logits[0, :4].tolist()}..., loss {loss.item():.4f}")
 
 

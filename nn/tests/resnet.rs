@@ -224,41 +224,34 @@ fn hf() -> WeightLayout {
 }
 
 #[test]
-fn hugging_face_names_follow_resnet_for_image_classification() {
-    let layout = hf();
-    for (torchvision, hugging_face) in [
-        (
-            "conv1.weight",
-            "resnet.embedder.embedder.convolution.weight",
-        ),
-        (
-            "bn1.running_var",
-            "resnet.embedder.embedder.normalization.running_var",
-        ),
-        (
-            "layer1.0.conv1.weight",
-            "resnet.encoder.stages.0.layers.0.layer.0.convolution.weight",
-        ),
-        (
-            "layer4.1.bn2.bias",
-            "resnet.encoder.stages.3.layers.1.layer.1.normalization.bias",
-        ),
-        (
-            "layer2.0.downsample.0.weight",
-            "resnet.encoder.stages.1.layers.0.shortcut.convolution.weight",
-        ),
-        (
-            "layer3.0.downsample.1.running_mean",
-            "resnet.encoder.stages.2.layers.0.shortcut.normalization.running_mean",
-        ),
-        (
-            "layer1.2.conv3.weight",
-            "resnet.encoder.stages.0.layers.2.layer.2.convolution.weight",
-        ),
-        ("fc.weight", "classifier.1.weight"),
-    ] {
-        assert_eq!(layout.file_name(torchvision), hugging_face);
+fn hugging_face_layout_matches_transformers_names_and_shapes() -> Result<()> {
+    // Written by nn/scripts/resnet_golden.py from transformers' ResNetForImageClassification.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/resnet_hf_names.json");
+    let expected: HashMap<String, HashMap<String, Vec<usize>>> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for depth in [18, 50] {
+        let (varmap, _) = resnet(depth, 10)?;
+        let ours: HashMap<String, Vec<usize>> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, var)| (hf().file_name(name), var.dims().to_vec()))
+            .collect();
+        let theirs = &expected[&format!("resnet{depth}")];
+        let mut missing: Vec<_> = theirs.keys().filter(|n| !ours.contains_key(*n)).collect();
+        let mut extra: Vec<_> = ours.keys().filter(|n| !theirs.contains_key(*n)).collect();
+        missing.sort();
+        extra.sort();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "ResNet-{depth}: missing {missing:?}, extra {extra:?}"
+        );
+        for (name, shape) in theirs {
+            assert_eq!(&ours[name], shape, "ResNet-{depth}: {name}");
+        }
     }
+    Ok(())
 }
 
 #[test]
