@@ -124,11 +124,13 @@ impl ConvBn {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&conv2d(x, &self.weight, self.params)?, train)
+        self.bn
+            .forward_t(&conv2d(x, &self.weight, self.params)?, train)
     }
 
     fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_relu_t(&conv2d(x, &self.weight, self.params)?, train)
+        self.bn
+            .forward_relu_t(&conv2d(x, &self.weight, self.params)?, train)
     }
 }
 
