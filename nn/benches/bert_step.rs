@@ -15,6 +15,7 @@
 //! with `assets` linked to the output of `nn/scripts/fetch-assets.sh`) with the same
 //! batches, sequence length and threads after the candle runs and prints the ratios.
 
+use clap::Parser;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
@@ -33,54 +34,33 @@ const MINILM_CONFIG: &str = r#"{"model_type": "bert", "architectures": ["BertMod
     "intermediate_size": 1536, "hidden_act": "gelu", "max_position_embeddings": 512,
     "type_vocab_size": 2, "layer_norm_eps": 1e-12}"#;
 
+/// MiniLM-shaped BERT training and inference step time against PyTorch.
+#[derive(Parser)]
 struct Args {
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "32,8")]
     batches: Vec<usize>,
+    #[arg(long, default_value_t = 128)]
     seq: usize,
+    #[arg(long, default_value_t = 2)]
     threads: usize,
+    #[arg(long, default_value_t = 10)]
     steps: usize,
+    #[arg(long, default_value_t = 3)]
     warmup: usize,
+    #[arg(long, default_value_t = 10)]
     infer_steps: usize,
+    /// Any of train, infer, ops.
+    #[arg(long, value_delimiter = ',', default_value = "train,infer,ops")]
     modes: Vec<String>,
+    /// A copy of shared/bench-baselines: run minilm_bench.py there in the same run.
+    #[arg(long)]
     torch: Option<PathBuf>,
+    #[arg(long, default_value = "python3")]
     python: String,
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        batches: vec![32, 8],
-        seq: 128,
-        threads: 2,
-        steps: 10,
-        warmup: 3,
-        infer_steps: 10,
-        modes: vec!["train".into(), "infer".into(), "ops".into()],
-        torch: None,
-        python: "python3".into(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--batches" => {
-                args.batches = value()
-                    .split(',')
-                    .map(|b| b.parse().expect("--batches"))
-                    .collect()
-            }
-            "--seq" => args.seq = value().parse().expect("--seq"),
-            "--threads" => args.threads = value().parse().expect("--threads"),
-            "--steps" => args.steps = value().parse().expect("--steps"),
-            "--warmup" => args.warmup = value().parse().expect("--warmup"),
-            "--infer-steps" => args.infer_steps = value().parse().expect("--infer-steps"),
-            "--modes" => args.modes = value().split(',').map(str::to_string).collect(),
-            "--torch" => args.torch = Some(value().into()),
-            "--python" => args.python = value(),
-            // cargo bench passes --bench to every harness = false target.
-            "--bench" => {}
-            other => panic!("unknown flag {other}"),
-        }
-    }
-    args
+    /// Passed by `cargo bench` to every harness = false target.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -351,7 +331,7 @@ fn torch_modes(args: &Args) -> String {
 }
 
 fn main() -> Result<()> {
-    let args = parse_args();
+    let args = Args::parse();
     rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)
         .build_global()

@@ -12,6 +12,7 @@
 //! `--torch DIR` runs `DIR/resnet_bench.py` (a writable copy of shared/bench-baselines)
 //! with the same configs and threads after the candle runs and prints the ratios.
 
+use clap::Parser;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -22,47 +23,34 @@ use candle_nn::{VarBuilder, VarMap};
 use ringmaster_nn::models::batch_norm::is_batch_norm_buffer;
 use ringmaster_nn::models::resnet::{ResNet, ResNetConfig};
 
+/// ResNet-18 training step time against PyTorch.
+#[derive(Parser)]
 struct Args {
+    /// Image size and batch pairs, `HxW:batch`.
+    #[arg(long, value_delimiter = ',', default_value = "224:32,32:128", value_parser = parse_config)]
     configs: Vec<(usize, usize)>,
+    #[arg(long, default_value_t = 2)]
     threads: usize,
+    #[arg(long, default_value_t = 10)]
     steps: usize,
+    #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// A copy of shared/bench-baselines: run resnet_bench.py there in the same run.
+    #[arg(long)]
     torch: Option<PathBuf>,
+    #[arg(long, default_value = "python3")]
     python: String,
+    /// Passed by `cargo bench` to every harness = false target.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
-fn parse_args() -> Args {
-    let mut args = Args {
-        configs: vec![(224, 32), (32, 128)],
-        threads: 2,
-        steps: 10,
-        warmup: 3,
-        torch: None,
-        python: "python3".into(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--configs" => {
-                args.configs = value()
-                    .split(',')
-                    .map(|c| {
-                        let (hw, batch) = c.split_once(':').expect("--configs takes HxW:batch,...");
-                        (hw.parse().expect("size"), batch.parse().expect("batch"))
-                    })
-                    .collect()
-            }
-            "--threads" => args.threads = value().parse().expect("--threads"),
-            "--steps" => args.steps = value().parse().expect("--steps"),
-            "--warmup" => args.warmup = value().parse().expect("--warmup"),
-            "--torch" => args.torch = Some(value().into()),
-            "--python" => args.python = value(),
-            "--bench" => {} // added by `cargo bench`
-            other => panic!("unknown argument {other}"),
-        }
-    }
-    args
+fn parse_config(config: &str) -> std::result::Result<(usize, usize), String> {
+    let parse = |(size, batch): (&str, &str)| Some((size.parse().ok()?, batch.parse().ok()?));
+    config
+        .split_once(':')
+        .and_then(parse)
+        .ok_or_else(|| format!("`{config}` is not HxW:batch, e.g. 224:32"))
 }
 
 /// PyTorch's SGD with momentum: `buf = momentum * buf + grad; p -= lr * buf`.
@@ -223,7 +211,7 @@ fn torch_results(dir: &PathBuf, args: &Args) -> HashMap<(usize, usize), [f64; 4]
 }
 
 fn main() -> Result<()> {
-    let args = parse_args();
+    let args = Args::parse();
     // Before any thread pool exists: gemm and candle's own kernels read these.
     for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
         if std::env::var_os(var).is_none() {
