@@ -2,6 +2,7 @@
 //! with saveable state, data-parallel gradient averaging and checkpoints that resume
 //! bit-for-bit.
 
+pub mod allocator;
 pub mod bench;
 pub mod checkpoint;
 pub mod ddp;

@@ -96,6 +96,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    ringmaster_trainer::allocator::retain_freed_memory();
     let result = match Cli::parse().command {
         Command::Bench(Bench::Allreduce {
             world_sizes,

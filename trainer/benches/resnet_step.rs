@@ -5,7 +5,7 @@
 //! (ImageNet stem at every size), random NCHW input, cross-entropy, SGD (lr 0.01, momentum
 //! 0.9), BatchNorm in training mode, 3 warm-up + 10 timed steps, medians.
 //!
-//! cargo bench -p ringmaster-nn --bench resnet_step -- [--configs 224:32,32:128]
+//! cargo bench -p ringmaster-trainer --bench resnet_step -- [--configs 224:32,32:128]
 //!     [--threads 2] [--steps 10] [--warmup 3]
 //!     [--torch /tmp/bench-baselines --python /tmp/venv-torch/bin/python]
 //!
@@ -18,10 +18,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use candle_core::{DType, Device, ModuleT, Result, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
-use ringmaster_nn::models::batch_norm::is_batch_norm_buffer;
+use candle_core::{DType, Device, ModuleT, Result, Tensor};
 use ringmaster_nn::models::resnet::{ResNet, ResNetConfig};
+use ringmaster_trainer::allocator::retain_freed_memory;
+use ringmaster_trainer::grads::Grads;
+use ringmaster_trainer::optim::{Optimizer, OptimizerConfig};
+use ringmaster_trainer::params::{ModelVars, NamePatterns, default_buffer_patterns};
 
 /// ResNet-18 training step time against PyTorch.
 #[derive(Parser)]
@@ -51,49 +53,6 @@ fn parse_config(config: &str) -> std::result::Result<(usize, usize), String> {
         .split_once(':')
         .and_then(parse)
         .ok_or_else(|| format!("`{config}` is not HxW:batch, e.g. 224:32"))
-}
-
-/// PyTorch's SGD with momentum: `buf = momentum * buf + grad; p -= lr * buf`.
-struct Sgd {
-    params: Vec<Var>,
-    buffers: Vec<Option<Tensor>>,
-    lr: f64,
-    momentum: f64,
-}
-
-impl Sgd {
-    fn new(varmap: &VarMap, lr: f64, momentum: f64) -> Self {
-        let params: Vec<Var> = varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(name, _)| !is_batch_norm_buffer(name))
-            .map(|(_, var)| var.clone())
-            .collect();
-        let buffers = vec![None; params.len()];
-        Self {
-            params,
-            buffers,
-            lr,
-            momentum,
-        }
-    }
-
-    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
-        for (param, buffer) in self.params.iter().zip(&mut self.buffers) {
-            let Some(grad) = grads.get(param.as_tensor()) else {
-                continue;
-            };
-            let next = match buffer.take() {
-                Some(b) => ((b * self.momentum)? + grad)?,
-                None => grad.clone(),
-            };
-            param.set(&(param.as_tensor() - (&next * self.lr)?)?)?;
-            *buffer = Some(next);
-        }
-        Ok(())
-    }
 }
 
 #[derive(Default)]
@@ -129,13 +88,11 @@ fn median(v: &[f64]) -> f64 {
 
 fn bench(hw: usize, batch: usize, args: &Args) -> Result<Timings> {
     let device = Device::Cpu;
-    let varmap = VarMap::new();
+    let vars = ModelVars::new(NamePatterns::default(), default_buffer_patterns());
     let config = ResNetConfig::new(18, 10).expect("ResNet-18");
-    let model = ResNet::new(
-        &config,
-        VarBuilder::from_varmap(&varmap, DType::F32, &device),
-    )?;
-    let mut sgd = Sgd::new(&varmap, 0.01, 0.9);
+    let model = ResNet::new(&config, vars.var_builder(DType::F32, &device))?;
+    let params = vars.trainable();
+    let mut sgd = Optimizer::new(OptimizerConfig::sgd(0.9, false, 0.0), &params);
     let x = Tensor::randn(0f32, 1., (batch, 3, hw, hw), &device)?;
     let labels = Tensor::rand(0f32, 10., batch, &device)?.to_dtype(DType::U32)?;
     let mut t = Timings::default();
@@ -144,9 +101,10 @@ fn bench(hw: usize, batch: usize, args: &Args) -> Result<Timings> {
         let loss = candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &labels)?;
         loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let grads = Grads::take(&params, &mut loss.backward()?);
         let t2 = Instant::now();
-        sgd.step(&grads)?;
+        sgd.step(&params, &grads, 0.01)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let t3 = Instant::now();
         if i >= args.warmup {
             t.forward.push((t1 - t0).as_secs_f64());
@@ -212,6 +170,7 @@ fn torch_results(dir: &PathBuf, args: &Args) -> HashMap<(usize, usize), [f64; 4]
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    retain_freed_memory();
     // Before any thread pool exists: gemm and candle's own kernels read these.
     for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
         if std::env::var_os(var).is_none() {

@@ -7,7 +7,7 @@
 //! in [1000, 30522) with [CLS]/[SEP], full mask, train mode (dropout 0.1), cross-entropy,
 //! AdamW (lr 5e-5, wd 0.01), 3 warm-up + 10 timed steps, medians.
 //!
-//! cargo bench -p ringmaster-nn --bench bert_step -- [--batches 32,8] [--seq 128]
+//! cargo bench -p ringmaster-trainer --bench bert_step -- [--batches 32,8] [--seq 128]
 //!     [--threads 2] [--steps 10] [--warmup 3] [--infer-steps 10] [--modes train,infer,ops]
 //!     [--torch DIR --python /tmp/venv-torch/bin/python]
 //!
@@ -21,13 +21,17 @@ use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Result, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use ringmaster_nn::models::bert::{
     BertConfig, BertForSequenceClassification, BertInput, Pooling, load_sequence_classifier,
 };
 use ringmaster_nn::ops::{
     dropout::dropout, gelu::gelu_erf, layer_norm::layer_norm, softmax::softmax_last_dim,
 };
+use ringmaster_trainer::allocator::retain_freed_memory;
+use ringmaster_trainer::grads::Grads;
+use ringmaster_trainer::optim::{Optimizer, OptimizerConfig};
+use ringmaster_trainer::params::{ModelVars, NamePatterns, default_buffer_patterns};
 
 const MINILM_CONFIG: &str = r#"{"model_type": "bert", "architectures": ["BertModel"],
     "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
@@ -136,22 +140,10 @@ struct Train {
 }
 
 fn bench_train(b: usize, args: &Args) -> Result<Train> {
-    let varmap = VarMap::new();
-    let model = model(&varmap)?;
-    let mut vars: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let params = ParamsAdamW {
-        lr: 5e-5,
-        weight_decay: 0.01,
-        ..Default::default()
-    };
-    let mut opt = AdamW::new(vars.into_iter().map(|(_, v)| v).collect(), params)?;
+    let vars = ModelVars::new(NamePatterns::default(), default_buffer_patterns());
+    let model = model(vars.varmap())?;
+    let params = vars.trainable();
+    let mut opt = Optimizer::new(OptimizerConfig::adamw(0.01), &params);
     let (input, labels) = batch(b, args.seq)?;
     let (mut f, mut bw, mut o, mut s) = (vec![], vec![], vec![], vec![]);
     for i in 0..args.warmup + args.steps {
@@ -159,9 +151,10 @@ fn bench_train(b: usize, args: &Args) -> Result<Train> {
         let loss = candle_nn::loss::cross_entropy(&model.forward_t(&input, true)?.logits, &labels)?;
         loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let grads = Grads::take(&params, &mut loss.backward()?);
         let t2 = Instant::now();
-        opt.step(&grads)?;
+        opt.step(&params, &grads, 5e-5)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let t3 = Instant::now();
         if i >= args.warmup {
             f.push((t1 - t0).as_secs_f64());
@@ -332,12 +325,13 @@ fn torch_modes(args: &Args) -> String {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    retain_freed_memory();
     rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)
         .build_global()
         .expect("rayon pool");
     println!(
-        "# candle BERT (MiniLM-L6-H384), seq {}, {} threads, dropout on, AdamW",
+        "# candle BERT (MiniLM-L6-H384), seq {}, {} threads, dropout on, ringmaster AdamW",
         args.seq, args.threads
     );
     let mut ours = vec![];
