@@ -12,10 +12,10 @@
 use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor, bail};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::float::{Real, dispatch_real};
+use super::matmul::{Matrix, matmul};
 
 /// Marks a tap that reads padding (no plane is this large).
 const PADDING: u32 = u32::MAX;
@@ -281,64 +281,6 @@ impl Geometry {
 }
 
 /// Row-major matrix operand: `rows x cols` with the given strides.
-struct Matrix<T> {
-    ptr: *const T,
-    row_stride: isize,
-    col_stride: isize,
-}
-
-fn row_major<T>(data: &[T], cols: usize) -> Matrix<T> {
-    Matrix {
-        ptr: data.as_ptr(),
-        row_stride: cols as isize,
-        col_stride: 1,
-    }
-}
-
-fn transposed<T>(data: &[T], cols: usize) -> Matrix<T> {
-    Matrix {
-        ptr: data.as_ptr(),
-        row_stride: 1,
-        col_stride: cols as isize,
-    }
-}
-
-/// `dst (m x n, row-major) = lhs (m x k) · rhs (k x n)`, plus `dst` when `accumulate`.
-fn matmul<T: Real>(
-    dst: &mut [T],
-    (m, n, k): (usize, usize, usize),
-    lhs: Matrix<T>,
-    rhs: Matrix<T>,
-    accumulate: bool,
-) {
-    assert!(dst.len() >= m * n, "matmul: destination too small");
-    // SAFETY: `dst` holds m x n elements; the operands were built from slices of at least
-    // m x k and k x n elements with these strides by the callers below.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.ptr,
-            lhs.col_stride,
-            lhs.row_stride,
-            rhs.ptr,
-            rhs.col_stride,
-            rhs.row_stride,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
-}
-
 impl Conv2dParams {
     fn forward<T: Real>(&self, x: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
         let (group, taps) = (g.group(), g.taps());
@@ -356,7 +298,10 @@ impl Conv2dParams {
                     let width = x.len() / g.in_image() * g.l();
                     g.im2col(x, col, taps.as_deref());
                     let shape = (g.c_out, width, g.k());
-                    let (weight, col) = (row_major(weight, g.k()), row_major(col, width));
+                    let (weight, col) = (
+                        Matrix::row_major(weight, g.k()),
+                        Matrix::row_major(col, width),
+                    );
                     // One image's output already is the `C_out x L` matrix.
                     if width == g.l() {
                         matmul(out, shape, weight, col, false);
@@ -413,8 +358,8 @@ impl Conv2dParams {
                     matmul(
                         &mut dw,
                         shape,
-                        row_major(dy_matrix, width),
-                        transposed(&col, width),
+                        Matrix::row_major(dy_matrix, width),
+                        Matrix::transposed(&col, width),
                         true,
                     );
                     if input_grad {
@@ -424,8 +369,8 @@ impl Conv2dParams {
                         matmul(
                             dcol,
                             shape,
-                            transposed(weight, g.k()),
-                            row_major(dy_matrix, width),
+                            Matrix::transposed(weight, g.k()),
+                            Matrix::row_major(dy_matrix, width),
                             false,
                         );
                         g.col2im(dcol, dx, taps.as_deref());

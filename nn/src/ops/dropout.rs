@@ -29,14 +29,44 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return candle_nn::ops::dropout(x, p as f32);
     }
-    let seed = NEXT_SEED.replace(NEXT_SEED.get().wrapping_add(1));
-    x.contiguous()?.apply_op1(Dropout { p, seed })
+    x.contiguous()?.apply_op1(Dropout {
+        p,
+        seed: next_seed(),
+    })
+}
+
+/// The next seed of this thread's sequence (see [`seed_dropout`]).
+pub(crate) fn next_seed() -> u64 {
+    NEXT_SEED.replace(NEXT_SEED.get().wrapping_add(1))
 }
 
 #[derive(Clone, Copy)]
 struct Dropout {
     p: f64,
     seed: u64,
+}
+
+/// Which elements one dropout call keeps: a hash of (seed, element index), so the
+/// backward pass (or a fused op's recomputation) finds the same mask without storing it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DropMask {
+    /// Keep an element when its hash is at or above p * 2^32.
+    threshold: u64,
+    key: u32,
+}
+
+impl DropMask {
+    pub fn new(p: f64, seed: u64) -> Self {
+        Self {
+            threshold: (p * 4_294_967_296.0) as u64,
+            key: (seed ^ (seed >> 32)) as u32 ^ 0x2545_f491,
+        }
+    }
+
+    #[inline(always)]
+    pub fn keeps(&self, index: u32) -> bool {
+        hash(index, self.key) as u64 >= self.threshold
+    }
 }
 
 /// murmur3's 32-bit finaliser over the element index, keyed by the seed.
@@ -58,10 +88,8 @@ impl Dropout {
                 x.len()
             )
         }
-        // Keep an element when its hash is at or above p * 2^32.
-        let threshold = (self.p * 4_294_967_296.0) as u64;
+        let mask = DropMask::new(self.p, self.seed);
         let scale = T::lit(1.0 / (1.0 - self.p));
-        let key = (self.seed ^ (self.seed >> 32)) as u32 ^ 0x2545_f491;
         const CHUNK: usize = 16 * 1024;
         let mut out = vec![T::zero(); x.len()];
         out.par_chunks_mut(CHUNK)
@@ -70,8 +98,11 @@ impl Dropout {
             .for_each(|(c, (out, x))| {
                 let base = (c * CHUNK) as u32;
                 for (i, (o, &x)) in out.iter_mut().zip(x).enumerate() {
-                    let keep = hash(base + i as u32, key) as u64 >= threshold;
-                    *o = if keep { x * scale } else { T::zero() };
+                    *o = if mask.keeps(base + i as u32) {
+                        x * scale
+                    } else {
+                        T::zero()
+                    };
                 }
             });
         Ok(out)

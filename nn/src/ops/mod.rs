@@ -1,11 +1,13 @@
 //! Differentiable ops candle lacks (custom ops with hand-written backward passes).
 
+pub mod attention;
 pub mod batch_norm;
 pub mod conv2d;
 pub mod dropout;
 mod float;
 pub mod gelu;
 pub mod layer_norm;
+mod matmul;
 pub mod max_pool;
 pub mod residual;
 pub mod softmax;

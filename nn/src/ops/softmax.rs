@@ -43,7 +43,7 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, bias: Option<&Tensor>) -> 
     }
 }
 
-fn softmax_row<T: Real>(y: &mut [T], x: &[T], scale: T, bias: Option<&[T]>) {
+pub(crate) fn softmax_row<T: Real>(y: &mut [T], x: &[T], scale: T, bias: Option<&[T]>) {
     // Separate simple passes (shift, max, exp + sum, normalise) so each vectorises.
     match bias {
         Some(bias) => y

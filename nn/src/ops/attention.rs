@@ -1,0 +1,447 @@
+//! Multi-head scaled dot-product attention as one op over the packed query/key/value
+//! projections, with a hand-written backward that recomputes the probabilities.
+//!
+//! Composed from candle ops, attention is a dozen graph nodes per layer: three head
+//! splits (transpose + copy), a batched product, softmax, dropout, a second product and
+//! the head merge, and candle's backward allocates and accumulates a full-size gradient
+//! for every one of them; the score and probability tensors (batch x heads x seq²) are the
+//! largest in BERT and stay alive until backward. Here each (batch item, head) is one
+//! task: its scores live in a seq² scratch buffer, products are single-threaded `gemm`s on
+//! strided views of the projections, and backward recomputes the probabilities (one more
+//! small product) instead of storing them. The dropout mask is [`DropMask`]'s hash of the
+//! element's position in the (batch, heads, seq, seq) probabilities, so this op drops
+//! exactly what `dropout(softmax(..))` would with the same seed.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::dropout::{DropMask, dropout, next_seed};
+use super::float::{Real, dispatch_real};
+use super::matmul::{Matrix, matmul, matmul_into};
+use super::softmax::{attention_softmax, softmax_row};
+
+/// `dropout(softmax(qkᵀ / sqrt(d) + bias)) v` for every batch item and head.
+///
+/// `qkv`: (batch * seq, 3 * hidden), the query, key and value projections side by side,
+/// heads side by side within each; `bias`: (batch, 1, 1, seq) such as
+/// [`attention_bias`](crate::models::bert::attention_bias); `dropout_p`: 0 when not
+/// training. Returns the context (batch * seq, hidden). Differentiable in `qkv`. Fused
+/// f32/f64 kernel on CPU, candle ops elsewhere.
+pub fn attention(
+    qkv: &Tensor,
+    batch: usize,
+    heads: usize,
+    bias: Option<&Tensor>,
+    dropout_p: f64,
+) -> Result<Tensor> {
+    let shape = Geometry::new(qkv.dims(), batch, heads)?;
+    if let Some(bias) = bias
+        && bias.dims() != [batch, 1, 1, shape.seq]
+    {
+        bail!(
+            "attention: bias has shape {:?}, expected [{batch}, 1, 1, {}]",
+            bias.dims(),
+            shape.seq
+        )
+    }
+    if !(0.0..1.0).contains(&dropout_p) {
+        bail!("attention: dropout probability must be in [0, 1), got {dropout_p}")
+    }
+    if !qkv.device().is_cpu() || !matches!(qkv.dtype(), DType::F32 | DType::F64) {
+        return composed(qkv, shape, bias, dropout_p);
+    }
+    let bias = match bias {
+        Some(b) => Some(Arc::new(b.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)),
+        None => None,
+    };
+    let dropout = (dropout_p > 0.0).then(|| (dropout_p, next_seed()));
+    qkv.contiguous()?.apply_op1(Attention {
+        shape,
+        bias,
+        dropout,
+    })
+}
+
+/// The same computation from candle ops, for other devices and dtypes.
+fn composed(qkv: &Tensor, g: Geometry, bias: Option<&Tensor>, dropout_p: f64) -> Result<Tensor> {
+    let split_heads = |part: usize| {
+        qkv.narrow(1, part * g.hidden(), g.hidden())?
+            .reshape((g.batch, g.seq, g.heads, g.head_size))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (split_heads(0)?, split_heads(1)?, split_heads(2)?);
+    let probs = attention_softmax(&q.matmul(&k.t()?)?, g.scale(), bias)?;
+    let probs = if dropout_p > 0.0 {
+        dropout(&probs, dropout_p)?
+    } else {
+        probs
+    };
+    probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((g.batch * g.seq, g.hidden()))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    head_size: usize,
+}
+
+impl Geometry {
+    fn new(dims: &[usize], batch: usize, heads: usize) -> Result<Self> {
+        let &[rows, width] = dims else {
+            bail!("attention: expects (batch * seq, 3 * hidden) projections, got {dims:?}")
+        };
+        if batch == 0 || heads == 0 || rows % batch != 0 || width % (3 * heads) != 0 {
+            bail!(
+                "attention: projections {dims:?} do not split into {batch} sequences and \
+                 3 x {heads} heads"
+            )
+        }
+        Ok(Self {
+            batch,
+            seq: rows / batch,
+            heads,
+            head_size: width / (3 * heads),
+        })
+    }
+
+    fn hidden(&self) -> usize {
+        self.heads * self.head_size
+    }
+
+    fn width(&self) -> usize {
+        3 * self.hidden()
+    }
+
+    fn scale(&self) -> f64 {
+        (self.head_size as f64).powf(-0.5)
+    }
+
+    /// Offsets in `qkv` of the first query, key and value element of (item, head).
+    fn offsets(&self, item: usize, head: usize) -> [usize; 3] {
+        let q = item * self.seq * self.width() + head * self.head_size;
+        [q, q + self.hidden(), q + 2 * self.hidden()]
+    }
+
+    /// Offset of the first element of (item, head) in the (batch * seq, hidden) context.
+    fn context_offset(&self, item: usize, head: usize) -> usize {
+        item * self.seq * self.hidden() + head * self.head_size
+    }
+}
+
+#[derive(Clone)]
+struct Attention {
+    shape: Geometry,
+    /// (batch, seq) additive bias.
+    bias: Option<Arc<Vec<f64>>>,
+    /// (probability, seed).
+    dropout: Option<(f64, u64)>,
+}
+
+/// A pointer that parallel tasks share to write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// SAFETY: every task writes only the rows and columns of its own (item, head).
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// # Safety
+    /// `offset` must stay inside the buffer.
+    unsafe fn at(self, offset: usize) -> *mut T {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+impl Attention {
+    /// The softmax probabilities of (item, head) into `probs` (seq x seq), using `scores`
+    /// as scratch.
+    fn probabilities<T: Real>(
+        &self,
+        qkv: &[T],
+        bias: Option<&[T]>,
+        (item, head): (usize, usize),
+        scores: &mut [T],
+        probs: &mut [T],
+    ) {
+        let g = self.shape;
+        let [q, k, _] = g.offsets(item, head);
+        matmul(
+            scores,
+            (g.seq, g.seq, g.head_size),
+            Matrix::strided(&qkv[q..], g.width(), 1),
+            Matrix::strided(&qkv[k..], 1, g.width()),
+            false,
+        );
+        let bias = bias.map(|b| &b[item * g.seq..(item + 1) * g.seq]);
+        let scale = T::lit(g.scale());
+        for (p, s) in probs
+            .chunks_exact_mut(g.seq)
+            .zip(scores.chunks_exact(g.seq))
+        {
+            softmax_row(p, s, scale, bias);
+        }
+    }
+
+    /// Applies the dropout mask of (item, head) to `m` (seq x seq) in place, scaling kept
+    /// elements by 1 / (1 - p): the forward on probabilities and the backward on their
+    /// gradient are the same map.
+    fn drop<T: Real>(&self, (item, head): (usize, usize), m: &mut [T]) {
+        let Some((p, seed)) = self.dropout else {
+            return;
+        };
+        let mask = DropMask::new(p, seed);
+        let scale = T::lit(1.0 / (1.0 - p));
+        let base = ((item * self.shape.heads + head) * m.len()) as u32;
+        for (i, v) in m.iter_mut().enumerate() {
+            *v = if mask.keeps(base + i as u32) {
+                *v * scale
+            } else {
+                T::zero()
+            };
+        }
+    }
+
+    fn bias_as<T: Real>(&self) -> Option<Vec<T>> {
+        self.bias
+            .as_ref()
+            .map(|b| b.iter().map(|&v| T::lit(v)).collect())
+    }
+
+    fn tasks(&self) -> impl IndexedParallelIterator<Item = (usize, usize)> + use<> {
+        let heads = self.shape.heads;
+        (0..self.shape.batch * heads)
+            .into_par_iter()
+            .map(move |t| (t / heads, t % heads))
+    }
+
+    fn check_indexable(&self) -> Result<()> {
+        let g = self.shape;
+        if g.batch * g.heads * g.seq * g.seq > u32::MAX as usize {
+            bail!("attention: more than 2^32 probabilities, the dropout mask cannot index them")
+        }
+        Ok(())
+    }
+
+    fn forward<T: Real>(&self, qkv: &[T]) -> Vec<T> {
+        let g = self.shape;
+        let bias = self.bias_as::<T>();
+        let mut context = vec![T::zero(); g.batch * g.seq * g.hidden()];
+        let out = SharedMut(context.as_mut_ptr());
+        let scratch = || {
+            (
+                vec![T::zero(); g.seq * g.seq],
+                vec![T::zero(); g.seq * g.seq],
+            )
+        };
+        self.tasks()
+            .for_each_init(scratch, |(scores, probs), task| {
+                self.probabilities(qkv, bias.as_deref(), task, scores, probs);
+                self.drop(task, probs);
+                let [_, _, v] = g.offsets(task.0, task.1);
+                // SAFETY: the (item, head) block of the context: seq rows of head_size
+                // elements, `hidden` apart, written by this task only.
+                unsafe {
+                    matmul_into(
+                        out.at(g.context_offset(task.0, task.1)),
+                        g.hidden(),
+                        (g.seq, g.head_size, g.seq),
+                        Matrix::row_major(probs, g.seq),
+                        Matrix::strided(&qkv[v..], g.width(), 1),
+                        false,
+                    )
+                }
+            });
+        context
+    }
+
+    /// The gradient of `qkv` from the gradient of the context.
+    fn backward<T: Real>(&self, qkv: &[T], d_context: &[T]) -> Vec<T> {
+        let g = self.shape;
+        let bias = self.bias_as::<T>();
+        let mut d_qkv = vec![T::zero(); qkv.len()];
+        let out = SharedMut(d_qkv.as_mut_ptr());
+        let n = g.seq * g.seq;
+        let scratch = || (vec![T::zero(); n], vec![T::zero(); n], vec![T::zero(); n]);
+        let scale = T::lit(g.scale());
+        self.tasks()
+            .for_each_init(scratch, |(scores, probs, d_probs), task| {
+                let [q, k, v] = g.offsets(task.0, task.1);
+                let d_ctx = Matrix::strided(
+                    &d_context[g.context_offset(task.0, task.1)..],
+                    g.hidden(),
+                    1,
+                );
+                self.probabilities(qkv, bias.as_deref(), task, scores, probs);
+                // `scores` now holds the dropped probabilities the forward multiplied by v.
+                scores.copy_from_slice(probs);
+                self.drop(task, scores);
+                let (seq, d) = (g.seq, g.head_size);
+                // SAFETY: the query, key and value columns of this (item, head): seq rows
+                // of head_size elements, `width` apart, written by this task only.
+                let write = |offset: usize, lhs: Matrix<T>, rhs: Matrix<T>, k_dim: usize| unsafe {
+                    matmul_into(out.at(offset), g.width(), (seq, d, k_dim), lhs, rhs, false)
+                };
+                write(v, Matrix::transposed(scores, seq), d_ctx, seq);
+                matmul(
+                    d_probs,
+                    (seq, seq, d),
+                    d_ctx,
+                    Matrix::strided(&qkv[v..], 1, g.width()),
+                    false,
+                );
+                self.drop(task, d_probs);
+                // Softmax backward with the scale folded in: dS = scale * P * (dP - <P, dP>).
+                for (dp, p) in d_probs.chunks_exact_mut(seq).zip(probs.chunks_exact(seq)) {
+                    let dot = dp
+                        .iter()
+                        .zip(p)
+                        .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+                    dp.iter_mut()
+                        .zip(p)
+                        .for_each(|(dp, &p)| *dp = scale * p * (*dp - dot));
+                }
+                write(
+                    q,
+                    Matrix::row_major(d_probs, seq),
+                    Matrix::strided(&qkv[k..], g.width(), 1),
+                    seq,
+                );
+                write(
+                    k,
+                    Matrix::transposed(d_probs, seq),
+                    Matrix::strided(&qkv[q..], g.width(), 1),
+                    seq,
+                );
+            });
+        d_qkv
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(&self, qkv: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.check_indexable()?;
+        let g = self.shape;
+        let out = dispatch_real!(qkv, self.name(), |T| T::storage(self.forward(T::elements(
+            qkv,
+            layout,
+            self.name()
+        )?)));
+        Ok((out, Shape::from((g.batch * g.seq, g.hidden()))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _context: &Tensor, d_context: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(qkv.apply_op2_no_bwd(
+            &d_context.contiguous()?,
+            &AttentionBackward(self.clone()),
+        )?))
+    }
+}
+
+/// `(qkv, d_context) -> d_qkv` for [`Attention`].
+struct AttentionBackward(Attention);
+
+impl CustomOp2 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qkv: &CpuStorage,
+        qkv_l: &Layout,
+        d_context: &CpuStorage,
+        d_context_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.0.shape;
+        if d_context_l.shape().dims() != [g.batch * g.seq, g.hidden()] {
+            bail!(
+                "attention-backward: gradient shape {:?} does not match the context",
+                d_context_l.shape()
+            )
+        }
+        let out = dispatch_real!(qkv, self.name(), |T| T::storage(self.0.backward(
+            T::elements(qkv, qkv_l, self.name())?,
+            T::elements(d_context, d_context_l, self.name())?
+        )));
+        Ok((out, qkv_l.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::check_gradient;
+    use crate::models::bert::attention_bias;
+    use crate::ops::dropout::seed_dropout;
+    use candle_core::Device;
+
+    const BATCH: usize = 2;
+    const SEQ: usize = 5;
+    const HEADS: usize = 3;
+    const HEAD_SIZE: usize = 4;
+
+    fn inputs(dtype: DType) -> Result<(Tensor, Tensor)> {
+        let dev = Device::Cpu;
+        let qkv =
+            Tensor::randn(0f64, 1., (BATCH * SEQ, 3 * HEADS * HEAD_SIZE), &dev)?.to_dtype(dtype)?;
+        // The second sequence has two padding positions.
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &dev)?;
+        Ok((qkv, attention_bias(&mask, dtype)?))
+    }
+
+    #[test]
+    fn matches_the_composed_ops_with_and_without_dropout() -> Result<()> {
+        let (qkv, bias) = inputs(DType::F32)?;
+        let g = Geometry::new(qkv.dims(), BATCH, HEADS)?;
+        for p in [0.0, 0.3] {
+            seed_dropout(5);
+            let fused = attention(&qkv, BATCH, HEADS, Some(&bias), p)?;
+            seed_dropout(5);
+            let reference = composed(&qkv, g, Some(&bias), p)?;
+            let diff = (fused - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "dropout {p}: max difference {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn backward_agrees_with_finite_differences() -> Result<()> {
+        let (qkv, bias) = inputs(DType::F64)?;
+        let weights = Tensor::randn(0f64, 1., (BATCH * SEQ, HEADS * HEAD_SIZE), &Device::Cpu)?;
+        for p in [0.0, 0.3] {
+            let check = check_gradient(&qkv, 1e-5, |x| {
+                seed_dropout(9);
+                (attention(x, BATCH, HEADS, Some(&bias), p)? * &weights)?.sum_all()
+            })?;
+            assert!(check.max_rel_diff < 1e-6, "dropout {p}: {check:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_shapes_that_do_not_split_into_heads() -> Result<()> {
+        let qkv = Tensor::zeros((10, 35), DType::F32, &Device::Cpu)?;
+        let err = attention(&qkv, 2, 3, None, 0.0).unwrap_err().to_string();
+        assert!(err.contains("3 x 3 heads"), "{err}");
+        let qkv = Tensor::zeros((10, 36), DType::F32, &Device::Cpu)?;
+        let bias = Tensor::zeros((2, 1, 1, 4), DType::F32, &Device::Cpu)?;
+        let err = attention(&qkv, 2, 3, Some(&bias), 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bias has shape"), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,88 @@
+//! Single-threaded `gemm` calls on strided views, for kernels that parallelise over
+//! many independent products themselves (images in a convolution, heads in attention)
+//! so that threads never synchronise inside a product.
+
+use gemm::Parallelism;
+
+use super::float::Real;
+
+/// A read-only `rows x cols` view: element (r, c) is at `ptr + r * row_stride + c * col_stride`.
+#[derive(Clone, Copy)]
+pub(crate) struct Matrix<T> {
+    ptr: *const T,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<T> Matrix<T> {
+    /// `data` as a row-major matrix with `cols` columns.
+    pub fn row_major(data: &[T], cols: usize) -> Self {
+        Self::strided(data, cols, 1)
+    }
+
+    /// The transpose of `data` read as a row-major matrix with `cols` columns.
+    pub fn transposed(data: &[T], cols: usize) -> Self {
+        Self::strided(data, 1, cols)
+    }
+
+    /// A view starting at `data[0]`; the caller's products must stay inside `data`.
+    pub fn strided(data: &[T], row_stride: usize, col_stride: usize) -> Self {
+        Self {
+            ptr: data.as_ptr(),
+            row_stride: row_stride as isize,
+            col_stride: col_stride as isize,
+        }
+    }
+}
+
+/// `dst (m x n, row-major) = lhs (m x k) · rhs (k x n)`, plus `dst` when `accumulate`.
+pub(crate) fn matmul<T: Real>(
+    dst: &mut [T],
+    (m, n, k): (usize, usize, usize),
+    lhs: Matrix<T>,
+    rhs: Matrix<T>,
+    accumulate: bool,
+) {
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    // SAFETY: `dst` holds m x n row-major elements.
+    unsafe { matmul_into(dst.as_mut_ptr(), n, (m, n, k), lhs, rhs, accumulate) }
+}
+
+/// Like [`matmul`], into rows `dst_row_stride` apart.
+///
+/// # Safety
+/// `dst` must be valid for writes of m rows of n elements, `dst_row_stride` apart, that no
+/// other thread touches meanwhile; `lhs` and `rhs` must cover m x k and k x n elements.
+pub(crate) unsafe fn matmul_into<T: Real>(
+    dst: *mut T,
+    dst_row_stride: usize,
+    (m, n, k): (usize, usize, usize),
+    lhs: Matrix<T>,
+    rhs: Matrix<T>,
+    accumulate: bool,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_row_stride as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.col_stride,
+            lhs.row_stride,
+            rhs.ptr,
+            rhs.col_stride,
+            rhs.row_stride,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
