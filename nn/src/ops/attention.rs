@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::dropout::{DropMask, dropout, next_seed};
-use super::float::{Real, dispatch_real};
+use super::float::{Real, dispatch_real, sum_zip};
 use super::matmul::{Matrix, matmul, matmul_into};
 use super::softmax::{attention_softmax, softmax_row};
 
@@ -301,10 +301,7 @@ impl Attention {
                 self.drop(task, d_probs);
                 // Softmax backward with the scale folded in: dS = scale * P * (dP - <P, dP>).
                 for (dp, p) in d_probs.chunks_exact_mut(seq).zip(probs.chunks_exact(seq)) {
-                    let dot = dp
-                        .iter()
-                        .zip(p)
-                        .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+                    let dot = sum_zip(dp, p, |a, b| a * b);
                     dp.iter_mut()
                         .zip(p)
                         .for_each(|(dp, &p)| *dp = scale * p * (*dp - dot));

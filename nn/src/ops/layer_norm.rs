@@ -4,7 +4,7 @@
 //! composed `layer_norm_slow` trains but runs a dozen tensor ops per call. Here the forward
 //! is one pass over each row and the backward one pass that yields dx, dgamma and dbeta.
 
-use super::float::{Real, dispatch_real, last_dim, rows_per_task};
+use super::float::{Real, dispatch_real, last_dim, rows_per_task, sum_map, sum_zip};
 use candle_core::{CpuStorage, CustomOp3, D, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
@@ -45,11 +45,8 @@ struct LayerNorm {
 /// The mean and 1/std of one row.
 fn row_stats<T: Real>(row: &[T], eps: f64) -> (T, T) {
     let n = T::lit(row.len() as f64);
-    let mean = row.iter().fold(T::zero(), |s, &v| s + v) / n;
-    let var = row
-        .iter()
-        .fold(T::zero(), |s, &v| s + (v - mean) * (v - mean))
-        / n;
+    let mean = sum_map(row, |v| v) / n;
+    let var = sum_map(row, |v| (v - mean) * (v - mean)) / n;
     (mean, (var + T::lit(eps)).sqrt().recip())
 }
 
@@ -135,19 +132,18 @@ fn backward<T: Real>(x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
                     let (mean, rstd) = row_stats(x, eps);
                     // With xhat = (x - mean) * rstd and g = dy * gamma:
                     // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
-                    let (mut sum_g, mut sum_gx) = (T::zero(), T::zero());
                     for i in 0..d {
                         let xhat = (x[i] - mean) * rstd;
-                        let g = dy[i] * gamma[i];
-                        sum_g += g;
-                        sum_gx += g * xhat;
                         dgamma[i] += dy[i] * xhat;
                         dbeta[i] += dy[i];
+                        // g = dy * gamma, kept in dx until dx is known.
+                        dx[i] = dy[i] * gamma[i];
                     }
-                    let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
+                    let mean_g = sum_map(dx, |g| g) / n;
+                    let mean_gx = sum_zip(dx, x, |g, x| g * (x - mean)) * rstd / n;
                     for i in 0..d {
                         let xhat = (x[i] - mean) * rstd;
-                        dx[i] = rstd * (dy[i] * gamma[i] - mean_g - xhat * mean_gx);
+                        dx[i] = rstd * (dx[i] - mean_g - xhat * mean_gx);
                     }
                 }
                 acc

@@ -1,6 +1,6 @@
-//! Single-threaded `gemm` calls on strided views, for kernels that parallelise over
-//! many independent products themselves (images in a convolution, heads in attention)
-//! so that threads never synchronise inside a product.
+//! `gemm` calls on strided views: single-threaded for kernels that parallelise over many
+//! independent products themselves (images in a convolution, heads in attention) so that
+//! threads never synchronise inside a product, threaded for one large product.
 
 use gemm::Parallelism;
 
@@ -38,14 +38,53 @@ impl<T> Matrix<T> {
 /// `dst (m x n, row-major) = lhs (m x k) · rhs (k x n)`, plus `dst` when `accumulate`.
 pub(crate) fn matmul<T: Real>(
     dst: &mut [T],
-    (m, n, k): (usize, usize, usize),
+    shape: (usize, usize, usize),
     lhs: Matrix<T>,
     rhs: Matrix<T>,
     accumulate: bool,
 ) {
+    let (m, n, _) = shape;
     assert!(dst.len() >= m * n, "matmul: destination too small");
     // SAFETY: `dst` holds m x n row-major elements.
-    unsafe { matmul_into(dst.as_mut_ptr(), n, (m, n, k), lhs, rhs, accumulate) }
+    unsafe {
+        gemm_call(
+            dst.as_mut_ptr(),
+            n,
+            shape,
+            lhs,
+            rhs,
+            accumulate,
+            Parallelism::None,
+        )
+    }
+}
+
+/// [`matmul`] on all of rayon's threads, for one large product.
+pub(crate) fn matmul_threaded<T: Real>(
+    dst: &mut [T],
+    shape: (usize, usize, usize),
+    lhs: Matrix<T>,
+    rhs: Matrix<T>,
+    accumulate: bool,
+) {
+    let (m, n, _) = shape;
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    let parallelism = match rayon::current_num_threads() {
+        1 => Parallelism::None,
+        threads => Parallelism::Rayon(threads),
+    };
+    // SAFETY: `dst` holds m x n row-major elements.
+    unsafe {
+        gemm_call(
+            dst.as_mut_ptr(),
+            n,
+            shape,
+            lhs,
+            rhs,
+            accumulate,
+            parallelism,
+        )
+    }
 }
 
 /// Like [`matmul`], into rows `dst_row_stride` apart.
@@ -56,10 +95,35 @@ pub(crate) fn matmul<T: Real>(
 pub(crate) unsafe fn matmul_into<T: Real>(
     dst: *mut T,
     dst_row_stride: usize,
+    shape: (usize, usize, usize),
+    lhs: Matrix<T>,
+    rhs: Matrix<T>,
+    accumulate: bool,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm_call(
+            dst,
+            dst_row_stride,
+            shape,
+            lhs,
+            rhs,
+            accumulate,
+            Parallelism::None,
+        )
+    }
+}
+
+/// # Safety
+/// As [`matmul_into`].
+unsafe fn gemm_call<T: Real>(
+    dst: *mut T,
+    dst_row_stride: usize,
     (m, n, k): (usize, usize, usize),
     lhs: Matrix<T>,
     rhs: Matrix<T>,
     accumulate: bool,
+    parallelism: Parallelism,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -82,7 +146,7 @@ pub(crate) unsafe fn matmul_into<T: Real>(
             false,
             false,
             false,
-            Parallelism::None,
+            parallelism,
         )
     }
 }

@@ -7,6 +7,7 @@ pub mod dropout;
 mod float;
 pub mod gelu;
 pub mod layer_norm;
+pub mod linear;
 mod matmul;
 pub mod max_pool;
 pub mod residual;

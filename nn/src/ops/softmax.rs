@@ -3,7 +3,9 @@
 //! candle's `softmax_last_dim` has no backward and `ops::softmax` runs five tensor ops
 //! (each with its own backward); attention scores are the largest tensors in BERT.
 
-use super::float::{Real, dispatch_real, last_dim, map_row_pairs, map_rows, rows_per_task};
+use super::float::{
+    Real, dispatch_real, last_dim, map_row_pairs, map_rows, max_of, rows_per_task, sum_map, sum_zip,
+};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
@@ -53,14 +55,9 @@ pub(crate) fn softmax_row<T: Real>(y: &mut [T], x: &[T], scale: T, bias: Option<
             .for_each(|((y, &x), &b)| *y = scale * x + b),
         None => y.iter_mut().zip(x).for_each(|(y, &x)| *y = scale * x),
     }
-    let max = y
-        .iter()
-        .fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
-    let mut sum = T::zero();
-    for y in y.iter_mut() {
-        *y = (*y - max).fast_exp();
-        sum += *y;
-    }
+    let max = max_of(y);
+    y.iter_mut().for_each(|y| *y = (*y - max).fast_exp());
+    let sum = sum_map(y, |v| v);
     let inv = sum.recip();
     y.iter_mut().for_each(|y| *y *= inv);
 }
@@ -159,7 +156,7 @@ struct SoftmaxGrad {
 
 fn backward<T: Real>(y: &[T], dy: &[T], d: usize, scale: T) -> Result<Vec<T>> {
     map_row_pairs(y, dy, d, |dx, y, dy| {
-        let dot = y.iter().zip(dy).fold(T::zero(), |s, (&y, &g)| s + y * g);
+        let dot = sum_zip(y, dy, |y, g| y * g);
         for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(dy) {
             *dx = scale * y * (g - dot);
         }

@@ -1,6 +1,6 @@
 //! The building blocks of a BERT layer, with Hugging Face weight names.
 
-use crate::ops::{attention::attention, layer_norm::layer_norm};
+use crate::ops::{attention::attention, layer_norm::layer_norm, linear::linear};
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -25,11 +25,10 @@ impl Dense {
     }
 
     /// x: (rows, in). The encoder keeps hidden states as (batch * seq, hidden) matrices:
-    /// a batched matmul against a broadcast weight would make backward build one weight
-    /// gradient per batch item, and every reshape is one more node whose backward
-    /// allocates and adds a full-size gradient.
+    /// every reshape is one more node whose backward allocates and adds a full-size
+    /// gradient.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        linear(x, &self.weight, &self.bias)
     }
 }
 
@@ -114,7 +113,7 @@ impl SelfAttention {
         let parts = [&self.query, &self.key, &self.value];
         let weight = Tensor::cat(&parts.map(|d| &d.weight), 0)?;
         let bias_qkv = Tensor::cat(&parts.map(|d| &d.bias), 0)?;
-        let qkv = x.matmul(&weight.t()?)?.broadcast_add(&bias_qkv)?;
+        let qkv = linear(x, &weight, &bias_qkv)?;
         let p = if train { self.dropout } else { 0.0 };
         attention(&qkv, batch, self.heads, bias, p)
     }
