@@ -14,7 +14,7 @@ use candle_core::{
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::float::{Real, dispatch_real};
+use super::float::{Real, dispatch_real, sum_map, sum_zip, sum_zip3};
 
 /// Output of [`batch_norm_train`]: the normalised tensor and the per-channel batch
 /// statistics the running averages are updated with.
@@ -145,17 +145,17 @@ struct ChannelStats;
 
 impl ChannelStats {
     fn stats<T: Real>(x: &[T], ch: Channels) -> Vec<f64> {
+        // Vectorised sums per plane in T, accumulated across planes in f64.
         let per_channel = ch.map(|c| {
             let sum: f64 = ch
                 .planes(x, c)
-                .flatten()
-                .map(|&v| WithDType::to_f64(v))
+                .map(|p| WithDType::to_f64(sum_map(p, |v| v)))
                 .sum();
             let mean = sum / ch.count();
+            let m = T::lit(mean);
             let sq: f64 = ch
                 .planes(x, c)
-                .flatten()
-                .map(|&v| (WithDType::to_f64(v) - mean).powi(2))
+                .map(|p| WithDType::to_f64(sum_map(p, |v| (v - m) * (v - m))))
                 .sum();
             (mean, sq / ch.count())
         });
@@ -281,16 +281,15 @@ impl BatchNormTrainBackward {
         };
         // Per channel: sum(dy) and sum(dy * (x - mean)), with dy after the ReLU mask.
         let sums = ch.map(|c| {
-            let mean = self.mean[c];
+            let mean = T::lit(self.mean[c]);
             let planes = ch.planes(dy, c).zip(ch.planes(y, c)).zip(ch.planes(x, c));
-            planes.fold((0f64, 0f64), |acc, ((dy, y), x)| {
-                dy.iter()
-                    .zip(y)
-                    .zip(x)
-                    .fold(acc, |(s, sx), ((&dy, &y), &x)| {
-                        let dy = WithDType::to_f64(masked(dy, y));
-                        (s + dy, sx + dy * (WithDType::to_f64(x) - mean))
-                    })
+            planes.fold((0f64, 0f64), |(s, sx), ((dy, y), x)| {
+                let plane_s = sum_zip(dy, y, |dy, y| masked(dy, y));
+                let plane_sx = sum_zip3(dy, y, x, |dy, y, x| masked(dy, y) * (x - mean));
+                (
+                    s + WithDType::to_f64(plane_s),
+                    sx + WithDType::to_f64(plane_sx),
+                )
             })
         });
         let numel = x.len();

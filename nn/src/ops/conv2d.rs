@@ -280,7 +280,6 @@ impl Geometry {
     }
 }
 
-/// Row-major matrix operand: `rows x cols` with the given strides.
 impl Conv2dParams {
     fn forward<T: Real>(&self, x: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
         let (group, taps) = (g.group(), g.taps());

@@ -114,19 +114,26 @@ pub(crate) fn sum_map<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
 /// `sum(f(a_i, b_i))` over the common length, vectorised.
 #[inline(always)]
 pub(crate) fn sum_zip<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
+    sum_zip3(a, b, b, |a, b, _| f(a, b))
+}
+
+/// `sum(f(a_i, b_i, c_i))` over the common length, vectorised.
+#[inline(always)]
+pub(crate) fn sum_zip3<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> T {
+    let n = a.len().min(b.len()).min(c.len());
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
     let mut acc = [T::zero(); LANES];
-    for (a, b) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
+    let lanes = a
+        .chunks_exact(LANES)
+        .zip(b.chunks_exact(LANES))
+        .zip(c.chunks_exact(LANES));
+    for ((a, b), c) in lanes {
         for l in 0..LANES {
-            acc[l] += f(a[l], b[l]);
+            acc[l] += f(a[l], b[l], c[l]);
         }
     }
     let tail = n - n % LANES;
-    let rest = a[tail..]
-        .iter()
-        .zip(&b[tail..])
-        .fold(T::zero(), |s, (&a, &b)| s + f(a, b));
+    let rest = (tail..n).fold(T::zero(), |s, i| s + f(a[i], b[i], c[i]));
     acc.into_iter().fold(rest, |s, v| s + v)
 }
 
