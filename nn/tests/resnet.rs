@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, ModuleT, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use ringmaster_nn::models::batch_norm::is_batch_norm_buffer;
+use ringmaster_nn::models::batch_norm::{NUM_BATCHES_TRACKED, is_batch_norm_buffer};
 use ringmaster_nn::models::resnet::checkpoint::{WeightLayout, load_resnet};
 use ringmaster_nn::models::resnet::{ResNet, ResNetConfig};
 use serde::Deserialize;
@@ -62,16 +62,37 @@ fn deterministic_values(name: &str, tensor_index: u64, shape: &[usize]) -> Resul
     Tensor::from_vec(values, shape, &Device::Cpu)
 }
 
-/// Fills every variable (sorted by name, as the script does) from the formula.
+/// Fills every variable but the BatchNorm counts (sorted by name, as the script does,
+/// which leaves the counts out of its state_dict too) from the formula.
 fn fill_deterministically(varmap: &VarMap) -> Result<Vec<String>> {
     let vars = varmap.data().lock().unwrap();
-    let mut names: Vec<String> = vars.keys().cloned().collect();
+    let mut names: Vec<String> = vars
+        .keys()
+        .filter(|name| !is_count(name))
+        .cloned()
+        .collect();
     names.sort();
     for (i, name) in names.iter().enumerate() {
         let var = &vars[name];
         var.set(&deterministic_values(name, i as u64, var.dims())?)?;
     }
     Ok(names)
+}
+
+fn is_count(name: &str) -> bool {
+    name.ends_with(NUM_BATCHES_TRACKED)
+}
+
+/// Every BatchNorm count of the map, by name.
+fn counts(varmap: &VarMap) -> Result<HashMap<String, i64>> {
+    varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| is_count(name))
+        .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_scalar::<i64>()?)))
+        .collect()
 }
 
 fn resnet(depth: usize, num_classes: usize) -> Result<(VarMap, ResNet)> {
@@ -167,13 +188,13 @@ fn training_step_reaches_every_parameter_and_moves_batch_norm_buffers() -> Resul
     let vars = varmap.data().lock().unwrap().clone();
     let before: HashMap<String, Vec<f32>> = vars
         .iter()
-        .filter(|(name, _)| is_batch_norm_buffer(name))
+        .filter(|(name, _)| is_batch_norm_buffer(name) && !is_count(name))
         .map(|(name, var)| Ok((name.clone(), flat(var.as_tensor())?)))
         .collect::<Result<_>>()?;
     assert_eq!(
         before.len(),
         2 * 20,
-        "ResNet-18 has 20 BatchNorms with two buffers each"
+        "ResNet-18 has 20 BatchNorms with two running statistics each"
     );
 
     let x = Tensor::randn(0f32, 1., (2, 3, 32, 32), &Device::Cpu)?;
@@ -186,7 +207,11 @@ fn training_step_reaches_every_parameter_and_moves_batch_norm_buffers() -> Resul
         let grad = grads.get(var.as_tensor());
         if is_batch_norm_buffer(name) {
             assert!(grad.is_none(), "BatchNorm buffer {name} got a gradient");
-            assert_ne!(flat(var.as_tensor())?, before[name], "{name} did not move");
+            if is_count(name) {
+                assert_eq!(var.as_tensor().to_scalar::<i64>()?, 1, "{name}");
+            } else {
+                assert_ne!(flat(var.as_tensor())?, before[name], "{name} did not move");
+            }
             continue;
         }
         trainable += 1;
@@ -201,6 +226,123 @@ fn training_step_reaches_every_parameter_and_moves_batch_norm_buffers() -> Resul
         trainable, 62,
         "ResNet-18: 21 convolutions, 20 BatchNorm weight + bias, fc weight + bias"
     );
+    Ok(())
+}
+
+#[test]
+fn batch_norm_counts_training_forwards_and_saves_the_count() -> Result<()> {
+    let (varmap, model) = resnet(18, 10)?;
+    let x = Tensor::randn(0f32, 1., (2, 3, 16, 16), &Device::Cpu)?;
+    for _ in 0..3 {
+        model.forward_t(&x, true)?;
+    }
+    model.forward_t(&x, false)?;
+    let after = counts(&varmap)?;
+    assert_eq!(after.len(), 20, "one count per BatchNorm");
+    for (name, count) in &after {
+        assert_eq!(*count, 3, "{name}: 3 training forwards, then one in eval");
+    }
+
+    let dir = tempdir();
+    let path = dir.path().join("counted.safetensors");
+    varmap.save(&path)?;
+    let saved = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let count = &saved["layer3.1.bn2.num_batches_tracked"];
+    assert_eq!(count.dtype(), DType::I64, "torch's dtype");
+    assert_eq!(count.dims(), [0usize; 0], "torch's shape: a scalar");
+    assert_eq!(count.to_scalar::<i64>()?, 3);
+    Ok(())
+}
+
+#[test]
+fn checkpoint_counts_load_exactly_and_absent_ones_start_at_zero() -> Result<()> {
+    let (varmap, _) = resnet(18, 10)?;
+    let dir = tempdir();
+    let path = dir.path().join("tv.safetensors");
+    // Beyond f32's exact integers: only an i64 count keeps it.
+    let big = (1i64 << 40) + 3;
+    save_as(&varmap, &WeightLayout::Torchvision, &path, &[])?;
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    tensors.insert(
+        "layer2.0.downsample.1.num_batches_tracked".into(),
+        Tensor::new(big, &Device::Cpu)?,
+    );
+    // As in torchvision's first ImageNet weights, saved before the count existed.
+    tensors.remove("bn1.num_batches_tracked");
+    candle_core::safetensors::save(&tensors, &path)?;
+
+    let loaded = load_resnet(&path, 10, &Device::Cpu).unwrap();
+    let loaded_counts = counts(&loaded.varmap)?;
+    assert_eq!(
+        loaded_counts["layer2.0.downsample.1.num_batches_tracked"],
+        big
+    );
+    assert_eq!(loaded_counts["bn1.num_batches_tracked"], 0);
+
+    loaded.model.forward_t(
+        &Tensor::randn(0f32, 1., (2, 3, 16, 16), &Device::Cpu)?,
+        true,
+    )?;
+    let trained = counts(&loaded.varmap)?;
+    assert_eq!(
+        trained["layer2.0.downsample.1.num_batches_tracked"],
+        big + 1
+    );
+    assert_eq!(trained["bn1.num_batches_tracked"], 1);
+    Ok(())
+}
+
+#[test]
+fn frozen_batch_norm_trains_with_running_statistics_and_keeps_them() -> Result<()> {
+    let g = golden();
+    let (varmap, mut model) = resnet(18, 10)?;
+    fill_deterministically(&varmap)?;
+    model.set_batch_norm_frozen(true);
+    let buffers = |varmap: &VarMap| -> Result<HashMap<String, Vec<f32>>> {
+        let vars = varmap.data().lock().unwrap();
+        vars.iter()
+            .filter(|(name, _)| is_batch_norm_buffer(name))
+            .map(|(name, var)| {
+                let values = var.as_tensor().to_dtype(DType::F32)?;
+                Ok((name.clone(), flat(&values)?))
+            })
+            .collect()
+    };
+    let before = buffers(&varmap)?;
+    let x = golden_input(&g)?;
+
+    let train_logits = model.forward_t(&x, true)?;
+    assert_eq!(
+        flat(&train_logits)?,
+        flat(&model.forward_t(&x, false)?)?,
+        "a training forward with frozen BatchNorm is an eval forward"
+    );
+    assert_close(
+        "frozen training logits against torchvision's eval",
+        &flat(&train_logits)?,
+        &g.eval_logits,
+        1e-4,
+    );
+    assert_eq!(
+        buffers(&varmap)?,
+        before,
+        "running statistics and counts moved"
+    );
+
+    // Weight and bias still train (unless frozen by name), through every layer.
+    let labels = Tensor::new(g.labels.as_slice(), &Device::Cpu)?;
+    let grads = candle_nn::loss::cross_entropy(&train_logits, &labels)?.backward()?;
+    let vars = varmap.data().lock().unwrap();
+    for name in ["bn1.weight", "layer1.0.bn1.bias", "conv1.weight"] {
+        let grad = flat(grads.get(vars[name].as_tensor()).unwrap())?;
+        assert!(grad.iter().any(|&g| g != 0.0), "zero gradient for {name}");
+    }
+    for (name, var) in vars.iter().filter(|(name, _)| is_batch_norm_buffer(name)) {
+        assert!(
+            grads.get(var.as_tensor()).is_none(),
+            "{name} got a gradient"
+        );
+    }
     Ok(())
 }
 
@@ -231,11 +373,13 @@ fn hugging_face_layout_matches_transformers_names_and_shapes() -> Result<()> {
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     for depth in [18, 50] {
         let (varmap, _) = resnet(depth, 10)?;
+        // The script leaves the BatchNorm counts out.
         let ours: HashMap<String, Vec<usize>> = varmap
             .data()
             .lock()
             .unwrap()
             .iter()
+            .filter(|(name, _)| !is_count(name))
             .map(|(name, var)| (hf().file_name(name), var.dims().to_vec()))
             .collect();
         let theirs = &expected[&format!("resnet{depth}")];

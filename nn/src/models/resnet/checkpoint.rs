@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::{BlockKind, ResNet, ResNetConfig};
+use crate::models::batch_norm::NUM_BATCHES_TRACKED;
 use crate::{Error, Result};
 
 /// How tensors are named in a checkpoint file.
@@ -154,8 +155,9 @@ pub struct LoadedResNet {
 ///
 /// The architecture (depth, block kind) comes from the tensors present. A head whose
 /// class count differs from `num_classes`, or a checkpoint without a head, gets a fresh
-/// head. Any other missing tensor or wrong shape is an error naming the file and tensor.
-/// Variables are F32 and keep torchvision names, so a saved `VarMap` is a torchvision file.
+/// head. A missing BatchNorm count starts at zero. Any other missing tensor or wrong shape
+/// is an error naming the file and tensor. Variables are F32 (BatchNorm counts I64, as in
+/// torch) and keep torchvision names, so a saved `VarMap` is a torchvision file.
 pub fn load_resnet(file: &Path, num_classes: usize, device: &Device) -> Result<LoadedResNet> {
     let tensors = candle_core::safetensors::load(file, device).map_err(|e| Error::Config {
         file: file.to_path_buf(),
@@ -206,9 +208,18 @@ pub fn load_resnet(file: &Path, num_classes: usize, device: &Device) -> Result<L
             tensor: tensor_name.clone(),
             reason,
         };
-        let tensor = tensors.get(&tensor_name).ok_or_else(|| {
-            checkpoint_error(format!("missing (needed by ResNet-{})", config.depth))
-        })?;
+        let tensor = match tensors.get(&tensor_name) {
+            Some(tensor) => tensor,
+            // Files saved before PyTorch 0.4.1 (torchvision's first ImageNet weights)
+            // have no count; it starts from zero.
+            None if name.ends_with(NUM_BATCHES_TRACKED) => continue,
+            None => {
+                return Err(checkpoint_error(format!(
+                    "missing (needed by ResNet-{})",
+                    config.depth
+                )));
+            }
+        };
         if tensor.shape() != var.shape() {
             return Err(checkpoint_error(format!(
                 "shape {:?}, ResNet-{} expects {:?}",
@@ -217,7 +228,7 @@ pub fn load_resnet(file: &Path, num_classes: usize, device: &Device) -> Result<L
                 var.shape()
             )));
         }
-        var.set(&tensor.to_dtype(DType::F32)?)?;
+        var.set(&tensor.to_dtype(var.dtype())?)?;
     }
     Ok(LoadedResNet {
         model,

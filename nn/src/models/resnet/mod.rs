@@ -2,6 +2,7 @@
 //! trains: BatchNorm with batch statistics, max-pool with a backward, a head sized to the
 //! task. Variables carry torchvision's names (`conv1.weight`, `layer1.0.bn1.running_mean`,
 //! `fc.bias`); [`checkpoint`] also reads Hugging Face `microsoft/resnet-*` files.
+//! BatchNorm can be frozen for fine-tuning ([`ResNet::set_batch_norm_frozen`]).
 
 pub mod checkpoint;
 
@@ -239,6 +240,22 @@ impl ResNet {
 
     pub fn config(&self) -> &ResNetConfig {
         &self.config
+    }
+
+    /// Frozen BatchNorm (detectron2's `FrozenBatchNorm2d`, torchvision's fine-tuning
+    /// practice): every BatchNorm normalises with its running statistics in training too
+    /// and stops updating them, so small or per-rank batches do not disturb pretrained
+    /// statistics and a sample's output does not depend on its batch. Their weights and
+    /// biases still train; the trainer freezes them by name with
+    /// `--freeze 're:(bn\d+|downsample\.1)\.(weight|bias)$'`.
+    pub fn set_batch_norm_frozen(&mut self, frozen: bool) {
+        let block_convs = self
+            .blocks
+            .iter_mut()
+            .flat_map(|b| b.convs.iter_mut().chain(b.downsample.as_mut()));
+        for conv in std::iter::once(&mut self.stem).chain(block_convs) {
+            conv.bn.set_frozen(frozen);
+        }
     }
 }
 
