@@ -4,10 +4,11 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 use ringmaster_collective::Communicator;
 use ringmaster_nn::models::bert::{BertConfig, BertForSequenceClassification, BertInput, Pooling};
+use ringmaster_nn::models::resnet::{ResNet, ResNetConfig};
 
 use crate::ddp::{Ddp, DdpConfig};
 use crate::error::{Error, Result};
@@ -42,11 +43,20 @@ impl Module for Mlp {
 
 /// Sets every variable to values drawn from `seed` and its name: candle's CPU
 /// initialisers cannot be seeded, and tests need the same start in every process.
+/// Uniform in ±0.5, except convolution kernels, whose variance is 1/fan-in so that a deep
+/// ResNet neither explodes nor vanishes, and BatchNorm variances, in [0.5, 1.5).
 pub fn init_deterministic(vars: &ModelVars, seed: u64) -> Result<()> {
     for v in vars.all() {
         let mut rng = TrainRng::new(seed ^ name_hash(&v.name));
+        let (offset, spread) = match v.var.dims() {
+            _ if v.name.ends_with("running_var") => (1.0, 0.5),
+            [_, fan_in @ ..] if fan_in.len() == 3 => {
+                (0.0, (3.0 / fan_in.iter().product::<usize>() as f32).sqrt())
+            }
+            _ => (0.0, 0.5),
+        };
         let values: Vec<f32> = (0..v.var.elem_count())
-            .map(|_| 0.5 * rng.next_signed())
+            .map(|_| offset + spread * rng.next_signed())
             .collect();
         let t = Tensor::from_vec(values, v.var.shape(), v.var.device())?;
         v.var.set(&t.to_dtype(v.var.dtype())?)?;
@@ -139,6 +149,37 @@ pub fn bert_batch(
     Ok((input, Tensor::from_vec(labels, n, device)?))
 }
 
+pub const IMAGE_SIZE: usize = 16;
+
+/// Images `[n, 3, IMAGE_SIZE, IMAGE_SIZE]` for the given sample indices: noise around a
+/// brightness per channel; the label is the brightest channel (one class per channel).
+pub fn image_batch(
+    indices: impl IntoIterator<Item = u64>,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+    for i in indices {
+        let mut rng = TrainRng::new(i.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let brightness: [f32; CLASSES] = std::array::from_fn(|_| rng.next_signed());
+        let brightest = (0..CLASSES).fold(0, |best, c| {
+            if brightness[c] > brightness[best] {
+                c
+            } else {
+                best
+            }
+        });
+        labels.push(brightest as u32);
+        for b in brightness {
+            pixels.extend((0..IMAGE_SIZE * IMAGE_SIZE).map(|_| b + 0.5 * rng.next_signed()));
+        }
+    }
+    let n = labels.len();
+    Ok((
+        Tensor::from_vec(pixels, (n, CLASSES, IMAGE_SIZE, IMAGE_SIZE), device)?,
+        Tensor::from_vec(labels, n, device)?,
+    ))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SelftestOptimizer {
     /// AdamW, weight decay 0.01.
@@ -151,11 +192,14 @@ pub enum SelftestOptimizer {
 pub enum SelftestModel {
     Mlp,
     TinyBert,
+    /// ResNet-18 on 3x16x16 images ([`image_batch`]) with frozen BatchNorm.
+    TinyResnet,
 }
 
 enum Model {
     Mlp(Mlp),
     Bert(Box<BertForSequenceClassification>),
+    ResNet(Box<ResNet>),
 }
 
 impl Model {
@@ -168,6 +212,15 @@ impl Model {
                 CLASSES,
                 Pooling::Cls,
             )?)),
+            SelftestModel::TinyResnet => {
+                let config =
+                    ResNetConfig::new(18, CLASSES).map_err(|e| Error::Config(e.to_string()))?;
+                let mut resnet = ResNet::new(&config, vb)?;
+                // Batch statistics would make a sample's output depend on how the global
+                // batch is split across ranks.
+                resnet.set_batch_norm_frozen(true);
+                Model::ResNet(Box::new(resnet))
+            }
         })
     }
 
@@ -181,6 +234,13 @@ impl Model {
                 let (input, y) = bert_batch(indices, device)?;
                 let logits = bert.forward_t(&input, true)?.logits;
                 Ok(candle_nn::loss::cross_entropy(&logits, &y)?)
+            }
+            Model::ResNet(resnet) => {
+                let (x, y) = image_batch(indices, device)?;
+                Ok(candle_nn::loss::cross_entropy(
+                    &resnet.forward_t(&x, true)?,
+                    &y,
+                )?)
             }
         }
     }
