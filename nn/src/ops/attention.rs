@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::dropout::{DropMask, dropout, next_seed};
-use super::float::{Real, dispatch_real, sum_zip};
+use super::float::{Real, dispatch_real, output_buffer, sum_zip};
 use super::matmul::{Matrix, matmul, matmul_into};
 use super::softmax::{attention_softmax, softmax_row};
 
@@ -234,7 +234,7 @@ impl Attention {
     fn forward<T: Real>(&self, qkv: &[T]) -> Vec<T> {
         let g = self.shape;
         let bias = self.bias_as::<T>();
-        let mut context = vec![T::zero(); g.batch * g.seq * g.hidden()];
+        let mut context = output_buffer(g.batch * g.seq * g.hidden());
         let out = SharedMut(context.as_mut_ptr());
         let scratch = || {
             (
@@ -267,7 +267,7 @@ impl Attention {
     fn backward<T: Real>(&self, qkv: &[T], d_context: &[T]) -> Vec<T> {
         let g = self.shape;
         let bias = self.bias_as::<T>();
-        let mut d_qkv = vec![T::zero(); qkv.len()];
+        let mut d_qkv = output_buffer(qkv.len());
         let out = SharedMut(d_qkv.as_mut_ptr());
         let n = g.seq * g.seq;
         let scratch = || (vec![T::zero(); n], vec![T::zero(); n], vec![T::zero(); n]);

@@ -14,7 +14,7 @@ use candle_core::{
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::float::{Real, dispatch_real, sum_map, sum_zip, sum_zip3};
+use super::float::{Real, dispatch_real, output_buffer, sum_map, sum_zip, sum_zip3};
 
 /// Output of [`batch_norm_train`]: the normalised tensor and the per-channel batch
 /// statistics the running averages are updated with.
@@ -190,7 +190,7 @@ struct BatchNormTrain {
 
 impl BatchNormTrain {
     fn normalise<T: Real>(&self, x: &[T], beta: &[T], ch: Channels) -> Vec<T> {
-        let mut out = vec![T::zero(); x.len()];
+        let mut out = output_buffer(x.len());
         let floor = if self.relu {
             T::zero()
         } else {
@@ -293,7 +293,7 @@ impl BatchNormTrainBackward {
             })
         });
         let numel = x.len();
-        let mut out = vec![T::zero(); numel + 2 * ch.c];
+        let mut out = output_buffer(numel + 2 * ch.c);
         let (dx, dparams) = out.split_at_mut(numel);
         dx.par_chunks_mut(ch.plane)
             .zip(

@@ -14,7 +14,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::float::{Real, dispatch_real};
+use super::float::{Real, dispatch_real, output_buffer};
 use super::matmul::{Matrix, matmul};
 
 /// Marks a tap that reads padding (no plane is this large).
@@ -283,14 +283,16 @@ impl Geometry {
 impl Conv2dParams {
     fn forward<T: Real>(&self, x: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
         let (group, taps) = (g.group(), g.taps());
-        let mut out = vec![T::zero(); g.batch * g.out_image()];
+        let mut out = output_buffer(g.batch * g.out_image());
         out.par_chunks_mut(group * g.out_image())
             .zip(x.par_chunks(group * g.in_image()))
             .for_each_init(
+                // Both are written before they are read: im2col fills every column it
+                // hands to the product, which overwrites `product`.
                 || {
                     (
-                        vec![T::zero(); g.k() * group * g.l()],
-                        vec![T::zero(); group * g.out_image()],
+                        output_buffer(g.k() * group * g.l()),
+                        output_buffer(group * g.out_image()),
                     )
                 },
                 |(col, product), (out, x)| {

@@ -4,7 +4,7 @@
 //! candle's `ops::dropout` draws a full f32 tensor from a ChaCha generator, compares,
 //! converts and multiplies (five passes) and keeps the mask alive until backward.
 
-use super::float::{Real, dispatch_real};
+use super::float::{Real, dispatch_real, output_buffer};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -91,7 +91,7 @@ impl Dropout {
         let mask = DropMask::new(self.p, self.seed);
         let scale = T::lit(1.0 / (1.0 - self.p));
         const CHUNK: usize = 16 * 1024;
-        let mut out = vec![T::zero(); x.len()];
+        let mut out = output_buffer(x.len());
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .enumerate()

@@ -4,7 +4,7 @@
 //! composed `layer_norm_slow` trains but runs a dozen tensor ops per call. Here the forward
 //! is one pass over each row and the backward one pass that yields dx, dgamma and dbeta.
 
-use super::float::{Real, dispatch_real, last_dim, rows_per_task, sum_map, sum_zip};
+use super::float::{Real, dispatch_real, last_dim, output_buffer, rows_per_task, sum_map, sum_zip};
 use candle_core::{CpuStorage, CustomOp3, D, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
@@ -111,7 +111,7 @@ struct LayerNormGrad {
 
 fn backward<T: Real>(x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
     let d = gamma.len();
-    let mut out = vec![T::zero(); x.len() + 2 * d];
+    let mut out = output_buffer(x.len() + 2 * d);
     let (dx, param_grads) = out.split_at_mut(x.len());
     let chunk = rows_per_task(d) * d;
     // Each task sums dgamma/dbeta over its rows into its own buffer; the buffers are

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::float::{Real, dispatch_real, rows_per_task};
+use super::float::{Real, dispatch_real, output_buffer, rows_per_task};
 use super::matmul::{Matrix, matmul_threaded};
 
 /// `x · weightᵀ + bias` over the last dimension of `x`; `weight` is (out, in) and `bias`
@@ -65,7 +65,7 @@ impl Geometry {
 struct Linear;
 
 fn forward<T: Real>(x: &[T], weight: &[T], bias: &[T], g: Geometry) -> Vec<T> {
-    let mut y = vec![T::zero(); g.rows * g.outputs];
+    let mut y = output_buffer(g.rows * g.outputs);
     y.par_chunks_mut(rows_per_task(g.outputs) * g.outputs)
         .for_each(|rows| {
             rows.chunks_exact_mut(g.outputs)
@@ -84,7 +84,8 @@ fn forward<T: Real>(x: &[T], weight: &[T], bias: &[T], g: Geometry) -> Vec<T> {
 /// `[dx | dW | db]`; `dx` stays zero unless `input_grad`.
 fn backward<T: Real>(x: &[T], weight: &[T], dy: &[T], g: Geometry, input_grad: bool) -> Vec<T> {
     let (nx, nw) = (g.rows * g.inputs, g.outputs * g.inputs);
-    let mut out = vec![T::zero(); nx + nw + g.outputs];
+    // Every part is written below, except `dx` without `input_grad`, which nobody reads.
+    let mut out = output_buffer(nx + nw + g.outputs);
     let (dx, rest) = out.split_at_mut(nx);
     let (dw, db) = rest.split_at_mut(nw);
     if input_grad {

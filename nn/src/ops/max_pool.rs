@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::float::{Real, dispatch_real};
+use super::float::{Real, dispatch_real, output_buffer};
 
 /// Window geometry of a square max-pool over NCHW input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +88,7 @@ impl MaxPool2d {
     }
 
     fn pool<T: Real>(&self, x: &[T], p: &Planes) -> Vec<T> {
-        let mut out = vec![T::zero(); p.count * p.out_h * p.out_w];
+        let mut out = output_buffer(p.count * p.out_h * p.out_w);
         out.par_chunks_mut(p.out_h * p.out_w)
             .zip(x.par_chunks(p.h * p.w))
             .for_each(|(pooled, plane)| {

@@ -5,7 +5,7 @@ use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor, 
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::float::{Real, dispatch_real};
+use super::float::{Real, dispatch_real, output_buffer};
 
 /// Elements per parallel task.
 const CHUNK: usize = 16 * 1024;
@@ -27,7 +27,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Applies `f(out, a, b)` elementwise, in parallel.
 fn zip_map<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); a.len()];
+    let mut out = output_buffer(a.len());
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(out, (a, b))| {

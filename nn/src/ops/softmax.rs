@@ -4,7 +4,8 @@
 //! (each with its own backward); attention scores are the largest tensors in BERT.
 
 use super::float::{
-    Real, dispatch_real, last_dim, map_row_pairs, map_rows, max_of, rows_per_task, sum_map, sum_zip,
+    Real, dispatch_real, last_dim, map_row_pairs, map_rows, max_of, output_buffer, rows_per_task,
+    sum_map, sum_zip,
 };
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -99,7 +100,7 @@ fn biased_forward<T: Real>(x: &[T], bias: &[T], keys: usize, scale: T) -> Vec<T>
     // Every batch item owns heads * queries consecutive rows of x.
     let rows_per_item = x.len() / bias.len().max(1);
     let rows_per_chunk = rows_per_task(keys);
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = output_buffer(x.len());
     y.par_chunks_mut(rows_per_chunk * keys)
         .zip(x.par_chunks(rows_per_chunk * keys))
         .enumerate()
