@@ -258,7 +258,7 @@ fn bench_ops(b: usize, seq: usize) -> Result<()> {
 }
 
 /// minilm_bench.py's result lines: (mode, batch, samples/s, the line itself).
-fn torch_results(dir: &PathBuf, args: &Args) -> Vec<(String, usize, f64, String)> {
+fn torch_results(dir: &PathBuf, args: &Args) -> Result<Vec<(String, usize, f64, String)>> {
     let batches = args
         .batches
         .iter()
@@ -287,15 +287,17 @@ fn torch_results(dir: &PathBuf, args: &Args) -> Vec<(String, usize, f64, String)
         .args(["--modes", &torch_modes(args)])
         .current_dir(dir)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", args.python));
+        .map_err(|e| candle_core::Error::Msg(format!("cannot run {}: {e}", args.python)))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "minilm_bench.py failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    if !output.status.success() {
+        candle_core::bail!(
+            "{} failed:\n{stdout}\n{}",
+            dir.join("minilm_bench.py").display(),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    }
     // "train threads=2 batch=32: 13.52 samples/s | step ... = fwd 1040 + bwd 930 + opt 80 ms | ..."
-    stdout
+    Ok(stdout
         .lines()
         .filter_map(|line| {
             let (mode, rest) = line.split_once(" threads=")?;
@@ -309,7 +311,7 @@ fn torch_results(dir: &PathBuf, args: &Args) -> Vec<(String, usize, f64, String)
             let rate = rest.split_once(": ")?.1.split(' ').next()?.parse().ok()?;
             Some((mode.to_string(), batch, rate, line.to_string()))
         })
-        .collect()
+        .collect())
 }
 
 /// The modes minilm_bench.py shares with this benchmark.
@@ -372,7 +374,7 @@ fn main() -> Result<()> {
         .filter(|_| !torch_modes(&args).is_empty())
     {
         println!("\n# PyTorch, same run:");
-        let torch = torch_results(dir, &args);
+        let torch = torch_results(dir, &args)?;
         for (_, _, _, line) in &torch {
             println!("{line}");
         }

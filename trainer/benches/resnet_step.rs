@@ -118,7 +118,7 @@ fn bench(hw: usize, batch: usize, args: &Args) -> Result<Timings> {
 }
 
 /// One `resnet_bench.py` record per config: (samples/s, forward, backward, optimizer).
-fn torch_results(dir: &PathBuf, args: &Args) -> HashMap<(usize, usize), [f64; 4]> {
+fn torch_results(dir: &PathBuf, args: &Args) -> Result<HashMap<(usize, usize), [f64; 4]>> {
     let json = std::env::temp_dir().join(format!("resnet_step_torch_{}.jsonl", std::process::id()));
     let configs: Vec<String> = args
         .configs
@@ -143,19 +143,23 @@ fn torch_results(dir: &PathBuf, args: &Args) -> HashMap<(usize, usize), [f64; 4]
         .arg("--json")
         .arg(&json)
         .status()
-        .expect("cannot run resnet_bench.py");
-    assert!(status.success(), "resnet_bench.py failed: {status}");
-    let text = std::fs::read_to_string(&json).expect("resnet_bench.py wrote no JSON");
+        .map_err(|e| candle_core::Error::Msg(format!("cannot run {}: {e}", args.python)))?;
+    if !status.success() {
+        candle_core::bail!("{} failed: {status}", dir.join("resnet_bench.py").display())
+    }
+    let text = std::fs::read_to_string(&json).map_err(|e| {
+        candle_core::Error::Msg(format!("resnet_bench.py wrote no {}: {e}", json.display()))
+    })?;
     let _ = std::fs::remove_file(&json);
     text.lines()
         .map(|line| {
-            let r: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+            let r: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                candle_core::Error::Msg(format!("resnet_bench.py wrote `{line}`: {e}"))
+            })?;
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-            let key = (
-                r["hw"].as_u64().unwrap() as usize,
-                r["batch"].as_u64().unwrap() as usize,
-            );
-            (
+            let size = |k: &str| r[k].as_u64().unwrap_or(0) as usize;
+            let key = (size("hw"), size("batch"));
+            Ok((
                 key,
                 [
                     f("samples_per_s"),
@@ -163,7 +167,7 @@ fn torch_results(dir: &PathBuf, args: &Args) -> HashMap<(usize, usize), [f64; 4]
                     f("backward_s"),
                     f("optimizer_s"),
                 ],
-            )
+            ))
         })
         .collect()
 }
@@ -202,7 +206,7 @@ fn main() -> Result<()> {
         ));
     }
     if let Some(dir) = &args.torch {
-        let torch = torch_results(dir, &args);
+        let torch = torch_results(dir, &args)?;
         println!(
             "\n| config | candle samples/s | torch samples/s | ratio | fwd c/t (ms) | bwd c/t (ms) | opt c/t (ms) |"
         );
