@@ -284,7 +284,7 @@ impl BatchNormTrainBackward {
             let mean = T::lit(self.mean[c]);
             let planes = ch.planes(dy, c).zip(ch.planes(y, c)).zip(ch.planes(x, c));
             planes.fold((0f64, 0f64), |(s, sx), ((dy, y), x)| {
-                let plane_s = sum_zip(dy, y, |dy, y| masked(dy, y));
+                let plane_s = sum_zip(dy, y, masked);
                 let plane_sx = sum_zip3(dy, y, x, |dy, y, x| masked(dy, y) * (x - mean));
                 (
                     s + WithDType::to_f64(plane_s),

@@ -5,7 +5,7 @@
 //! output gradient to the input element that won its window (the first maximum in
 //! row-major order, as PyTorch does), found again from the input instead of being stored.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::float::{Real, dispatch_real, output_buffer};
@@ -35,9 +35,55 @@ impl MaxPool2d {
         })
     }
 
-    /// Pools an NCHW tensor; differentiable with respect to `x`.
+    /// Pools an NCHW tensor; differentiable with respect to `x`. Fused f32/f64 kernel on
+    /// CPU, candle ops elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.contiguous()?.apply_op1(*self)
+        let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        if fused {
+            x.contiguous()?.apply_op1(*self)
+        } else {
+            self.composed(x)
+        }
+    }
+
+    /// The same pooling from candle ops that have GPU kernels and backward passes: pad
+    /// with -inf, gather each kernel tap's strided view with `index_select`, take the
+    /// elementwise maximum. Where taps tie, candle's maximum splits the gradient between
+    /// them instead of giving it to the first; after a ReLU (ResNet's stem) the tied values
+    /// are zeros whose gradient the ReLU drops anyway.
+    fn composed(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let (out_h, out_w) = (self.output_size(h)?, self.output_size(w)?);
+        let pad = |t: Tensor, dim: usize| -> Result<Tensor> {
+            if self.padding == 0 {
+                return Ok(t);
+            }
+            let mut dims = t.dims().to_vec();
+            dims[dim] = self.padding;
+            let edge = Tensor::full(f32::NEG_INFINITY, dims, t.device())?.to_dtype(t.dtype())?;
+            Tensor::cat(&[&edge, &t, &edge], dim)
+        };
+        let padded = pad(pad(x.clone(), 2)?, 3)?;
+        let taps = |offset: usize, count: usize| -> Result<Tensor> {
+            let index: Vec<u32> = (0..count)
+                .map(|o| (offset + o * self.stride) as u32)
+                .collect();
+            Tensor::new(index, x.device())
+        };
+        let mut pooled: Option<Tensor> = None;
+        for ky in 0..self.kernel {
+            let rows = padded.index_select(&taps(ky, out_h)?, 2)?;
+            for kx in 0..self.kernel {
+                let tap = rows.index_select(&taps(kx, out_w)?, 3)?;
+                pooled = Some(match pooled {
+                    Some(p) => p.maximum(&tap)?,
+                    None => tap,
+                });
+            }
+        }
+        let pooled = pooled.expect("the kernel is at least 1x1");
+        debug_assert_eq!(pooled.dims(), [n, c, out_h, out_w]);
+        Ok(pooled)
     }
 
     fn output_size(&self, input: usize) -> Result<usize> {
@@ -185,5 +231,48 @@ impl CustomOp2 for MaxPool2dBackward {
             &p
         )));
         Ok((grad_in, x_layout.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The candle-ops path (what GPUs run) against the CPU kernel, values and gradients.
+    #[test]
+    fn composed_path_matches_the_kernel() -> Result<()> {
+        for (kernel, stride, padding) in [(3, 2, 1), (2, 2, 0), (3, 1, 1)] {
+            let pool = MaxPool2d::new(kernel, stride, padding)?;
+            let x = Var::randn(0f64, 1., (2, 3, 7, 6), &Device::Cpu)?;
+            let probe = |y: &Tensor| -> Result<Tensor> {
+                let w = Tensor::arange(0f64, y.elem_count() as f64, y.device())?
+                    .reshape(y.shape())?
+                    .sin()?;
+                (y * w)?.sum_all()
+            };
+            let fused = pool.forward(&x)?;
+            let composed = pool.composed(&x)?;
+            let grad = |y: &Tensor| -> Result<Tensor> {
+                let mut grads = probe(y)?.backward()?;
+                grads
+                    .remove(x.as_tensor())
+                    .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
+            };
+            let (gf, gc) = (grad(&fused)?, grad(&composed)?);
+            let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
+            };
+            assert_eq!(fused.dims(), composed.dims());
+            assert!(
+                diff(&fused, &composed)? < 1e-12,
+                "{kernel}/{stride}/{padding}"
+            );
+            assert!(
+                diff(&gf, &gc)? < 1e-12,
+                "{kernel}/{stride}/{padding} gradient"
+            );
+        }
+        Ok(())
     }
 }
