@@ -123,6 +123,31 @@ fn fused_and_candle_op_updates_both_match_the_textbook() {
 }
 
 #[test]
+fn fused_and_candle_op_sgd_updates_both_match_torch() {
+    for fused in [true, false] {
+        let p = param("w", &START);
+        let buffer = Var::zeros((1, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let h = sgd::Hyper {
+            lr: 0.1,
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: true,
+            weight_decay: 0.01,
+        };
+        for (t, g) in GRADS.iter().enumerate() {
+            let g = Tensor::from_slice(g, (1, 3), &Device::Cpu).unwrap();
+            let update = if fused {
+                sgd::update_fused
+            } else {
+                sgd::update_with_ops
+            };
+            update(&p.var, &g, Some(&buffer), t == 0, h).unwrap();
+        }
+        assert_close(&values(&p), &TORCH_SGD_NESTEROV, 1e-6);
+    }
+}
+
+#[test]
 fn biases_and_norm_weights_are_not_decayed() {
     let params = [
         param("fc.weight", &[2.0, 2.0]),
