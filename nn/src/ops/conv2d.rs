@@ -233,10 +233,15 @@ impl Geometry {
                     let src = &src[oy * self.out_w..][xs.clone()];
                     let dst =
                         &mut plane[self.source(oy, ky) * self.w + self.source(xs.start, kx)..];
-                    dst.iter_mut()
-                        .step_by(self.stride)
-                        .zip(src)
-                        .for_each(|(d, &s)| *d += s);
+                    if self.stride == 1 {
+                        // A plain zip vectorises; `step_by` does not.
+                        dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+                    } else {
+                        dst.iter_mut()
+                            .step_by(self.stride)
+                            .zip(src)
+                            .for_each(|(d, &s)| *d += s);
+                    }
                 }
             }
         }
