@@ -14,7 +14,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::float::{Real, dispatch_real, output_buffer};
+use super::float::{Real, add_partials, dispatch_real, output_buffer};
 use super::matmul::{Matrix, matmul};
 
 /// Marks a tap that reads padding (no plane is this large).
@@ -385,10 +385,7 @@ impl Conv2dParams {
                 },
             )
             .map(|(dw, _)| dw)
-            .reduce_with(|mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-                a
-            });
+            .reduce_with(add_partials);
         if let Some(sum) = per_task_dw {
             dw.copy_from_slice(&sum);
         }

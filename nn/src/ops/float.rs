@@ -165,6 +165,13 @@ pub(crate) fn max_of<T: Real>(x: &[T]) -> T {
         .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m })
 }
 
+/// Adds per-task partial sums: the `reduce` step of kernels that let every task sum
+/// into its own buffer, so that no task waits on another.
+pub(crate) fn add_partials<T: Real>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+    a
+}
+
 /// Rows per parallel task: enough work to amortise rayon's scheduling.
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (16 * 1024 / row_len.max(1)).max(1)

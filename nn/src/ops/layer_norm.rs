@@ -4,7 +4,9 @@
 //! composed `layer_norm_slow` trains but runs a dozen tensor ops per call. Here the forward
 //! is one pass over each row and the backward one pass that yields dx, dgamma and dbeta.
 
-use super::float::{Real, dispatch_real, last_dim, output_buffer, rows_per_task, sum_map, sum_zip};
+use super::float::{
+    Real, add_partials, dispatch_real, last_dim, output_buffer, rows_per_task, sum_map, sum_zip,
+};
 use candle_core::{CpuStorage, CustomOp3, D, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
@@ -149,13 +151,7 @@ fn backward<T: Real>(x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
                 acc
             },
         )
-        .reduce(
-            || vec![T::zero(); 2 * d],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                a
-            },
-        );
+        .reduce(|| vec![T::zero(); 2 * d], add_partials);
     param_grads.copy_from_slice(&partial);
     out
 }

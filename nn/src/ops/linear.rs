@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::float::{Real, dispatch_real, output_buffer, rows_per_task};
+use super::float::{Real, add_partials, dispatch_real, output_buffer, rows_per_task};
 use super::matmul::{Matrix, matmul_threaded};
 
 /// `x · weightᵀ + bias` over the last dimension of `x`; `weight` is (out, in) and `bias`
@@ -116,13 +116,7 @@ fn backward<T: Real>(x: &[T], weight: &[T], dy: &[T], g: Geometry, input_grad: b
                 acc
             },
         )
-        .reduce(
-            || vec![T::zero(); g.outputs],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                a
-            },
-        );
+        .reduce(|| vec![T::zero(); g.outputs], add_partials);
     db.copy_from_slice(&sums);
     out
 }

@@ -43,20 +43,7 @@ pub(crate) fn matmul<T: Real>(
     rhs: Matrix<T>,
     accumulate: bool,
 ) {
-    let (m, n, _) = shape;
-    assert!(dst.len() >= m * n, "matmul: destination too small");
-    // SAFETY: `dst` holds m x n row-major elements.
-    unsafe {
-        gemm_call(
-            dst.as_mut_ptr(),
-            n,
-            shape,
-            lhs,
-            rhs,
-            accumulate,
-            Parallelism::None,
-        )
-    }
+    matmul_with(dst, shape, lhs, rhs, accumulate, Parallelism::None)
 }
 
 /// [`matmul`] on all of rayon's threads, for one large product.
@@ -67,18 +54,28 @@ pub(crate) fn matmul_threaded<T: Real>(
     rhs: Matrix<T>,
     accumulate: bool,
 ) {
-    let (m, n, _) = shape;
-    assert!(dst.len() >= m * n, "matmul: destination too small");
     let parallelism = match rayon::current_num_threads() {
         1 => Parallelism::None,
         threads => Parallelism::Rayon(threads),
     };
+    matmul_with(dst, shape, lhs, rhs, accumulate, parallelism)
+}
+
+fn matmul_with<T: Real>(
+    dst: &mut [T],
+    (m, n, k): (usize, usize, usize),
+    lhs: Matrix<T>,
+    rhs: Matrix<T>,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    assert!(dst.len() >= m * n, "matmul: destination too small");
     // SAFETY: `dst` holds m x n row-major elements.
     unsafe {
         gemm_call(
             dst.as_mut_ptr(),
             n,
-            shape,
+            (m, n, k),
             lhs,
             rhs,
             accumulate,
