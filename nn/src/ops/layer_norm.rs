@@ -52,13 +52,45 @@ fn row_stats<T: Real>(row: &[T], eps: f64) -> (T, T) {
     (mean, (var + T::lit(eps)).sqrt().recip())
 }
 
+/// One row of the forward: `y = (x - mean) * rstd * gamma + beta`.
+pub(super) fn forward_row<T: Real>(x: &[T], gamma: &[T], beta: &[T], eps: f64, y: &mut [T]) {
+    let (mean, rstd) = row_stats(x, eps);
+    for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+        *y = (x - mean) * rstd * g + b;
+    }
+}
+
 fn forward<T: Real>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> Vec<T> {
-    super::float::map_rows(x, gamma.len(), |y, x| {
-        let (mean, rstd) = row_stats(x, eps);
-        for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
-            *y = (x - mean) * rstd * g + b;
-        }
-    })
+    super::float::map_rows(x, gamma.len(), |y, x| forward_row(x, gamma, beta, eps, y))
+}
+
+/// One row of the backward: writes `dx`, adds into `dgamma` and `dbeta`.
+pub(super) fn backward_row<T: Real>(
+    x: &[T],
+    dy: &[T],
+    gamma: &[T],
+    eps: f64,
+    dx: &mut [T],
+    (dgamma, dbeta): (&mut [T], &mut [T]),
+) {
+    let d = gamma.len();
+    let n = T::lit(d as f64);
+    let (mean, rstd) = row_stats(x, eps);
+    // With xhat = (x - mean) * rstd and g = dy * gamma:
+    // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+    for i in 0..d {
+        let xhat = (x[i] - mean) * rstd;
+        dgamma[i] += dy[i] * xhat;
+        dbeta[i] += dy[i];
+        // g = dy * gamma, kept in dx until dx is known.
+        dx[i] = dy[i] * gamma[i];
+    }
+    let mean_g = sum_map(dx, |g| g) / n;
+    let mean_gx = sum_zip(dx, x, |g, x| g * (x - mean)) * rstd / n;
+    for i in 0..d {
+        let xhat = (x[i] - mean) * rstd;
+        dx[i] = rstd * (dx[i] - mean_g - xhat * mean_gx);
+    }
 }
 
 impl CustomOp3 for LayerNorm {
@@ -124,29 +156,13 @@ fn backward<T: Real>(x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
         .fold(
             || vec![T::zero(); 2 * d],
             |mut acc, (dx, (x, dy))| {
-                let (dgamma, dbeta) = acc.split_at_mut(d);
-                let n = T::lit(d as f64);
+                let params = acc.split_at_mut(d);
                 for ((dx, x), dy) in dx
                     .chunks_exact_mut(d)
                     .zip(x.chunks_exact(d))
                     .zip(dy.chunks_exact(d))
                 {
-                    let (mean, rstd) = row_stats(x, eps);
-                    // With xhat = (x - mean) * rstd and g = dy * gamma:
-                    // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
-                    for i in 0..d {
-                        let xhat = (x[i] - mean) * rstd;
-                        dgamma[i] += dy[i] * xhat;
-                        dbeta[i] += dy[i];
-                        // g = dy * gamma, kept in dx until dx is known.
-                        dx[i] = dy[i] * gamma[i];
-                    }
-                    let mean_g = sum_map(dx, |g| g) / n;
-                    let mean_gx = sum_zip(dx, x, |g, x| g * (x - mean)) * rstd / n;
-                    for i in 0..d {
-                        let xhat = (x[i] - mean) * rstd;
-                        dx[i] = rstd * (dx[i] - mean_g - xhat * mean_gx);
-                    }
+                    backward_row(x, dy, gamma, eps, dx, (&mut *params.0, &mut *params.1));
                 }
                 acc
             },

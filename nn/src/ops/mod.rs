@@ -11,4 +11,5 @@ pub mod linear;
 mod matmul;
 pub mod max_pool;
 pub mod residual;
+pub mod residual_norm;
 pub mod softmax;

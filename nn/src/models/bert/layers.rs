@@ -1,6 +1,9 @@
 //! The building blocks of a BERT layer, with Hugging Face weight names.
 
-use crate::ops::{attention::attention, layer_norm::layer_norm, linear::linear};
+use crate::ops::{
+    attention::attention, layer_norm::layer_norm, linear::linear,
+    residual_norm::residual_layer_norm,
+};
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -119,7 +122,8 @@ impl SelfAttention {
     }
 }
 
-/// dense -> dropout -> LayerNorm(out + residual): the tail of both halves of a layer.
+/// dense -> dropout -> LayerNorm(out + residual): the tail of both halves of a layer,
+/// the last three as one fused op.
 pub(crate) struct ResidualNorm {
     dense: Dense,
     norm: Norm,
@@ -143,8 +147,16 @@ impl ResidualNorm {
     }
 
     pub fn forward(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        let y = dropout(&self.dense.forward(x)?, self.dropout, train)?;
-        self.norm.forward(&(y + residual)?)
+        let p = if train { self.dropout } else { 0.0 };
+        let n = &self.norm;
+        residual_layer_norm(
+            &self.dense.forward(x)?,
+            residual,
+            &n.weight,
+            &n.bias,
+            n.eps,
+            p,
+        )
     }
 }
 
