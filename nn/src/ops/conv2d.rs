@@ -335,6 +335,17 @@ impl Conv2dParams {
         let kernel_len = g.c_out * g.k();
         let mut out = vec![T::zero(); x.len() + kernel_len];
         let (dx, dw) = out.split_at_mut(x.len());
+        // Wᵀ once, contiguous, so that every group's product packs it with unit-stride
+        // reads instead of striding through the weight.
+        let weight_t = input_grad.then(|| {
+            let mut t = output_buffer(kernel_len);
+            for (o, row) in weight.chunks_exact(g.k()).enumerate() {
+                for (k, &w) in row.iter().enumerate() {
+                    t[k * g.c_out + o] = w;
+                }
+            }
+            t
+        });
         let per_task_dw = dx
             .par_chunks_mut(group * g.in_image())
             .zip(
@@ -342,10 +353,11 @@ impl Conv2dParams {
                     .zip(dy.par_chunks(group * g.out_image())),
             )
             .fold(
+                // im2col and gather_out write what the products read.
                 || {
                     let buffers = (
-                        vec![T::zero(); g.k() * group * g.l()],
-                        vec![T::zero(); group * g.out_image()],
+                        output_buffer(g.k() * group * g.l()),
+                        output_buffer(group * g.out_image()),
                     );
                     (vec![T::zero(); kernel_len], buffers)
                 },
@@ -368,14 +380,14 @@ impl Conv2dParams {
                         Matrix::transposed(&col, width),
                         true,
                     );
-                    if input_grad {
+                    if let Some(weight_t) = &weight_t {
                         // col(dx) = Wᵀ · dY, then folded back onto the images.
                         let dcol = &mut col[..g.k() * width];
                         let shape = (g.k(), width, g.c_out);
                         matmul(
                             dcol,
                             shape,
-                            Matrix::transposed(weight, g.k()),
+                            Matrix::row_major(weight_t, g.c_out),
                             Matrix::row_major(dy_matrix, width),
                             false,
                         );
