@@ -17,7 +17,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::dropout::{DropMask, dropout, next_seed};
+use super::dropout::{DropMask, dropout};
 use super::float::{Real, dispatch_real, output_buffer, sum_zip};
 use super::matmul::{Matrix, matmul, matmul_into};
 use super::softmax::{attention_softmax, softmax_row};
@@ -56,7 +56,7 @@ pub fn attention(
         Some(b) => Some(Arc::new(b.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)),
         None => None,
     };
-    let dropout = (dropout_p > 0.0).then(|| (dropout_p, next_seed()));
+    let dropout = (dropout_p > 0.0).then(|| DropMask::next(dropout_p));
     qkv.contiguous()?.apply_op1(Attention {
         shape,
         bias,
@@ -141,8 +141,7 @@ struct Attention {
     shape: Geometry,
     /// (batch, seq) additive bias.
     bias: Option<Arc<Vec<f64>>>,
-    /// (probability, seed).
-    dropout: Option<(f64, u64)>,
+    dropout: Option<DropMask>,
 }
 
 /// A pointer that parallel tasks share to write disjoint parts of one buffer.
@@ -195,18 +194,13 @@ impl Attention {
     /// elements by 1 / (1 - p): the forward on probabilities and the backward on their
     /// gradient are the same map.
     fn drop<T: Real>(&self, (item, head): (usize, usize), m: &mut [T]) {
-        let Some((p, seed)) = self.dropout else {
+        let Some(mask) = self.dropout else {
             return;
         };
-        let mask = DropMask::new(p, seed);
-        let scale = T::lit(1.0 / (1.0 - p));
+        let scale = mask.scale();
         let base = ((item * self.shape.heads + head) * m.len()) as u32;
         for (i, v) in m.iter_mut().enumerate() {
-            *v = if mask.keeps(base + i as u32) {
-                *v * scale
-            } else {
-                T::zero()
-            };
+            *v = mask.dropped(base + i as u32, *v, scale);
         }
     }
 

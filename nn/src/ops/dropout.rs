@@ -29,22 +29,11 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return candle_nn::ops::dropout(x, p as f32);
     }
-    x.contiguous()?.apply_op1(Dropout {
-        p,
-        seed: next_seed(),
-    })
-}
-
-/// The next seed of this thread's sequence (see [`seed_dropout`]).
-pub(crate) fn next_seed() -> u64 {
-    NEXT_SEED.replace(NEXT_SEED.get().wrapping_add(1))
+    x.contiguous()?.apply_op1(Dropout(DropMask::next(p)))
 }
 
 #[derive(Clone, Copy)]
-struct Dropout {
-    p: f64,
-    seed: u64,
-}
+struct Dropout(DropMask);
 
 /// Which elements one dropout call keeps: a hash of (seed, element index), so the
 /// backward pass (or a fused op's recomputation) finds the same mask without storing it.
@@ -53,19 +42,37 @@ pub(crate) struct DropMask {
     /// Keep an element when its hash is at or above p * 2^32.
     threshold: u64,
     key: u32,
+    /// 1 / (1 - p), the factor of kept elements.
+    keep_scale: f64,
 }
 
 impl DropMask {
-    pub fn new(p: f64, seed: u64) -> Self {
+    fn new(p: f64, seed: u64) -> Self {
         Self {
             threshold: (p * 4_294_967_296.0) as u64,
             key: (seed ^ (seed >> 32)) as u32 ^ 0x2545_f491,
+            keep_scale: 1.0 / (1.0 - p),
         }
     }
 
+    /// The next mask of this thread's sequence (see [`seed_dropout`]).
+    pub fn next(p: f64) -> Self {
+        Self::new(p, NEXT_SEED.replace(NEXT_SEED.get().wrapping_add(1)))
+    }
+
+    /// 1 / (1 - p) in `T`, for [`Self::dropped`].
+    pub fn scale<T: Real>(&self) -> T {
+        T::lit(self.keep_scale)
+    }
+
+    /// `value * scale` where the mask keeps element `index`, 0 where it drops it.
     #[inline(always)]
-    pub fn keeps(&self, index: u32) -> bool {
-        hash(index, self.key) as u64 >= self.threshold
+    pub fn dropped<T: Real>(&self, index: u32, value: T, scale: T) -> T {
+        if hash(index, self.key) as u64 >= self.threshold {
+            value * scale
+        } else {
+            T::zero()
+        }
     }
 }
 
@@ -88,8 +95,7 @@ impl Dropout {
                 x.len()
             )
         }
-        let mask = DropMask::new(self.p, self.seed);
-        let scale = T::lit(1.0 / (1.0 - self.p));
+        let (mask, scale) = (self.0, self.0.scale::<T>());
         const CHUNK: usize = 16 * 1024;
         let mut out = output_buffer(x.len());
         out.par_chunks_mut(CHUNK)
@@ -98,11 +104,7 @@ impl Dropout {
             .for_each(|(c, (out, x))| {
                 let base = (c * CHUNK) as u32;
                 for (i, (o, &x)) in out.iter_mut().zip(x).enumerate() {
-                    *o = if mask.keeps(base + i as u32) {
-                        x * scale
-                    } else {
-                        T::zero()
-                    };
+                    *o = mask.dropped(base + i as u32, x, scale);
                 }
             });
         Ok(out)

@@ -52,7 +52,7 @@ impl MaxPool2d {
     /// them instead of giving it to the first; after a ReLU (ResNet's stem) the tied values
     /// are zeros whose gradient the ReLU drops anyway.
     fn composed(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
+        let (_, _, h, w) = x.dims4()?;
         let (out_h, out_w) = (self.output_size(h)?, self.output_size(w)?);
         let pad = |t: Tensor, dim: usize| -> Result<Tensor> {
             if self.padding == 0 {
@@ -81,9 +81,7 @@ impl MaxPool2d {
                 });
             }
         }
-        let pooled = pooled.expect("the kernel is at least 1x1");
-        debug_assert_eq!(pooled.dims(), [n, c, out_h, out_w]);
-        Ok(pooled)
+        pooled.ok_or_else(|| candle_core::Error::Msg("max_pool2d: the kernel is empty".into()))
     }
 
     fn output_size(&self, input: usize) -> Result<usize> {

@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::dropout::{DropMask, dropout, next_seed};
+use super::dropout::{DropMask, dropout};
 use super::float::{Real, add_partials, dispatch_real, last_dim, output_buffer, rows_per_task};
 use super::layer_norm::{backward_row, forward_row, layer_norm};
 
@@ -49,7 +49,7 @@ pub fn residual_layer_norm(
     let params = Tensor::cat(&[gamma, beta], 0)?;
     let op = ResidualNorm {
         eps,
-        dropout: (dropout_p > 0.0).then(|| (dropout_p, next_seed())),
+        dropout: (dropout_p > 0.0).then(|| DropMask::next(dropout_p)),
     };
     x.contiguous()?
         .apply_op3(&residual.contiguous()?, &params.contiguous()?, op)
@@ -58,8 +58,7 @@ pub fn residual_layer_norm(
 #[derive(Clone, Copy)]
 struct ResidualNorm {
     eps: f64,
-    /// (probability, seed).
-    dropout: Option<(f64, u64)>,
+    dropout: Option<DropMask>,
 }
 
 impl ResidualNorm {
@@ -78,15 +77,10 @@ impl ResidualNorm {
                     *z = x + r;
                 }
             }
-            Some((p, seed)) => {
-                let (mask, scale) = (DropMask::new(p, seed), T::lit(1.0 / (1.0 - p)));
+            Some(mask) => {
+                let scale = mask.scale();
                 for (i, ((z, &x), &r)) in z.iter_mut().zip(x).zip(residual).enumerate() {
-                    let kept = if mask.keeps((start + i) as u32) {
-                        x * scale
-                    } else {
-                        T::zero()
-                    };
-                    *z = kept + r;
+                    *z = mask.dropped((start + i) as u32, x, scale) + r;
                 }
             }
         }
@@ -96,14 +90,10 @@ impl ResidualNorm {
     fn drop_row<T: Real>(&self, dz: &[T], start: usize, dx: &mut [T]) {
         match self.dropout {
             None => dx.copy_from_slice(dz),
-            Some((p, seed)) => {
-                let (mask, scale) = (DropMask::new(p, seed), T::lit(1.0 / (1.0 - p)));
+            Some(mask) => {
+                let scale = mask.scale();
                 for (i, (dx, &dz)) in dx.iter_mut().zip(dz).enumerate() {
-                    *dx = if mask.keeps((start + i) as u32) {
-                        dz * scale
-                    } else {
-                        T::zero()
-                    };
+                    *dx = mask.dropped((start + i) as u32, dz, scale);
                 }
             }
         }
