@@ -4,10 +4,11 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Binding, Namespace, ObjectReference, Pod};
-use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Api, Client, Config, ResourceExt};
 
 /// The repository root.
@@ -203,8 +204,8 @@ impl ServedProcess {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("KUBECONFIG", kubeconfig())
             .env("RUST_LOG", "info,kube=warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("start {exe}: {e}"));
         Self { child, port }
@@ -242,5 +243,89 @@ impl ServedProcess {
 impl Drop for ServedProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Label (and taint) of a test's own kwok nodes: its pods select and tolerate it, so
+/// other tests' pods on the shared nodes do not matter.
+pub const POOL: &str = "ringmaster.dev/test-pool";
+
+/// One test's kwok nodes (named `<ns>-n<i>`); deleted on drop, also when the test panics.
+pub struct Pool {
+    ns: String,
+    count: usize,
+}
+
+impl Pool {
+    pub fn new(ns: &str) -> Self {
+        Self {
+            ns: ns.to_string(),
+            count: 0,
+        }
+    }
+
+    /// Adds `count` nodes with `gpus` GPUs each; node i is in zone-a or zone-b by i % 2.
+    pub async fn add(&mut self, client: &Client, count: usize, gpus: u32) {
+        let mut yaml = String::new();
+        for i in self.count..self.count + count {
+            let name = format!("{}-n{i}", self.ns);
+            let zone = if i.is_multiple_of(2) {
+                "zone-a"
+            } else {
+                "zone-b"
+            };
+            yaml += &format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{kwok.x-k8s.io/node: fake, node.alpha.kubernetes.io/ttl: '0'}}\n  \
+                 labels: {{kubernetes.io/hostname: {name}, type: kwok, topology.kubernetes.io/zone: {zone}, {POOL}: {ns}, nvidia.com/gpu.product: NVIDIA-H200}}\n\
+                 spec:\n  taints: [{{key: {POOL}, value: {ns}, effect: NoSchedule}}]\n\
+                 status:\n  allocatable: {{cpu: '64', memory: 512Gi, pods: '110', nvidia.com/gpu: '{gpus}'}}\n  \
+                 capacity: {{cpu: '64', memory: 512Gi, pods: '110', nvidia.com/gpu: '{gpus}'}}\n---\n",
+                ns = self.ns
+            );
+        }
+        self.count += count;
+        let mut child = kubectl()
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("kubectl");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(yaml.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "kubectl apply nodes");
+        let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+        let selector = format!("{POOL}={}", self.ns);
+        let want = self.count;
+        wait_until(Duration::from_secs(60), "pool nodes Ready", || async {
+            let list = nodes
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default();
+            let ready = list.iter().filter(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            });
+            ready.count() == want
+        })
+        .await;
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = kubectl()
+            .args(["delete", "nodes", "-l", &format!("{POOL}={}", self.ns)])
+            .args(["--wait=false"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }

@@ -1,6 +1,7 @@
 //! ringmaster's Kubernetes controllers.
 
 pub mod error;
+pub mod memory;
 pub mod metrics;
 pub mod run;
 pub mod scheduler;

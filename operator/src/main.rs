@@ -26,6 +26,9 @@ struct Args {
     /// Name of the leader lease.
     #[arg(long, default_value = "ringmaster-operator")]
     lease_name: String,
+    /// Lease duration in seconds: how long a dead leader blocks a standby.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
     /// First delay before a failed gang restarts, in seconds; doubles per restart (max 300).
     #[arg(long, default_value_t = 10.0)]
     restart_backoff_seconds: f64,
@@ -68,6 +71,7 @@ async fn main() -> std::process::ExitCode {
         identity,
         lease_namespace: args.lease_namespace,
         lease_name: args.lease_name,
+        lease_duration: Duration::from_secs(args.lease_duration_seconds),
         restart_backoff: Duration::from_secs_f64(args.restart_backoff_seconds.max(0.0)),
         concurrency: args.concurrency.max(1),
     };

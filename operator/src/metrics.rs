@@ -29,6 +29,8 @@ pub struct Metrics {
     pub failures: Family<ErrorLabels, Counter>,
     pub duration: Histogram,
     pub restarts: Counter,
+    /// Reconciles whose status commit met a newer job than they had read.
+    pub stale_views: Counter,
     jobs_by_phase: Family<PhaseLabels, Gauge>,
     registry: Registry,
 }
@@ -40,6 +42,7 @@ impl Metrics {
         let failures = Family::<ErrorLabels, Counter>::default();
         let duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let restarts = Counter::default();
+        let stale_views = Counter::default();
         let jobs_by_phase = Family::<PhaseLabels, Gauge>::default();
         registry.register("reconciles", "TrainingJob reconciles", reconciles.clone());
         registry.register(
@@ -58,6 +61,11 @@ impl Metrics {
             restarts.clone(),
         );
         registry.register(
+            "stale_views",
+            "Reconciles that decided from an outdated job and were retried without acting",
+            stale_views.clone(),
+        );
+        registry.register(
             "trainingjobs",
             "TrainingJobs by phase",
             jobs_by_phase.clone(),
@@ -67,6 +75,7 @@ impl Metrics {
             failures,
             duration,
             restarts,
+            stale_views,
             jobs_by_phase,
             registry,
         })

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector;
 use kube::runtime::{Controller, WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use ringmaster_crds::TrainingJob;
 use ringmaster_crds::keys::{MANAGED_BY, MANAGED_BY_VALUE};
@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use crate::serve::{Endpoints, serve, shutdown_signal, until_leading};
 
 use crate::error::Result;
+use crate::memory;
 use crate::metrics::Metrics;
 use crate::trainingjob::reconcile::{self, Context};
 
@@ -33,6 +34,8 @@ pub struct Settings {
     /// Namespace of the leader lease.
     pub lease_namespace: String,
     pub lease_name: String,
+    /// How long a dead leader blocks a standby.
+    pub lease_duration: Duration,
     pub restart_backoff: Duration,
     /// Reconciles running at once.
     pub concurrency: u16,
@@ -48,12 +51,14 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         move || metrics.render(&jobs)
     });
     let server = tokio::spawn(serve(settings.listen, endpoints.clone()));
+    let trimmer = memory::spawn_trimmer();
 
+    let lease_secs = settings.lease_duration.as_secs().max(1);
     let lease = LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
         .with_namespace(&settings.lease_namespace)
         .with_identity(&settings.identity)
-        .with_duration(15)
-        .with_grace(5)
+        .with_duration(lease_secs)
+        .with_grace(lease_secs.div_ceil(3))
         .build()
         .await?;
     let (mut leader, lease_task) = lease.watch().await;
@@ -62,6 +67,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     info!(identity = %settings.identity, "waiting for leadership");
     if !until_leading(&mut leader, &mut shutdown).await {
         server.abort();
+        trimmer.abort();
         return Ok(());
     }
     info!(identity = %settings.identity, "leading: starting the TrainingJob controller");
@@ -79,10 +85,13 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE}")),
     )
     .default_backoff()
+    // managedFields are a third of a pod object and nothing here reads them.
+    .modify(|pod| pod.managed_fields_mut().clear())
     .reflect(pods_writer)
     .touched_objects();
     let job_events = watcher(jobs_api, watcher::Config::default())
         .default_backoff()
+        .modify(|job| job.managed_fields_mut().clear())
         .reflect(jobs_writer)
         .touched_objects();
     let ctx = Arc::new(Context {
@@ -97,6 +106,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         ),
         metrics,
         restart_backoff: settings.restart_backoff,
+        own_writes: Default::default(),
     });
     endpoints.set_ready(true);
 
@@ -135,5 +145,6 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     endpoints.set_ready(false);
     drop(lease_task); // dropping the task handle leaves the lease to expire or be released
     server.abort();
+    trimmer.abort();
     Ok(())
 }

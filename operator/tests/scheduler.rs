@@ -12,12 +12,11 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use ringmaster_crds::keys::{GANG, GANG_SIZE, GPU_INDICES};
 use ringmaster_e2e::{
-    ServedProcess, bind, client, delete_namespace, kubectl, namespace, wait_until,
+    POOL, Pool, ServedProcess, bind, client, delete_namespace, kubectl, namespace, wait_until,
 };
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
-const POOL: &str = "ringmaster.dev/test-pool";
 const ZONE: &str = "topology.kubernetes.io/zone";
 
 /// A running `ringmaster-scheduler` for one test's namespace.
@@ -28,86 +27,10 @@ fn start_scheduler(ns: &str, identity: &str, extra: &[&str]) -> ServedProcess {
     ServedProcess::start(env!("CARGO_BIN_EXE_ringmaster-scheduler"), &args)
 }
 
-/// This test's kwok nodes; deleted on drop, also when the test panics.
-struct Pool {
-    ns: String,
-    count: usize,
-}
-
-impl Pool {
-    /// Adds `count` nodes with `gpus` GPUs each; node i is in zone-a or zone-b by i % 2.
-    async fn add(&mut self, client: &Client, count: usize, gpus: u32) {
-        let mut yaml = String::new();
-        for i in self.count..self.count + count {
-            let name = format!("{}-n{i}", self.ns);
-            let zone = if i.is_multiple_of(2) {
-                "zone-a"
-            } else {
-                "zone-b"
-            };
-            yaml += &format!(
-                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{kwok.x-k8s.io/node: fake, node.alpha.kubernetes.io/ttl: '0'}}\n  \
-                 labels: {{kubernetes.io/hostname: {name}, type: kwok, {ZONE}: {zone}, {POOL}: {ns}, nvidia.com/gpu.product: NVIDIA-H200}}\n\
-                 spec:\n  taints: [{{key: {POOL}, value: {ns}, effect: NoSchedule}}]\n\
-                 status:\n  allocatable: {{cpu: '64', memory: 512Gi, pods: '110', nvidia.com/gpu: '{gpus}'}}\n  \
-                 capacity: {{cpu: '64', memory: 512Gi, pods: '110', nvidia.com/gpu: '{gpus}'}}\n---\n",
-                ns = self.ns
-            );
-        }
-        self.count += count;
-        let mut child = kubectl()
-            .args(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("kubectl");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(yaml.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "kubectl apply nodes");
-        let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
-        let selector = format!("{POOL}={}", self.ns);
-        let want = self.count;
-        wait_until(WAIT, "pool nodes Ready", || async {
-            let list = nodes
-                .list(&ListParams::default().labels(&selector))
-                .await
-                .map(|l| l.items)
-                .unwrap_or_default();
-            let ready = list.iter().filter(|n| {
-                n.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            });
-            ready.count() == want
-        })
-        .await;
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        let _ = kubectl()
-            .args(["delete", "nodes", "-l", &format!("{POOL}={}", self.ns)])
-            .args(["--wait=false"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 async fn setup(prefix: &str) -> (Client, String, Pool) {
     let client = client().await;
     let ns = namespace(&client, prefix).await;
-    let pool = Pool {
-        ns: ns.clone(),
-        count: 0,
-    };
+    let pool = Pool::new(&ns);
     (client, ns, pool)
 }
 
@@ -453,6 +376,149 @@ async fn half_bound_gang_is_rolled_back_at_start() {
     })
     .await;
     let _ = api.delete("half-1", &DeleteParams::default()).await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn a_gang_broken_while_the_scheduler_runs_is_rolled_back_then_placed_whole() {
+    let (client, ns, mut pool) = setup("sch-repair").await;
+    pool.add(&client, 1, 8).await;
+    let _sched = start_scheduler(&ns, "s-repair", &[]);
+    create_gang(&client, &ns, "g", 2, 1, &[]).await;
+    wait_bound(&client, &ns, "g", 2).await;
+    // A member deleted and recreated (as a controller does) while the other stays bound:
+    // a half-bound gang that no leader change will ever look at.
+    let api = Api::<Pod>::namespaced(client.clone(), &ns);
+    let first_uid = api.get("g-0").await.unwrap().uid();
+    api.delete("g-1", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    wait_until(WAIT, "g-1 gone", || async {
+        api.get_opt("g-1").await.unwrap().is_none()
+    })
+    .await;
+    api.create(
+        &PostParams::default(),
+        &pod(&ns, "g-1", Some(("g", 2)), 1, &[]),
+    )
+    .await
+    .unwrap();
+    wait_until(WAIT, "the bound member rolled back", || async {
+        api.get_opt("g-0")
+            .await
+            .unwrap()
+            .is_none_or(|p| p.uid() != first_uid || p.metadata.deletion_timestamp.is_some())
+    })
+    .await;
+    let message = wait_explained(&client, &ns, "g", 1).await;
+    assert!(message.contains("partly bound"), "{message}");
+    assert_eq!(bound_count(&client, &ns, "g").await, 0);
+    // Its controller recreates the member: the gang is placed whole again.
+    wait_until(WAIT, "g-0 gone", || async {
+        api.get_opt("g-0").await.unwrap().is_none()
+    })
+    .await;
+    api.create(
+        &PostParams::default(),
+        &pod(&ns, "g-0", Some(("g", 2)), 1, &[]),
+    )
+    .await
+    .unwrap();
+    wait_bound(&client, &ns, "g", 2).await;
+    delete_namespace(&client, &ns).await;
+}
+
+fn invalid_gang_message(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("InvalidGang")
+        })
+        .and_then(|c| c.message.clone())
+}
+
+#[tokio::test]
+async fn malformed_and_conflicting_gangs_are_explained_and_never_bind() {
+    let (client, ns, mut pool) = setup("sch-malformed").await;
+    pool.add(&client, 1, 8).await;
+    let _sched = start_scheduler(&ns, "s-malformed", &[]);
+    let api = Api::<Pod>::namespaced(client.clone(), &ns);
+    for (gang, raw) in [
+        ("abc", "abc"),
+        ("neg", "-3"),
+        ("huge", "99999999999999999999999"),
+    ] {
+        for i in 0..2 {
+            let mut p = pod(&ns, &format!("{gang}-{i}"), Some((gang, 2)), 1, &[]);
+            p.annotations_mut().insert(GANG_SIZE.into(), raw.into());
+            api.create(&PostParams::default(), &p).await.unwrap();
+        }
+    }
+    // Two sets of pods under one gang label that disagree on the size.
+    create_gang(&client, &ns, "mixed", 2, 1, &[]).await;
+    let mut odd = pod(&ns, "mixed-x", Some(("mixed", 3)), 1, &[]);
+    odd.labels_mut().insert(GANG.into(), "mixed".into());
+    api.create(&PostParams::default(), &odd).await.unwrap();
+
+    for (gang, raw) in [
+        ("abc", "abc"),
+        ("neg", "-3"),
+        ("huge", "99999999999999999999999"),
+    ] {
+        wait_until(WAIT, &format!("gang {gang} explained"), || async {
+            let pods = gang_pods(&client, &ns, gang).await;
+            pods.len() == 2 && pods.iter().all(|p| invalid_gang_message(p).is_some())
+        })
+        .await;
+        let message = invalid_gang_message(&gang_pods(&client, &ns, gang).await[0]).unwrap();
+        assert!(
+            message.contains(&format!("ringmaster.dev/gang-size={raw:?}"))
+                && message.contains("not a positive integer"),
+            "{message}"
+        );
+    }
+    wait_until(WAIT, "mixed explained", || async {
+        gang_pods(&client, &ns, "mixed")
+            .await
+            .iter()
+            .all(|p| invalid_gang_message(p).is_some())
+    })
+    .await;
+    let message = invalid_gang_message(&api.get("mixed-0").await.unwrap()).unwrap();
+    assert!(
+        message.contains("members disagree on ringmaster.dev/gang-size")
+            && message.contains("say 2 (mixed-0, mixed-1)")
+            && message.contains("say 3 (mixed-x)"),
+        "{message}"
+    );
+    let events = Api::<Event>::namespaced(client.clone(), &ns);
+    wait_until(WAIT, "InvalidGang events", || async {
+        let list = events.list(&ListParams::default()).await.unwrap().items;
+        list.iter()
+            .filter(|e| e.reason.as_deref() == Some("InvalidGang"))
+            .count()
+            >= 4
+    })
+    .await;
+    // Room for all of them, yet nothing bound a member of a malformed gang.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for gang in ["abc", "neg", "huge", "mixed"] {
+        assert_eq!(
+            bound_count(&client, &ns, gang).await,
+            0,
+            "{gang} must not bind"
+        );
+    }
+    // Once the gang agrees, it binds whole.
+    api.delete("mixed-x", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_bound(&client, &ns, "mixed", 2).await;
     delete_namespace(&client, &ns).await;
 }
 

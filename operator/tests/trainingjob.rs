@@ -596,3 +596,47 @@ async fn operator_killed_during_a_burst_converges_without_duplicates() {
     binder.abort();
     delete_namespace(&client, &ns).await;
 }
+
+#[tokio::test]
+async fn a_job_whose_children_can_never_be_created_fails_once_naming_the_cause() {
+    let client = client().await;
+    let ns = namespace(&client, "tj-toolarge").await;
+    let _operator = start_operator(&ns, "op-toolarge");
+    // The API server stores the job (1.1 MB is under its 1.5 MB limit), but the spec
+    // ConfigMap built from it passes the 1 MiB ConfigMap limit.
+    let big = "x".repeat(1_100_000);
+    let env = format!("  template: {{env: [{{name: BIG, value: {big}}}]}}\n");
+    create(&client, &ns, &job_yaml("toolarge", 2, &env)).await;
+    create(&client, &ns, &job_yaml("fine", 1, "")).await;
+    let failed = wait_phase(&client, &ns, "toolarge", JobPhase::Failed).await;
+    let condition = find_condition(&failed.status.unwrap().conditions, "Failed")
+        .unwrap()
+        .clone();
+    assert_eq!(condition.reason, "InvalidSpec");
+    assert!(
+        condition
+            .message
+            .starts_with("ConfigMap toolarge-spec cannot be created")
+            && condition.message.contains("1048576"),
+        "{}",
+        condition.message
+    );
+    assert!(pods(&client, &ns, "toolarge").await.is_empty());
+    // Failed for good: no retry loop of ReconcileError Events.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    let retries = events
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("ReconcileError"))
+        .count();
+    assert_eq!(retries, 0, "the job must fail, not retry: {events:#?}");
+    wait_until(WAIT, "the other job still created", || async {
+        pods(&client, &ns, "fine").await.len() == 1
+    })
+    .await;
+    delete_namespace(&client, &ns).await;
+}

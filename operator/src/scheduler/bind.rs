@@ -66,10 +66,11 @@ pub async fn delete(client: &Client, pod: &Pod) -> Result<()> {
     }
 }
 
-/// Sets `PodScheduled=False` with the engine's explanation.
-pub async fn unschedulable(client: &Client, pod: &Pod, message: &str) -> Result<()> {
+/// Sets `PodScheduled=False` with `reason` and the explanation.
+pub async fn not_scheduled(client: &Client, pod: &Pod, reason: &str, message: &str) -> Result<()> {
     let api = Api::<Pod>::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
-    let patch = super::explain::condition_patch(message, k8s_openapi::jiff::Timestamp::now());
+    let patch =
+        super::explain::condition_patch(reason, message, k8s_openapi::jiff::Timestamp::now());
     api.patch_status(
         &pod.name_any(),
         &PatchParams::default(),

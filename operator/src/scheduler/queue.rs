@@ -31,13 +31,82 @@ pub struct Gang {
     pub size: usize,
     pub priority: i32,
     pub created: Option<Timestamp>,
+    /// Why the gang's annotations cannot be honoured (nothing of it binds until fixed).
+    pub invalid: Option<String>,
 }
 
 impl Gang {
-    /// Every member exists, none is gated, none is bound: ready to place.
+    /// Every member exists, none is gated, none is bound, the keys agree: ready to place.
     pub fn ready(&self) -> bool {
-        self.bound.is_empty() && self.pending.len() >= self.size
+        self.invalid.is_none() && self.bound.is_empty() && self.pending.len() >= self.size
     }
+
+    /// Some members bound, others waiting: it would hold devices without running.
+    pub fn half_bound(&self) -> bool {
+        self.invalid.is_none() && !self.bound.is_empty() && !self.pending.is_empty()
+    }
+}
+
+/// What one member says the gang's size is.
+#[derive(Debug, Clone, PartialEq)]
+enum DeclaredSize {
+    Valid(usize),
+    /// Missing, or not a positive integer: the raw text.
+    Invalid(Option<String>),
+}
+
+fn declared_size(pod: &Pod) -> DeclaredSize {
+    match pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(GANG_SIZE))
+    {
+        None => DeclaredSize::Invalid(None),
+        Some(raw) => match raw.trim().parse::<usize>() {
+            Ok(size) if size > 0 => DeclaredSize::Valid(size),
+            _ => DeclaredSize::Invalid(Some(raw.clone())),
+        },
+    }
+}
+
+/// The first inconsistency among a gang's members: an annotation that is not a positive
+/// integer, members that disagree on the size, more members than the size.
+fn inconsistency(members: &[(&str, DeclaredSize)]) -> Option<String> {
+    if let Some((pod, DeclaredSize::Invalid(raw))) = members
+        .iter()
+        .find(|(_, d)| matches!(d, DeclaredSize::Invalid(_)))
+    {
+        return Some(match raw {
+            None => format!("pod {pod} has the {GANG} label but no {GANG_SIZE} annotation"),
+            Some(raw) => {
+                format!("pod {pod} has {GANG_SIZE}={raw:?}, which is not a positive integer")
+            }
+        });
+    }
+    let mut sizes: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+    for (pod, declared) in members {
+        if let DeclaredSize::Valid(size) = declared {
+            sizes.entry(*size).or_default().push(pod);
+        }
+    }
+    if sizes.len() > 1 {
+        let says: Vec<String> = sizes
+            .iter()
+            .map(|(size, pods)| format!("{} say {size} ({})", pods.len(), pods.join(", ")))
+            .collect();
+        return Some(format!(
+            "members disagree on {GANG_SIZE}: {}",
+            says.join("; ")
+        ));
+    }
+    let size = *sizes.keys().next()?;
+    (members.len() > size).then(|| {
+        format!(
+            "{} pods carry this gang label but {GANG_SIZE} is {size}",
+            members.len()
+        )
+    })
 }
 
 /// Is this pod waiting for us: our scheduler name, no node, not gated, not going away?
@@ -84,6 +153,7 @@ pub fn gangs<'a>(
     namespace: Option<&str>,
 ) -> Vec<Gang> {
     let mut by_key: BTreeMap<GangKey, Gang> = BTreeMap::new();
+    let mut declared: HashMap<GangKey, Vec<(&str, DeclaredSize)>> = HashMap::new();
     for pod in pods {
         let ours = pod.spec.as_ref().and_then(|s| s.scheduler_name.as_deref()) == Some(scheduler);
         if !ours || namespace.is_some_and(|ns| pod.metadata.namespace.as_deref() != Some(ns)) {
@@ -97,14 +167,20 @@ pub fn gangs<'a>(
             continue;
         }
         let (key, labelled) = gang_key(pod);
-        let size = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(GANG_SIZE))
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .filter(|_| labelled)
-            .unwrap_or(1);
+        let size = if labelled {
+            let size = declared_size(pod);
+            let name = pod.metadata.name.as_deref().unwrap_or_default();
+            declared
+                .entry(key.clone())
+                .or_default()
+                .push((name, size.clone()));
+            match size {
+                DeclaredSize::Valid(size) => size,
+                DeclaredSize::Invalid(_) => 1,
+            }
+        } else {
+            1
+        };
         let gang = by_key.entry(key.clone()).or_insert_with(|| Gang {
             key,
             pending: Vec::new(),
@@ -112,6 +188,7 @@ pub fn gangs<'a>(
             size,
             priority: i32::MIN,
             created: None,
+            invalid: None,
         });
         gang.size = gang.size.max(size);
         if pending {
@@ -135,6 +212,10 @@ pub fn gangs<'a>(
     for g in &mut out {
         g.pending
             .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        if let Some(members) = declared.get_mut(&g.key) {
+            members.sort_by(|a, b| a.0.cmp(b.0));
+            g.invalid = inconsistency(members);
+        }
     }
     out.sort_by(|a, b| {
         b.priority
@@ -227,6 +308,96 @@ mod tests {
         assert_eq!(gangs[3].pending[0].metadata.name.as_deref(), Some("a-0"));
         assert!(super::gangs(&pods, "other", None).is_empty());
         assert!(super::gangs(&pods, "rs", Some("elsewhere")).is_empty());
+    }
+
+    fn with_size(pod: Arc<Pod>, raw: Option<&str>) -> Arc<Pod> {
+        let mut pod = (*pod).clone();
+        let notes = pod
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default);
+        match raw {
+            Some(raw) => notes.insert(GANG_SIZE.into(), raw.into()),
+            None => notes.remove(GANG_SIZE),
+        };
+        Arc::new(pod)
+    }
+
+    fn only_gang(pods: &[Arc<Pod>]) -> Gang {
+        let mut gangs = gangs(pods, "rs", None);
+        assert_eq!(gangs.len(), 1);
+        gangs.remove(0)
+    }
+
+    #[test]
+    fn a_size_that_is_not_a_positive_integer_blocks_the_gang_and_names_the_value() {
+        for raw in ["abc", "-3", "0", "99999999999999999999999", "2.5"] {
+            let pods = vec![
+                with_size(
+                    pod("g-0", Some(("g", 2)), 0, "2026-01-01T00:00:00Z", None),
+                    Some(raw),
+                ),
+                with_size(
+                    pod("g-1", Some(("g", 2)), 0, "2026-01-01T00:00:00Z", None),
+                    Some(raw),
+                ),
+            ];
+            let gang = only_gang(&pods);
+            assert!(
+                !gang.ready(),
+                "{raw}: a malformed gang must not bind one by one"
+            );
+            let why = gang.invalid.expect("explained");
+            assert!(
+                why.contains(GANG_SIZE) && why.contains(&format!("{raw:?}")) && why.contains("g-0"),
+                "{why}"
+            );
+        }
+        let missing = vec![with_size(
+            pod("g-0", Some(("g", 2)), 0, "2026-01-01T00:00:00Z", None),
+            None,
+        )];
+        let why = only_gang(&missing).invalid.unwrap();
+        assert!(
+            why.contains("no ringmaster.dev/gang-size annotation"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn members_that_disagree_or_overflow_the_size_are_explained() {
+        let t = "2026-01-01T00:00:00Z";
+        let disagree = vec![
+            pod("g-0", Some(("g", 2)), 0, t, None),
+            pod("g-1", Some(("g", 2)), 0, t, None),
+            pod("g-2", Some(("g", 3)), 0, t, None),
+        ];
+        let gang = only_gang(&disagree);
+        assert!(!gang.ready());
+        assert_eq!(
+            gang.invalid.as_deref(),
+            Some("members disagree on ringmaster.dev/gang-size: 2 say 2 (g-0, g-1); 1 say 3 (g-2)")
+        );
+        let overflow = vec![
+            pod("g-0", Some(("g", 2)), 0, t, None),
+            pod("g-1", Some(("g", 2)), 0, t, Some("n")),
+            pod("g-2", Some(("g", 2)), 0, t, None),
+        ];
+        let gang = only_gang(&overflow);
+        assert!(
+            !gang.ready() && !gang.half_bound(),
+            "invalid gangs are explained, not repaired"
+        );
+        assert_eq!(
+            gang.invalid.as_deref(),
+            Some("3 pods carry this gang label but ringmaster.dev/gang-size is 2")
+        );
+        let consistent = vec![
+            pod("g-0", Some(("g", 2)), 0, t, None),
+            pod("g-1", Some(("g", 2)), 0, t, Some("n")),
+        ];
+        let gang = only_gang(&consistent);
+        assert!(gang.invalid.is_none() && gang.half_bound() && !gang.ready());
     }
 
     #[test]

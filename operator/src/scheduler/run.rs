@@ -19,6 +19,7 @@ use ringmaster_placement::{ClusterState, GangPlacement, GangRequest, Scorer, pla
 use tokio::sync::{Notify, Semaphore};
 use tracing::{info, warn};
 
+use crate::memory;
 use crate::serve::{Endpoints, serve, shutdown_signal, until_leading};
 
 use super::affinity::{self, PlacedPod};
@@ -64,6 +65,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         move || metrics.render()
     });
     let server = tokio::spawn(serve(settings.listen, endpoints.clone()));
+    let trimmer = memory::spawn_trimmer();
 
     let lease_secs = settings.lease_duration.as_secs().max(1);
     let lease = LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
@@ -79,6 +81,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     info!(identity = %settings.identity, "waiting for leadership");
     if !until_leading(&mut leader, &mut shutdown).await {
         server.abort();
+        trimmer.abort();
         return Ok(());
     }
     info!(identity = %settings.identity, "leading: scheduling");
@@ -92,6 +95,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         watcher::Config::default(),
     )
     .default_backoff()
+    .modify(|node| node.managed_fields_mut().clear())
     .reflect(node_writer);
     // Finished pods leave the watch (a Delete event): they hold no resources.
     let pod_stream = watcher(
@@ -99,6 +103,8 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"),
     )
     .default_backoff()
+    // managedFields are a third of a pod object and nothing here reads them.
+    .modify(|pod| pod.managed_fields_mut().clear())
     .reflect(pod_writer);
     let watches = tokio::spawn(drive_watches(
         node_stream,
@@ -126,7 +132,6 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         metrics,
         settings,
     };
-    scheduler.roll_back_half_bound().await;
     endpoints.set_ready(true);
 
     loop {
@@ -158,6 +163,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     watches.abort();
     drop(lease_task); // dropping the task handle leaves the lease to expire or be released
     server.abort();
+    trimmer.abort();
     Ok(())
 }
 
@@ -250,6 +256,7 @@ impl Scheduler {
             self.settings.namespace.as_deref(),
         );
         self.metrics.queue_depth.set(gangs.len() as i64);
+        self.tend_broken(&gangs).await;
         self.starvation
             .retain(&gangs.iter().map(|g| &g.key).collect::<HashSet<_>>());
         self.starvation.apply(&mut state);
@@ -473,8 +480,11 @@ impl Scheduler {
             .filter(|(_, r)| r.is_ok())
             .map(|(a, _)| &*gang.pending[a.member])
             .collect();
-        for result in
-            futures::future::join_all(bound.iter().map(|p| bind::delete(&self.client, p))).await
+        let deletes = bound.iter().map(|p| bind::delete(&self.client, p));
+        for result in futures::stream::iter(deletes)
+            .buffer_unordered(BINDS_IN_FLIGHT)
+            .collect::<Vec<_>>()
+            .await
         {
             if let Err(e) = result {
                 warn!(gang = %gang.key, error = %e, "could not delete a bound member");
@@ -491,65 +501,122 @@ impl Scheduler {
     /// Tells each member why the gang waits, and emits one Event per new explanation.
     async fn report(&self, gang: &Gang, why: &impl std::fmt::Display) {
         let message = explain::message(&gang.key.to_string(), gang.size, why);
-        let stale: Vec<&Arc<Pod>> = gang
-            .pending
-            .iter()
-            .filter(|p| !explain::already_says(p, &message))
-            .collect();
-        if stale.is_empty() {
-            return;
+        let reason = explain::UNSCHEDULABLE;
+        self.tell(
+            &gang.pending,
+            &gang.key,
+            reason,
+            "FailedScheduling",
+            &message,
+        )
+        .await;
+    }
+
+    /// Gangs no placement can help: inconsistent keys are explained (nothing binds until
+    /// they agree); partly bound gangs (a leader died between binds, a member was deleted
+    /// and recreated) are rolled back so that they are placed whole again. Runs on every
+    /// pass, so a gang is repaired whenever it breaks, not only at a leader change.
+    async fn tend_broken(&self, gangs: &[Gang]) {
+        for gang in gangs {
+            if let Some(why) = &gang.invalid {
+                let message = explain::invalid_message(&gang.key.to_string(), why);
+                let reason = explain::INVALID_GANG;
+                self.tell(&gang.pending, &gang.key, reason, reason, &message)
+                    .await;
+            } else if gang.half_bound() && !self.binding_now(gang) {
+                self.roll_back(gang).await;
+            }
         }
-        info!(gang = %gang.key, %message, "unschedulable");
+    }
+
+    /// Has this scheduler bound members of `gang` that the watch shows unbound yet?
+    fn binding_now(&self, gang: &Gang) -> bool {
+        gang.pending.iter().any(|p| {
+            p.metadata
+                .uid
+                .as_ref()
+                .is_some_and(|uid| self.assumed.contains_key(uid))
+        })
+    }
+
+    async fn roll_back(&self, gang: &Gang) {
+        warn!(gang = %gang.key, bound = gang.bound.len(), pending = gang.pending.len(), "partly bound gang: rolling back");
+        self.metrics.attempt("rolled_back");
+        let deletes = gang.bound.iter().map(|pod| async move {
+            if let Err(e) = bind::delete(&self.client, pod).await {
+                warn!(pod = %pod.name_any(), error = %e, "could not delete a bound member");
+            }
+        });
+        futures::stream::iter(deletes)
+            .buffer_unordered(BINDS_IN_FLIGHT)
+            .collect::<Vec<()>>()
+            .await;
+        let message = explain::rollback_message(&gang.key.to_string(), gang.size, gang.bound.len());
+        let reason = explain::UNSCHEDULABLE;
+        self.tell(&gang.pending, &gang.key, reason, "GangRolledBack", &message)
+            .await;
+    }
+
+    /// Sets `PodScheduled=False` on the members that do not say this yet; one Event and
+    /// one log line when any did not.
+    async fn tell(
+        &self,
+        members: &[Arc<Pod>],
+        gang: &queue::GangKey,
+        reason: &str,
+        event_reason: &str,
+        message: &str,
+    ) {
+        let stale: Vec<&Arc<Pod>> = members
+            .iter()
+            .filter(|p| !explain::already_says(p, reason, message))
+            .collect();
+        let Some(first) = stale.first() else {
+            return;
+        };
+        info!(gang = %gang, reason, %message, "not scheduled");
         for pod in &stale {
-            if let Err(e) = bind::unschedulable(&self.client, pod, &message).await {
+            if let Err(e) = bind::not_scheduled(&self.client, pod, reason, message).await {
                 warn!(pod = %pod.name_any(), error = %e, "could not set PodScheduled=False");
             }
         }
         let event = Event {
             type_: EventType::Warning,
-            reason: "FailedScheduling".into(),
+            reason: event_reason.into(),
             note: Some(message.chars().take(1000).collect()),
             action: "Scheduling".into(),
             secondary: None,
         };
-        if let Err(e) = self
-            .recorder
-            .publish(&event, &gang.pending[0].object_ref(&()))
-            .await
-        {
+        if let Err(e) = self.recorder.publish(&event, &first.object_ref(&())).await {
             warn!(error = %e, "could not publish event");
-        }
-    }
-
-    /// A gang found partly bound at start (the previous leader died between binds) would
-    /// hold GPUs without running: delete its bound members so it is recreated whole.
-    async fn roll_back_half_bound(&self) {
-        let pods = self.pods.state();
-        let gangs = queue::gangs(
-            &pods,
-            &self.settings.scheduler_name,
-            self.settings.namespace.as_deref(),
-        );
-        for gang in gangs.iter().filter(|g| !g.bound.is_empty()) {
-            warn!(gang = %gang.key, bound = gang.bound.len(), pending = gang.pending.len(), "half-bound gang: rolling back");
-            for pod in &gang.bound {
-                if let Err(e) = bind::delete(&self.client, pod).await {
-                    warn!(pod = %pod.name_any(), error = %e, "could not delete a bound member");
-                }
-            }
         }
     }
 }
 
-/// Binds every member of a placed gang concurrently; one result per assignment.
+/// Binds or deletes in flight per gang: a gang of thousands must not open thousands of
+/// requests at once.
+const BINDS_IN_FLIGHT: usize = 32;
+
+/// Binds the members of a placed gang, `BINDS_IN_FLIGHT` at a time; one result per
+/// assignment, in order.
 async fn bind_gang(client: &Client, placed: &Placed) -> Vec<Result<()>> {
-    futures::future::join_all(placed.placement.assignments.iter().map(|a| {
-        bind::bind(
-            client,
-            &placed.gang.pending[a.member],
-            &a.node_name,
-            &a.gpus,
-        )
-    }))
-    .await
+    // Collected first: a lazy `map` in the stream trips the compiler's Send check of
+    // the spawned task (higher-ranked lifetimes of the closure).
+    let binds: Vec<_> = placed
+        .placement
+        .assignments
+        .iter()
+        .map(|a| {
+            bind::bind(
+                client,
+                &placed.gang.pending[a.member],
+                &a.node_name,
+                &a.gpus,
+            )
+        })
+        .collect();
+    futures::stream::iter(binds)
+        .buffered(BINDS_IN_FLIGHT)
+        .collect()
+        .await
 }

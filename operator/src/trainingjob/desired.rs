@@ -80,7 +80,18 @@ pub fn pod_selector(job: &str) -> String {
 }
 
 pub fn support_objects(job: &JobRef) -> SupportObjects {
-    let spec_yaml = serde_yaml::to_string(job.job).expect("a TrainingJob serialises to YAML");
+    // The spec alone: status and server metadata change on every write and would churn
+    // the ConfigMap (and the trainer reads only the spec).
+    let file = TrainingJob {
+        metadata: ObjectMeta {
+            name: Some(job.name.to_string()),
+            namespace: Some(job.namespace.to_string()),
+            ..ObjectMeta::default()
+        },
+        spec: job.job.spec.clone(),
+        status: None,
+    };
+    let spec_yaml = serde_yaml::to_string(&file).expect("a TrainingJob serialises to YAML");
     let config_map = ConfigMap {
         metadata: job.meta(spec_config_map_name(job.name), BTreeMap::new()),
         data: Some(BTreeMap::from([(SPEC_FILE.to_string(), spec_yaml)])),

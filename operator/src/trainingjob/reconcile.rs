@@ -1,8 +1,16 @@
-//! The only I/O of the TrainingJob controller: fetch, then apply what `status::plan` decided.
+//! The only I/O of the TrainingJob controller: fetch, decide (`status::plan`), commit the
+//! decision as the job's status, then act on it.
+//!
+//! Commit before acting: the status write carries the resourceVersion the decision was
+//! made from, so a decision taken from an outdated job (the watch lags our own writes, or
+//! a restarted operator reads before its caches fill) is rejected by the API server and
+//! never acted on. Every action is re-derived from the committed status, so an operator
+//! killed between the commit and the actions finishes them on its next reconcile.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -13,15 +21,20 @@ use kube::{Api, Client, Resource, ResourceExt};
 use ringmaster_crds::keys::{JOB_NAME, TOKEN_KEY};
 use ringmaster_crds::{TrainingJob, TrainingJobStatus};
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::desired::{self, JobRef};
+use super::own_writes::OwnWrites;
 use super::status::{self, Plan};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
 /// Field manager of everything the operator writes (server-side apply).
 pub const FIELD_MANAGER: &str = "ringmaster-operator";
+
+/// Pod creates or deletes in flight per reconcile: a 2,000-worker job must not open
+/// 2,000 requests (and their buffers) at once.
+const WRITES_IN_FLIGHT: usize = 16;
 
 /// Shared state of the controller.
 pub struct Context {
@@ -31,36 +44,45 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// First delay of a gang restart; doubles with every restart.
     pub restart_backoff: Duration,
+    pub own_writes: OwnWrites,
 }
 
 pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
-    let result = reconcile_inner(&job, &ctx).await;
+    let result = reconcile_inner(job, &ctx).await;
     ctx.metrics
         .observe_reconcile(started.elapsed(), result.as_ref().err());
     result
 }
 
-async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
-    if job.metadata.deletion_timestamp.is_some() {
+async fn reconcile_inner(cached: Arc<TrainingJob>, ctx: &Context) -> Result<Action> {
+    if cached.metadata.deletion_timestamp.is_some() {
+        ctx.own_writes.forget(&cached);
         return Ok(Action::await_change()); // children go with it through owner references
     }
-    let job_ref = JobRef::new(job).ok_or_else(|| Error::MissingMetadata(job.name_any()))?;
+    // Before its first list the pod cache is empty, which reads as "every worker
+    // vanished": never decide from it.
+    ctx.pods
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::PodCacheClosed)?;
+    let job = ctx.own_writes.newest(cached);
+    let job_ref = JobRef::new(&job).ok_or_else(|| Error::MissingMetadata(job.name_any()))?;
     let ns = job_ref.namespace;
 
     // Fetch: the pods come from the watch cache, so a burst of jobs costs no extra lists.
-    let pods: Vec<Pod> = ctx
+    let pods: Vec<Arc<Pod>> = ctx
         .pods
         .state()
-        .iter()
+        .into_iter()
         .filter(|p| {
             p.namespace().as_deref() == Some(ns)
                 && p.labels().get(JOB_NAME).map(String::as_str) == Some(job_ref.name)
         })
-        .map(|p| (**p).clone())
         .collect();
 
-    let plan = status::plan(job, &pods, Timestamp::now(), ctx.restart_backoff);
+    let now = Timestamp::now();
+    let plan = status::plan(&job, pods.iter().map(|p| &**p), now, ctx.restart_backoff);
     if plan.delete_job {
         info!(
             job = job_ref.name,
@@ -69,12 +91,13 @@ async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
         );
         publish(
             ctx,
-            job,
+            &job,
             "Deleted",
             "ttlSecondsAfterFinished elapsed; deleting the job",
             false,
         )
         .await;
+        ctx.own_writes.forget(&job);
         Api::<TrainingJob>::namespaced(ctx.client.clone(), ns)
             .delete(job_ref.name, &DeleteParams::background())
             .await
@@ -83,31 +106,116 @@ async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
 
-    if !plan.create.is_empty() {
-        ensure_support_objects(ctx, &job_ref).await?;
-        let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), ns);
-        let attempt = plan.status.restarts;
-        let creates = plan.create.iter().map(|&index| {
-            let pod = desired::worker_pod(&job_ref, index, attempt);
-            let api = pods_api.clone();
-            async move { create_if_absent(api, &pod).await }
-        });
-        futures::future::try_join_all(creates).await?;
-    }
-    apply_actions(ctx, &job_ref, &plan).await?;
+    let committed = if plan.has_actions() || status_changed(&job, &plan.status) {
+        match commit_status(ctx, &job, &plan.status).await? {
+            Some(written) => Arc::new(written),
+            None => {
+                ctx.metrics.stale_views.inc();
+                debug!(
+                    job = job_ref.name,
+                    namespace = ns,
+                    "job changed since read: deciding again"
+                );
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+        }
+    } else {
+        job.clone()
+    };
     for ev in &plan.events {
-        publish(ctx, job, ev.reason, &ev.message, ev.warning).await;
+        publish(ctx, &job, ev.reason, &ev.message, ev.warning).await;
     }
     if plan.status.restarts > job.status.as_ref().map_or(0, |s| s.restarts) {
         ctx.metrics.restarts.inc();
     }
-    write_status(ctx, &job_ref, &plan.status).await?;
+
+    if let Err(e) = act(ctx, &job_ref, &plan).await {
+        let Some(cause) = e.permanent_cause() else {
+            return Err(e);
+        };
+        // Retrying cannot help: fail the job, naming the object and the server's reason.
+        warn!(job = job_ref.name, namespace = ns, %cause, "the job cannot be built");
+        let failed = status::invalid_spec(&committed, cause.clone(), Timestamp::now());
+        if commit_status(ctx, &committed, &failed).await?.is_none() {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        publish(ctx, &job, "InvalidSpec", &cause, true).await;
+        return Ok(Action::await_change());
+    }
 
     Ok(match plan.requeue_after {
         Some(after) => Action::requeue(after),
         // Re-check now and then even when nothing is expected, as a safety net.
         None => Action::requeue(Duration::from_secs(300)),
     })
+}
+
+/// Creates missing workers (with their support objects), lifts gates, deletes pods.
+async fn act(ctx: &Context, job: &JobRef<'_>, plan: &Plan) -> Result<()> {
+    if !plan.create.is_empty() {
+        ensure_support_objects(ctx, job).await?;
+        let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), job.namespace);
+        let attempt = plan.status.restarts;
+        bounded(
+            plan.create
+                .iter()
+                .map(|&index| {
+                    let pod = desired::worker_pod(job, index, attempt);
+                    let api = pods_api.clone();
+                    async move { create_if_absent(api, &pod).await }
+                })
+                .collect(),
+        )
+        .await?;
+    }
+    apply_actions(ctx, job, plan).await
+}
+
+/// Runs `writes` with at most `WRITES_IN_FLIGHT` at once; the first error wins. (A Vec,
+/// not a lazy iterator: a closure inside the stream fails the controller's Send check.)
+async fn bounded(writes: Vec<impl Future<Output = Result<()>>>) -> Result<()> {
+    futures::stream::iter(writes)
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .try_collect::<()>()
+        .await
+}
+
+/// Did the decision change the status? (`progress` belongs to the trainer.)
+fn status_changed(job: &TrainingJob, next: &TrainingJobStatus) -> bool {
+    let old = job.status.clone().unwrap_or_default();
+    TrainingJobStatus {
+        progress: None,
+        ..old
+    } != *next
+}
+
+/// Writes `status` only if the job is still the version it was decided from. Returns the
+/// written job, or None when the job has changed (or is gone) since: decide again.
+async fn commit_status(
+    ctx: &Context,
+    job: &TrainingJob,
+    status: &TrainingJobStatus,
+) -> Result<Option<TrainingJob>> {
+    let api = Api::<TrainingJob>::namespaced(
+        ctx.client.clone(),
+        job.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    let name = job.name_any();
+    let body = serde_json::json!({
+        "apiVersion": "ringmaster.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": name, "resourceVersion": job.resource_version()},
+        "status": status,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    match api.patch_status(&name, &params, &Patch::Apply(body)).await {
+        Ok(written) => {
+            ctx.own_writes.record(job, written.clone());
+            Ok(Some(written))
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn apply_actions(ctx: &Context, job: &JobRef<'_>, plan: &Plan) -> Result<()> {
@@ -124,7 +232,7 @@ async fn apply_actions(ctx: &Context, job: &JobRef<'_>, plan: &Plan) -> Result<(
                 .or_else(ignore_not_found)
         }
     });
-    futures::future::try_join_all(releases).await?;
+    bounded(releases.collect()).await?;
     let deletes = plan.delete_pods.iter().map(|name| {
         let pods = pods.clone();
         async move {
@@ -134,8 +242,7 @@ async fn apply_actions(ctx: &Context, job: &JobRef<'_>, plan: &Plan) -> Result<(
                 .or_else(ignore_not_found)
         }
     });
-    futures::future::try_join_all(deletes).await?;
-    Ok(())
+    bounded(deletes.collect()).await
 }
 
 /// ConfigMap, Service, ServiceAccount, Role, RoleBinding (server-side applied, so a
@@ -174,7 +281,11 @@ fn random_token() -> String {
 
 async fn apply<K>(api: Api<K>, obj: &K) -> Result<()>
 where
-    K: Resource + Serialize + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+    K: Resource<DynamicType = ()>
+        + Serialize
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
 {
     let name = obj.meta().name.clone().unwrap_or_default();
     api.patch(
@@ -182,45 +293,36 @@ where
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(obj),
     )
-    .await?;
+    .await
+    .map_err(|source| write_error(obj, source))?;
     Ok(())
 }
 
 async fn create_if_absent<K>(api: Api<K>, obj: &K) -> Result<()>
 where
-    K: Resource + Serialize + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+    K: Resource<DynamicType = ()>
+        + Serialize
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
 {
-    match api
-        .create(
-            &PostParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..Default::default()
-            },
-            obj,
-        )
-        .await
-    {
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api.create(&params, obj).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(source) => Err(write_error(obj, source)),
     }
 }
 
-async fn write_status(ctx: &Context, job: &JobRef<'_>, status: &TrainingJobStatus) -> Result<()> {
-    let api = Api::<TrainingJob>::namespaced(ctx.client.clone(), job.namespace);
-    let body = serde_json::json!({
-        "apiVersion": "ringmaster.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "status": status,
-    });
-    api.patch_status(
-        job.name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await
-    .map(|_| ())
-    .or_else(ignore_not_found)
+fn write_error<K: Resource<DynamicType = ()>>(obj: &K, source: kube::Error) -> Error {
+    let name = obj.meta().name.as_deref().unwrap_or_default();
+    Error::Write {
+        object: format!("{} {name}", K::kind(&())),
+        source,
+    }
 }
 
 fn ignore_not_found(e: kube::Error) -> Result<()> {

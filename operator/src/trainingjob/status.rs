@@ -19,6 +19,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use ringmaster_crds::keys::{ATTEMPT, REPLICA_INDEX, TRAINER_CONTAINER};
 
 use super::desired;
+use crate::scheduler::explain;
 use ringmaster_crds::{
     CleanPodPolicy, JobPhase, RestartPolicy, TrainingJob, TrainingJobStatus, WorkerCounts,
     condition, find_condition, upsert_condition,
@@ -59,6 +60,32 @@ pub struct Plan {
     pub events: Vec<JobEvent>,
 }
 
+impl Plan {
+    /// Does the plan change anything besides the status? (Then its status must be
+    /// committed first, so that the actions follow from a status the server confirmed.)
+    pub fn has_actions(&self) -> bool {
+        !(self.create.is_empty()
+            && self.release_gates.is_empty()
+            && self.delete_pods.is_empty()
+            && self.events.is_empty())
+    }
+}
+
+/// The status of a job whose children the API server refuses for good (too large,
+/// invalid, forbidden by admission): Failed/InvalidSpec with the server's reason.
+pub fn invalid_spec(job: &TrainingJob, cause: String, now: Timestamp) -> TrainingJobStatus {
+    let mut p = Plan {
+        status: TrainingJobStatus {
+            progress: None,
+            observed_generation: job.metadata.generation,
+            ..job.status.clone().unwrap_or_default()
+        },
+        ..Plan::default()
+    };
+    fail(&mut p, "InvalidSpec", cause, now);
+    p.status
+}
+
 /// A pod of the job as the rules see it.
 #[derive(Debug, Clone)]
 struct Worker {
@@ -68,7 +95,8 @@ struct Worker {
     state: WorkerState,
     node: Option<String>,
     gated: bool,
-    unschedulable: Option<String>,
+    /// The scheduler's `PodScheduled=False` reason and message.
+    unschedulable: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -106,15 +134,20 @@ impl Worker {
         let unschedulable = status
             .and_then(|s| s.conditions.as_ref())
             .and_then(|cs| {
-                // Only a scheduler's verdict (reason Unschedulable); the API server's
-                // "SchedulingGated" on gated pods says nothing about room.
+                // Only a scheduler's verdict (no room, or a malformed gang); the API
+                // server's "SchedulingGated" on gated pods says nothing about either.
                 cs.iter().find(|c| {
                     c.type_ == "PodScheduled"
                         && c.status == "False"
-                        && c.reason.as_deref() == Some("Unschedulable")
+                        && c.reason.as_deref().is_some_and(|r| {
+                            r == explain::UNSCHEDULABLE || r == explain::INVALID_GANG
+                        })
                 })
             })
-            .and_then(|c| c.message.clone());
+            .map(|c| {
+                let reason = c.reason.clone().unwrap_or_default();
+                (reason, c.message.clone().unwrap_or_default())
+            });
         Some(Self {
             name: pod.metadata.name.clone()?,
             index,
@@ -130,7 +163,12 @@ impl Worker {
 }
 
 /// Decides the next step for `job`, given all of its pods (any attempt) at time `now`.
-pub fn plan(job: &TrainingJob, pods: &[Pod], now: Timestamp, backoff_base: Duration) -> Plan {
+pub fn plan<'a>(
+    job: &TrainingJob,
+    pods: impl IntoIterator<Item = &'a Pod>,
+    now: Timestamp,
+    backoff_base: Duration,
+) -> Plan {
     let old = job.status.clone().unwrap_or_default();
     let mut p = Plan {
         status: TrainingJobStatus {
@@ -142,7 +180,7 @@ pub fn plan(job: &TrainingJob, pods: &[Pod], now: Timestamp, backoff_base: Durat
     };
     let generation = job.metadata.generation;
     let spec = &job.spec;
-    let workers: Vec<Worker> = pods.iter().filter_map(Worker::from_pod).collect();
+    let workers: Vec<Worker> = pods.into_iter().filter_map(Worker::from_pod).collect();
     let set = |p: &mut Plan, type_: &str, on: bool, reason: &str, msg: String| {
         upsert_condition(
             &mut p.status.conditions,
@@ -347,8 +385,8 @@ pub fn plan(job: &TrainingJob, pods: &[Pod], now: Timestamp, backoff_base: Durat
             "GangScheduled",
             format!("all {total} workers are bound to nodes"),
         );
-    } else if let Some(reason) = current.iter().find_map(|w| w.unschedulable.clone()) {
-        set(&mut p, cond::SCHEDULED, false, "Unschedulable", reason);
+    } else if let Some((reason, message)) = current.iter().find_map(|w| w.unschedulable.clone()) {
+        set(&mut p, cond::SCHEDULED, false, &reason, message);
     } else {
         set(
             &mut p,
@@ -706,6 +744,27 @@ mod tests {
 
     fn now() -> Timestamp {
         Timestamp::from_second(1_000_000).unwrap()
+    }
+
+    #[test]
+    fn a_job_that_cannot_be_built_fails_with_the_cause_and_keeps_its_counts() {
+        let job = with_status(job(""), JobPhase::Pending, 1);
+        let status = invalid_spec(
+            &job,
+            "ConfigMap j-spec cannot be created: too long".into(),
+            now(),
+        );
+        assert_eq!(status.phase, Some(JobPhase::Failed));
+        assert_eq!(status.restarts, 1);
+        let failed = find_condition(&status.conditions, cond::FAILED).unwrap();
+        assert_eq!(failed.reason, "InvalidSpec");
+        assert!(failed.message.starts_with("ConfigMap j-spec"));
+        // Once failed, the next plan only cleans up: no pods are created again.
+        let mut done = job.clone();
+        done.status = Some(status);
+        let p = plan(&done, &[], now(), BASE);
+        assert!(p.create.is_empty());
+        assert!(!p.has_actions());
     }
 
     #[test]

@@ -1,0 +1,390 @@
+//! Chaos: `ringmaster-operator` and `ringmaster-scheduler` SIGKILLed at random moments
+//! and restarted, during a burst of new jobs and during whole-gang restart waves, against
+//! the local control plane (kwok runs the pods). A monitor checks the invariants of
+//! docs/operator.md all along; after each wave every job must converge exactly.
+//!
+//! CI runs the short version. The long one:
+//!   RINGMASTER_CHAOS_JOBS=20 RINGMASTER_CHAOS_WAVES=20 cargo test -p ringmaster-operator \
+//!     --test chaos -- --nocapture
+//! `RINGMASTER_CHAOS_SEED` replays a run (the seed is printed).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ringmaster_crds::keys::{ATTEMPT, JOB_NAME};
+use ringmaster_crds::{JobPhase, TrainingJob};
+use ringmaster_e2e::{POOL, Pool, ServedProcess, client, delete_namespace, namespace};
+
+const WORKERS: usize = 4;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The two components under test, each restartable under the same identity (as a
+/// StatefulSet pod comes back), so the new process takes the lease at once.
+struct ControlPlane {
+    ns: String,
+    operator: ServedProcess,
+    scheduler: ServedProcess,
+    kills: usize,
+}
+
+impl ControlPlane {
+    fn start(ns: &str) -> Self {
+        Self {
+            ns: ns.to_string(),
+            operator: Self::operator(ns),
+            scheduler: Self::scheduler(ns),
+            kills: 0,
+        }
+    }
+
+    fn operator(ns: &str) -> ServedProcess {
+        ServedProcess::start(
+            env!("CARGO_BIN_EXE_ringmaster-operator"),
+            &[
+                "--namespace",
+                ns,
+                "--lease-namespace",
+                ns,
+                "--identity",
+                "op-chaos",
+                "--lease-duration-seconds",
+                "3",
+                "--restart-backoff-seconds",
+                "0.2",
+            ],
+        )
+    }
+
+    fn scheduler(ns: &str) -> ServedProcess {
+        ServedProcess::start(
+            env!("CARGO_BIN_EXE_ringmaster-scheduler"),
+            &[
+                "--namespace",
+                ns,
+                "--lease-namespace",
+                ns,
+                "--identity",
+                "sched-chaos",
+                "--lease-duration-seconds",
+                "3",
+            ],
+        )
+    }
+
+    fn kill_operator(&mut self) {
+        self.operator.kill();
+        self.operator = Self::operator(&self.ns);
+        self.kills += 1;
+    }
+
+    fn kill_scheduler(&mut self) {
+        self.scheduler.kill();
+        self.scheduler = Self::scheduler(&self.ns);
+        self.kills += 1;
+    }
+
+    /// Kills one of the two (or both) at random moments for `span`.
+    async fn rampage(&mut self, rng: &mut StdRng, span: Duration) {
+        let end = Instant::now() + span;
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(150..900))).await;
+            match rng.random_range(0..3) {
+                0 => self.kill_operator(),
+                1 => self.kill_scheduler(),
+                _ => {
+                    self.kill_operator();
+                    self.kill_scheduler();
+                }
+            }
+        }
+    }
+}
+
+fn job(name: &str, ns: &str, backoff_limit: u64) -> TrainingJob {
+    let yaml = format!(
+        r#"
+apiVersion: ringmaster.dev/v1alpha1
+kind: TrainingJob
+metadata: {{name: {name}}}
+spec:
+  model: {{architecture: bert, source: /models/minilm, labels: [ham, spam]}}
+  data: {{train: /data/train.csv, format: csv}}
+  distribution: {{workers: {WORKERS}, gpusPerWorker: 1}}
+  runPolicy: {{restartPolicy: OnFailure, backoffLimit: {backoff_limit}}}
+  template:
+    nodeSelector: {{{POOL}: {ns}}}
+    tolerations:
+    - {{key: {POOL}, operator: Exists, effect: NoSchedule}}
+    - {{key: node.kubernetes.io/not-ready, operator: Exists, effect: NoSchedule}}
+"#
+    );
+    serde_yaml::from_str(&yaml).unwrap()
+}
+
+fn attempt(pod: &Pod) -> i32 {
+    pod.labels()[ATTEMPT].parse().unwrap()
+}
+
+fn phase(job: &TrainingJob) -> Option<JobPhase> {
+    job.status.as_ref()?.phase
+}
+
+fn restarts(job: &TrainingJob) -> i32 {
+    job.status.as_ref().map_or(0, |s| s.restarts)
+}
+
+/// Failures injected so far, per job; read by the monitor.
+type Injected = Arc<Mutex<BTreeMap<String, i32>>>;
+
+/// Samples pods then jobs (so a job is never older than its pods) and records every
+/// broken invariant:
+/// - one attempt per job at a time (no pod of a new attempt before the old ones are gone);
+/// - no pod of an attempt the job's status has not committed;
+/// - `status.restarts` never decreases and never exceeds the failures injected;
+/// - never more pods than workers.
+async fn monitor(
+    client: Client,
+    ns: String,
+    injected: Injected,
+    violations: Arc<Mutex<Vec<String>>>,
+) {
+    let pods_api = Api::<Pod>::namespaced(client.clone(), &ns);
+    let jobs_api = Api::<TrainingJob>::namespaced(client, &ns);
+    let mut seen_restarts: BTreeMap<String, i32> = BTreeMap::new();
+    loop {
+        let pods = pods_api.list(&ListParams::default()).await;
+        let jobs = jobs_api.list(&ListParams::default()).await;
+        let (Ok(pods), Ok(jobs)) = (pods, jobs) else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut by_job: BTreeMap<String, Vec<&Pod>> = BTreeMap::new();
+        for pod in &pods.items {
+            by_job
+                .entry(pod.labels()[JOB_NAME].clone())
+                .or_default()
+                .push(pod);
+        }
+        let injected = injected.lock().unwrap().clone();
+        let mut found = Vec::new();
+        for job in &jobs.items {
+            let name = job.name_any();
+            let committed = restarts(job);
+            let pods = by_job.remove(&name).unwrap_or_default();
+            let attempts: BTreeSet<i32> = pods.iter().map(|p| attempt(p)).collect();
+            if attempts.len() > 1 {
+                found.push(format!("{name}: pods of attempts {attempts:?} at once"));
+            }
+            if let Some(a) = attempts.iter().find(|a| **a > committed) {
+                found.push(format!(
+                    "{name}: a pod of attempt {a} but status.restarts is {committed}"
+                ));
+            }
+            if pods.len() > WORKERS {
+                found.push(format!("{name}: {} pods for {WORKERS} workers", pods.len()));
+            }
+            let before = seen_restarts.insert(name.clone(), committed).unwrap_or(0);
+            if committed < before {
+                found.push(format!(
+                    "{name}: status.restarts went from {before} to {committed}"
+                ));
+            }
+            let failures = injected.get(&name).copied().unwrap_or(0);
+            if committed > failures {
+                found.push(format!(
+                    "{name}: status.restarts is {committed} after {failures} injected failures"
+                ));
+            }
+        }
+        if !found.is_empty() {
+            eprintln!("chaos monitor: {found:?}");
+            violations.lock().unwrap().extend(found);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until every job is Running on attempt `want` with a whole gang: exactly
+/// `WORKERS` pods, all of that attempt, all bound and running. Panics with the jobs that
+/// did not get there.
+async fn converge(client: &Client, ns: &str, jobs: &[String], want: i32, timeout: Duration) {
+    let pods_api = Api::<Pod>::namespaced(client.clone(), ns);
+    let jobs_api = Api::<TrainingJob>::namespaced(client.clone(), ns);
+    let start = Instant::now();
+    loop {
+        let pods = pods_api.list(&ListParams::default()).await.unwrap().items;
+        let mut lagging = Vec::new();
+        for name in jobs {
+            let job = jobs_api.get(name).await.unwrap();
+            let mine: Vec<&Pod> = pods
+                .iter()
+                .filter(|p| p.labels()[JOB_NAME] == *name)
+                .collect();
+            let whole = mine.len() == WORKERS
+                && mine.iter().all(|p| {
+                    attempt(p) == want
+                        && p.metadata.deletion_timestamp.is_none()
+                        && p.spec.as_ref().unwrap().node_name.is_some()
+                        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                });
+            if !(whole && phase(&job) == Some(JobPhase::Running) && restarts(&job) == want) {
+                let states: Vec<String> = mine
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{}@{} {} {}",
+                            p.name_any(),
+                            attempt(p),
+                            p.status
+                                .as_ref()
+                                .and_then(|s| s.phase.clone())
+                                .unwrap_or_default(),
+                            p.spec
+                                .as_ref()
+                                .unwrap()
+                                .node_name
+                                .as_deref()
+                                .unwrap_or("unbound")
+                        )
+                    })
+                    .collect();
+                lagging.push(format!(
+                    "{name}: {:?} restarts {} pods {states:?}",
+                    phase(&job),
+                    restarts(&job)
+                ));
+            }
+        }
+        if lagging.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "not converged to attempt {want} after {timeout:?}:\n{}",
+            lagging.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn fail_one_worker(client: &Client, ns: &str, job: &str, rng: &mut StdRng) {
+    let pod = format!("{job}-worker-{}", rng.random_range(0..WORKERS));
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {"ringmaster.dev/kwok-exit-code": "1"}}});
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .patch(&pod, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn operator_and_scheduler_killed_at_random_stay_correct() {
+    let jobs = env_or("RINGMASTER_CHAOS_JOBS", 8) as usize;
+    let waves = env_or("RINGMASTER_CHAOS_WAVES", 2) as i32;
+    let seed = env_or("RINGMASTER_CHAOS_SEED", rand::random::<u32>().into());
+    eprintln!("chaos: {jobs} jobs x {WORKERS} workers, {waves} restart waves, seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let client = client().await;
+    let ns = namespace(&client, "chaos").await;
+    let mut pool = Pool::new(&ns);
+    pool.add(&client, (jobs * WORKERS).div_ceil(8), 8).await;
+    let mut plane = ControlPlane::start(&ns);
+
+    let injected: Injected = Arc::default();
+    let violations = Arc::new(Mutex::new(Vec::new()));
+    let monitor = tokio::spawn(monitor(
+        client.clone(),
+        ns.clone(),
+        injected.clone(),
+        violations.clone(),
+    ));
+    let names: Vec<String> = (0..jobs).map(|i| format!("job-{i}")).collect();
+    let converge_within = Duration::from_secs(60 + 3 * jobs as u64);
+
+    // A burst of new jobs while both components die and come back.
+    let api = Api::<TrainingJob>::namespaced(client.clone(), &ns);
+    let burst = {
+        let (api, ns, names) = (api.clone(), ns.clone(), names.clone());
+        tokio::spawn(async move {
+            for name in &names {
+                api.create(&PostParams::default(), &job(name, &ns, (waves + 1) as u64))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    plane.rampage(&mut rng, Duration::from_secs(4)).await;
+    burst.await.unwrap();
+    converge(&client, &ns, &names, 0, converge_within).await;
+
+    // Restart waves: one worker of every job fails, and the components die 0.2-1 s later
+    // (while the operator is deleting and recreating gangs and the scheduler binding them).
+    for wave in 1..=waves {
+        let started = Instant::now();
+        for name in &names {
+            fail_one_worker(&client, &ns, name, &mut rng).await;
+            *injected.lock().unwrap().entry(name.clone()).or_default() += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1000))).await;
+        plane.kill_operator();
+        let span = Duration::from_millis(rng.random_range(0..2500));
+        plane.rampage(&mut rng, span).await;
+        converge(&client, &ns, &names, wave, converge_within).await;
+        eprintln!(
+            "chaos: wave {wave}/{waves} converged in {:.1}s ({} kills so far)",
+            started.elapsed().as_secs_f64(),
+            plane.kills
+        );
+    }
+
+    // Every job finishes: worker 0 exits 0.
+    for name in &names {
+        let patch = serde_json::json!({"metadata": {"annotations": {"ringmaster.dev/kwok-exit-code": "0"}}});
+        Api::<Pod>::namespaced(client.clone(), &ns)
+            .patch(
+                &format!("{name}-worker-0"),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+            .unwrap();
+    }
+    plane.kill_operator();
+    let start = Instant::now();
+    loop {
+        let list = api.list(&ListParams::default()).await.unwrap().items;
+        let done = list
+            .iter()
+            .filter(|j| phase(j) == Some(JobPhase::Succeeded) && restarts(j) == waves)
+            .count();
+        if done == jobs {
+            break;
+        }
+        assert!(
+            start.elapsed() < converge_within,
+            "{done}/{jobs} jobs Succeeded with restarts {waves}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    monitor.abort();
+    let violations = violations.lock().unwrap().clone();
+    assert!(violations.is_empty(), "invariants broken: {violations:#?}");
+    eprintln!(
+        "chaos: {jobs} jobs, {waves} waves, {} kills, no invariant broken",
+        plane.kills
+    );
+    delete_namespace(&client, &ns).await;
+}
