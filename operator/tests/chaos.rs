@@ -30,8 +30,9 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The two components under test, each restartable under the same identity (as a
-/// StatefulSet pod comes back), so the new process takes the lease at once.
+/// The two components under test. A restarted one comes back under a new identity half
+/// of the time (a Deployment's new pod: it waits for the dead leader's lease to expire)
+/// and under the same one otherwise (a StatefulSet's pod: it takes the lease at once).
 struct ControlPlane {
     ns: String,
     operator: ServedProcess,
@@ -43,13 +44,13 @@ impl ControlPlane {
     fn start(ns: &str) -> Self {
         Self {
             ns: ns.to_string(),
-            operator: Self::operator(ns),
-            scheduler: Self::scheduler(ns),
+            operator: Self::operator(ns, 0),
+            scheduler: Self::scheduler(ns, 0),
             kills: 0,
         }
     }
 
-    fn operator(ns: &str) -> ServedProcess {
+    fn operator(ns: &str, incarnation: usize) -> ServedProcess {
         ServedProcess::start(
             env!("CARGO_BIN_EXE_ringmaster-operator"),
             &[
@@ -58,16 +59,16 @@ impl ControlPlane {
                 "--lease-namespace",
                 ns,
                 "--identity",
-                "op-chaos",
+                &format!("op-{incarnation}"),
                 "--lease-duration-seconds",
                 "3",
                 "--restart-backoff-seconds",
-                "0.2",
+                "1",
             ],
         )
     }
 
-    fn scheduler(ns: &str) -> ServedProcess {
+    fn scheduler(ns: &str, incarnation: usize) -> ServedProcess {
         ServedProcess::start(
             env!("CARGO_BIN_EXE_ringmaster-scheduler"),
             &[
@@ -76,22 +77,22 @@ impl ControlPlane {
                 "--lease-namespace",
                 ns,
                 "--identity",
-                "sched-chaos",
+                &format!("sched-{incarnation}"),
                 "--lease-duration-seconds",
                 "3",
             ],
         )
     }
 
-    fn kill_operator(&mut self) {
+    fn kill_operator(&mut self, rng: &mut StdRng) {
         self.operator.kill();
-        self.operator = Self::operator(&self.ns);
+        self.operator = Self::operator(&self.ns, rng.random_range(0..2));
         self.kills += 1;
     }
 
-    fn kill_scheduler(&mut self) {
+    fn kill_scheduler(&mut self, rng: &mut StdRng) {
         self.scheduler.kill();
-        self.scheduler = Self::scheduler(&self.ns);
+        self.scheduler = Self::scheduler(&self.ns, rng.random_range(0..2));
         self.kills += 1;
     }
 
@@ -99,13 +100,13 @@ impl ControlPlane {
     async fn rampage(&mut self, rng: &mut StdRng, span: Duration) {
         let end = Instant::now() + span;
         while Instant::now() < end {
-            tokio::time::sleep(Duration::from_millis(rng.random_range(150..900))).await;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
             match rng.random_range(0..3) {
-                0 => self.kill_operator(),
-                1 => self.kill_scheduler(),
+                0 => self.kill_operator(rng),
+                1 => self.kill_scheduler(rng),
                 _ => {
-                    self.kill_operator();
-                    self.kill_scheduler();
+                    self.kill_operator(rng);
+                    self.kill_scheduler(rng);
                 }
             }
         }
@@ -330,7 +331,7 @@ async fn operator_and_scheduler_killed_at_random_stay_correct() {
     burst.await.unwrap();
     converge(&client, &ns, &names, 0, converge_within).await;
 
-    // Restart waves: one worker of every job fails, and the components die 0.2-1 s later
+    // Restart waves: one worker of every job fails, and the components die 0.05-0.6 s later
     // (while the operator is deleting and recreating gangs and the scheduler binding them).
     for wave in 1..=waves {
         let started = Instant::now();
@@ -338,9 +339,9 @@ async fn operator_and_scheduler_killed_at_random_stay_correct() {
             fail_one_worker(&client, &ns, name, &mut rng).await;
             *injected.lock().unwrap().entry(name.clone()).or_default() += 1;
         }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1000))).await;
-        plane.kill_operator();
-        let span = Duration::from_millis(rng.random_range(0..2500));
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
+        plane.kill_operator(&mut rng);
+        let span = Duration::from_millis(rng.random_range(1000..3000));
         plane.rampage(&mut rng, span).await;
         converge(&client, &ns, &names, wave, converge_within).await;
         eprintln!(
@@ -362,7 +363,7 @@ async fn operator_and_scheduler_killed_at_random_stay_correct() {
             .await
             .unwrap();
     }
-    plane.kill_operator();
+    plane.kill_operator(&mut rng);
     let start = Instant::now();
     loop {
         let list = api.list(&ListParams::default()).await.unwrap().items;
