@@ -3,9 +3,9 @@
 //! the local control plane (kwok runs the pods). A monitor checks the invariants of
 //! docs/operator.md all along; after each wave every job must converge exactly.
 //!
-//! CI runs the short version. The long one:
-//!   RINGMASTER_CHAOS_JOBS=20 RINGMASTER_CHAOS_WAVES=20 cargo test -p ringmaster-operator \
-//!     --test chaos -- --nocapture
+//! CI runs the short version (one round: 8 jobs, 2 waves). The long one:
+//!   RINGMASTER_CHAOS_ROUNDS=10 RINGMASTER_CHAOS_JOBS=20 RINGMASTER_CHAOS_WAVES=3 \
+//!     cargo test -p ringmaster-operator --test chaos -- --nocapture
 //! `RINGMASTER_CHAOS_SEED` replays a run (the seed is printed).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -63,7 +63,7 @@ impl ControlPlane {
                 "--lease-duration-seconds",
                 "3",
                 "--restart-backoff-seconds",
-                "1",
+                "0.5",
             ],
         )
     }
@@ -290,12 +290,123 @@ async fn fail_one_worker(client: &Client, ns: &str, job: &str, rng: &mut StdRng)
         .unwrap();
 }
 
+/// One round: a burst of new jobs under fire, `waves` restart waves under fire, then every
+/// job finishes and is deleted.
+struct Round<'a> {
+    client: &'a Client,
+    ns: &'a str,
+    names: Vec<String>,
+    waves: i32,
+    injected: &'a Injected,
+    converge_within: Duration,
+}
+
+impl Round<'_> {
+    async fn run(&self, plane: &mut ControlPlane, rng: &mut StdRng) {
+        let (client, ns) = (self.client, self.ns);
+        // A burst of new jobs while both components die and come back.
+        let api = Api::<TrainingJob>::namespaced(client.clone(), ns);
+        let burst = {
+            let (api, ns, names) = (api.clone(), ns.to_string(), self.names.clone());
+            let backoff_limit = (self.waves + 1) as u64;
+            tokio::spawn(async move {
+                for name in &names {
+                    api.create(&PostParams::default(), &job(name, &ns, backoff_limit))
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        plane.rampage(rng, Duration::from_secs(4)).await;
+        burst.await.unwrap();
+        converge(client, ns, &self.names, 0, self.converge_within).await;
+
+        // Restart waves: one worker of every job fails, and the components die 0.05-0.6 s
+        // later (while the operator deletes and recreates gangs and the scheduler binds).
+        for wave in 1..=self.waves {
+            let started = Instant::now();
+            for name in &self.names {
+                fail_one_worker(client, ns, name, rng).await;
+                *self
+                    .injected
+                    .lock()
+                    .unwrap()
+                    .entry(name.clone())
+                    .or_default() += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
+            plane.kill_operator(rng);
+            let span = Duration::from_millis(rng.random_range(1000..3000));
+            plane.rampage(rng, span).await;
+            converge(client, ns, &self.names, wave, self.converge_within).await;
+            eprintln!(
+                "chaos: wave {wave}/{} converged in {:.1}s ({} kills so far)",
+                self.waves,
+                started.elapsed().as_secs_f64(),
+                plane.kills
+            );
+        }
+
+        // Every job finishes (worker 0 exits 0) while the operator restarts once more.
+        let pods = Api::<Pod>::namespaced(client.clone(), ns);
+        for name in &self.names {
+            let patch = serde_json::json!({"metadata": {"annotations": {"ringmaster.dev/kwok-exit-code": "0"}}});
+            let worker = format!("{name}-worker-0");
+            pods.patch(&worker, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .unwrap();
+        }
+        plane.kill_operator(rng);
+        let start = Instant::now();
+        loop {
+            let mut done = 0;
+            for name in &self.names {
+                let job = api.get(name).await.unwrap();
+                if phase(&job) == Some(JobPhase::Succeeded) && restarts(&job) == self.waves {
+                    done += 1;
+                }
+            }
+            if done == self.names.len() {
+                break;
+            }
+            assert!(
+                start.elapsed() < self.converge_within,
+                "{done}/{} jobs Succeeded with restarts {}",
+                self.names.len(),
+                self.waves
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        for name in &self.names {
+            api.delete(name, &DeleteParams::background()).await.unwrap();
+        }
+        let gone = Instant::now();
+        while !pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+        {
+            assert!(
+                gone.elapsed() < self.converge_within,
+                "pods of deleted jobs remain"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn operator_and_scheduler_killed_at_random_stay_correct() {
+    let rounds = env_or("RINGMASTER_CHAOS_ROUNDS", 1);
     let jobs = env_or("RINGMASTER_CHAOS_JOBS", 8) as usize;
     let waves = env_or("RINGMASTER_CHAOS_WAVES", 2) as i32;
     let seed = env_or("RINGMASTER_CHAOS_SEED", rand::random::<u32>().into());
-    eprintln!("chaos: {jobs} jobs x {WORKERS} workers, {waves} restart waves, seed {seed}");
+    eprintln!(
+        "chaos: {rounds} rounds of {jobs} jobs x {WORKERS} workers, {waves} restart waves each, seed {seed}"
+    );
     let mut rng = StdRng::seed_from_u64(seed);
     let client = client().await;
     let ns = namespace(&client, "chaos").await;
@@ -311,81 +422,28 @@ async fn operator_and_scheduler_killed_at_random_stay_correct() {
         injected.clone(),
         violations.clone(),
     ));
-    let names: Vec<String> = (0..jobs).map(|i| format!("job-{i}")).collect();
-    let converge_within = Duration::from_secs(60 + 3 * jobs as u64);
-
-    // A burst of new jobs while both components die and come back.
-    let api = Api::<TrainingJob>::namespaced(client.clone(), &ns);
-    let burst = {
-        let (api, ns, names) = (api.clone(), ns.clone(), names.clone());
-        tokio::spawn(async move {
-            for name in &names {
-                api.create(&PostParams::default(), &job(name, &ns, (waves + 1) as u64))
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
-    plane.rampage(&mut rng, Duration::from_secs(4)).await;
-    burst.await.unwrap();
-    converge(&client, &ns, &names, 0, converge_within).await;
-
-    // Restart waves: one worker of every job fails, and the components die 0.05-0.6 s later
-    // (while the operator is deleting and recreating gangs and the scheduler binding them).
-    for wave in 1..=waves {
-        let started = Instant::now();
-        for name in &names {
-            fail_one_worker(&client, &ns, name, &mut rng).await;
-            *injected.lock().unwrap().entry(name.clone()).or_default() += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
-        plane.kill_operator(&mut rng);
-        let span = Duration::from_millis(rng.random_range(1000..3000));
-        plane.rampage(&mut rng, span).await;
-        converge(&client, &ns, &names, wave, converge_within).await;
-        eprintln!(
-            "chaos: wave {wave}/{waves} converged in {:.1}s ({} kills so far)",
-            started.elapsed().as_secs_f64(),
-            plane.kills
-        );
-    }
-
-    // Every job finishes: worker 0 exits 0.
-    for name in &names {
-        let patch = serde_json::json!({"metadata": {"annotations": {"ringmaster.dev/kwok-exit-code": "0"}}});
-        Api::<Pod>::namespaced(client.clone(), &ns)
-            .patch(
-                &format!("{name}-worker-0"),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
-            .await
-            .unwrap();
-    }
-    plane.kill_operator(&mut rng);
-    let start = Instant::now();
-    loop {
-        let list = api.list(&ListParams::default()).await.unwrap().items;
-        let done = list
-            .iter()
-            .filter(|j| phase(j) == Some(JobPhase::Succeeded) && restarts(j) == waves)
-            .count();
-        if done == jobs {
-            break;
-        }
-        assert!(
-            start.elapsed() < converge_within,
-            "{done}/{jobs} jobs Succeeded with restarts {waves}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    let started = Instant::now();
+    for r in 0..rounds {
+        let round = Round {
+            client: &client,
+            ns: &ns,
+            names: (0..jobs).map(|i| format!("r{r}-job-{i}")).collect(),
+            waves,
+            injected: &injected,
+            converge_within: Duration::from_secs(60 + 3 * jobs as u64),
+        };
+        round.run(&mut plane, &mut rng).await;
+        eprintln!("chaos: round {}/{rounds} done", r + 1);
     }
     monitor.abort();
     let violations = violations.lock().unwrap().clone();
     assert!(violations.is_empty(), "invariants broken: {violations:#?}");
     eprintln!(
-        "chaos: {jobs} jobs, {waves} waves, {} kills, no invariant broken",
-        plane.kills
+        "chaos: {rounds} rounds, {} jobs, {} restart waves, {} kills in {:.0}s: no invariant broken",
+        rounds as usize * jobs,
+        rounds as i32 * waves,
+        plane.kills,
+        started.elapsed().as_secs_f64()
     );
     delete_namespace(&client, &ns).await;
 }

@@ -129,6 +129,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         assumed: HashMap::new(),
         backoff: Backoff::default(),
         starvation: Starvation::default(),
+        half_bound_since: HashMap::new(),
         metrics,
         settings,
     };
@@ -145,6 +146,12 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
             .map_or(Duration::from_secs(5), |at| {
                 at.saturating_duration_since(Instant::now())
             });
+        // A partly bound gang is looked at again when its grace ends.
+        let due = if scheduler.half_bound_since.is_empty() {
+            due
+        } else {
+            due.min(Duration::from_millis(500))
+        };
         tokio::select! {
             _ = &mut shutdown => { info!("shutting down"); break; }
             changed = leader.changed() => if changed.is_err() || !*leader.borrow() {
@@ -210,6 +217,8 @@ struct Scheduler {
     assumed: HashMap<String, Assumed>,
     backoff: Backoff,
     starvation: Starvation,
+    /// When each gang was first seen partly bound (see `tend_broken`).
+    half_bound_since: HashMap<queue::GangKey, Instant>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     settings: Settings,
@@ -516,7 +525,13 @@ impl Scheduler {
     /// they agree); partly bound gangs (a leader died between binds, a member was deleted
     /// and recreated) are rolled back so that they are placed whole again. Runs on every
     /// pass, so a gang is repaired whenever it breaks, not only at a leader change.
-    async fn tend_broken(&self, gangs: &[Gang]) {
+    ///
+    /// A gang is rolled back only once it has stayed partly bound for `HALF_BOUND_GRACE`:
+    /// the binds of a leader that just died may still be landing, and deleting members
+    /// of a gang that is about to be whole would fail a running job for nothing.
+    async fn tend_broken(&mut self, gangs: &[Gang]) {
+        let now = Instant::now();
+        let mut still_half_bound = HashMap::new();
         for gang in gangs {
             if let Some(why) = &gang.invalid {
                 let message = explain::invalid_message(&gang.key.to_string(), why);
@@ -524,9 +539,15 @@ impl Scheduler {
                 self.tell(&gang.pending, &gang.key, reason, reason, &message)
                     .await;
             } else if gang.half_bound() && !self.binding_now(gang) {
-                self.roll_back(gang).await;
+                let since = self.half_bound_since.get(&gang.key).copied().unwrap_or(now);
+                if now.duration_since(since) >= HALF_BOUND_GRACE {
+                    self.roll_back(gang).await;
+                } else {
+                    still_half_bound.insert(gang.key.clone(), since);
+                }
             }
         }
+        self.half_bound_since = still_half_bound;
     }
 
     /// Has this scheduler bound members of `gang` that the watch shows unbound yet?
@@ -592,6 +613,9 @@ impl Scheduler {
         }
     }
 }
+
+/// How long a gang must stay partly bound before its bound members are rolled back.
+const HALF_BOUND_GRACE: Duration = Duration::from_secs(3);
 
 /// Binds or deletes in flight per gang: a gang of thousands must not open thousands of
 /// requests at once.
