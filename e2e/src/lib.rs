@@ -199,13 +199,29 @@ impl ServedProcess {
             .local_addr()
             .unwrap()
             .port();
+        // RINGMASTER_TEST_LOG_DIR keeps each binary's log (they log to stdout) for a
+        // failure to be read afterwards.
+        let log = std::env::var_os("RINGMASTER_TEST_LOG_DIR").map(|dir| {
+            let name = std::path::Path::new(exe).file_name().unwrap_or_default();
+            let path = PathBuf::from(dir).join(name).with_extension("log");
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+        });
+        let stdout = match &log {
+            Some(file) => Stdio::from(file.try_clone().expect("log file handle")),
+            None => Stdio::null(),
+        };
+        let stderr = log.map_or(Stdio::inherit(), Stdio::from);
         let child = std::process::Command::new(exe)
             .args(args)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("KUBECONFIG", kubeconfig())
             .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("start {exe}: {e}"));
         Self { child, port }

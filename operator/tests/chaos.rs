@@ -62,8 +62,13 @@ impl ControlPlane {
                 &format!("op-{incarnation}"),
                 "--lease-duration-seconds",
                 "3",
+                // kwok deletes a terminating pod by name without a UID precondition, and
+                // under load it can repeat that delete a second or two later: a new pod
+                // reusing the name within that window dies too (a kubelet deletes with the
+                // UID precondition, so real nodes do not do this). A backoff past that
+                // window keeps kwok's artefact out of the restart counts.
                 "--restart-backoff-seconds",
-                "0.5",
+                "2",
             ],
         )
     }

@@ -8,6 +8,8 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Collective(#[from] ringmaster_collective::Error),
+    #[error(transparent)]
+    Model(#[from] ringmaster_nn::Error),
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,

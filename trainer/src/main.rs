@@ -1,5 +1,5 @@
-//! `ringmaster`: the trainer's command line. Training (`train`, `launch`) and serving
-//! (`serve`) arrive with the model work; today it runs the communication benchmark.
+//! `ringmaster`: the trainer's command line: `launch` (a TrainingJob on this machine),
+//! `train` (one rank; what the operator's pods run), and the benchmarks.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +22,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a TrainingJob on this machine: N local ranks, progress bars, a results table
+    /// per evaluation, the best model in <output>/best.
+    /// Example: `ringmaster launch -n 2 examples/bert-spam.yaml --set training.epochs=1`
+    Launch(ringmaster_trainer::launch::LaunchArgs),
+    /// One rank of a TrainingJob (what each worker pod runs): reads the spec file and the
+    /// rendezvous env (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, RINGMASTER_TOKEN).
+    Train {
+        /// The TrainingJob YAML.
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a spec field, e.g. `--set training.epochs=1` (repeatable).
+        #[arg(long = "set", value_name = "FIELD=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Measure this machine.
     #[command(subcommand)]
     Bench(Bench),
@@ -98,6 +112,8 @@ fn main() -> ExitCode {
         .init();
     ringmaster_trainer::allocator::retain_freed_memory();
     let result = match Cli::parse().command {
+        Command::Launch(args) => ringmaster_trainer::launch::run(&args).map_err(|e| e.to_string()),
+        Command::Train { config, overrides } => train(&config, &overrides).map_err(|e| e.to_string()),
         Command::Bench(Bench::Allreduce {
             world_sizes,
             backend,
@@ -141,6 +157,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn train(config: &std::path::Path, overrides: &[String]) -> ringmaster_trainer::Result<()> {
+    let job = ringmaster_trainer::spec::JobFile::load(config, overrides)?;
+    ringmaster_trainer::train::run(&job, ringmaster_trainer::train::Rank::from_env()?)
 }
 
 fn ddp_selftest(args: &SelftestArgs) -> ringmaster_trainer::Result<()> {

@@ -48,6 +48,12 @@ pub async fn bind(client: &Client, pod: &Pod, node: &str, gpus: &[usize]) -> Res
     Ok(())
 }
 
+/// Did a bind fail because the pod is bound already (by a previous leader)?
+pub fn already_bound(e: &Error) -> bool {
+    matches!(e, Error::Kube(kube::Error::Api(s))
+        if s.code == 409 && s.message.contains("already assigned to node"))
+}
+
 /// Deletes a bound member of a gang that could not be bound whole; its controller
 /// recreates it and the new gang is placed from scratch.
 pub async fn delete(client: &Client, pod: &Pod) -> Result<()> {

@@ -114,6 +114,9 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     ));
     nodes.wait_until_ready().await.ok();
     pods.wait_until_ready().await.ok();
+    // A leader that was killed a moment ago may have binds still landing; let the watch
+    // show them before the first pass places those gangs a second time.
+    tokio::time::sleep(TAKEOVER_SETTLE).await;
 
     let mut scheduler = Scheduler {
         recorder: Recorder::new(
@@ -477,6 +480,24 @@ impl Scheduler {
             return true;
         }
         self.metrics.bind_failures.inc_by(failed as u64);
+        if results
+            .iter()
+            .all(|r| r.as_ref().err().is_none_or(bind::already_bound))
+        {
+            // A leader that died mid-bind (or whose binds landed after we read) placed
+            // these members already: deleting the ones we bound would fail a gang that
+            // is, or is about to be, whole. Whatever is left partly bound is rolled back
+            // by `tend_broken` after its grace.
+            warn!(gang = %gang.key, failed, "members were already bound by a previous leader: keeping the gang");
+            for (a, r) in placement.assignments.iter().zip(results) {
+                if r.is_err()
+                    && let Some(uid) = gang.pending[a.member].metadata.uid.as_deref()
+                {
+                    self.assumed.remove(uid);
+                }
+            }
+            return true;
+        }
         let errors: Vec<String> = results
             .iter()
             .filter_map(|r| r.as_ref().err().map(ToString::to_string))
@@ -613,6 +634,9 @@ impl Scheduler {
         }
     }
 }
+
+/// Pause between taking the lease (and the first full list) and the first pass.
+const TAKEOVER_SETTLE: Duration = Duration::from_secs(1);
 
 /// How long a gang must stay partly bound before its bound members are rolled back.
 const HALF_BOUND_GRACE: Duration = Duration::from_secs(3);

@@ -1,0 +1,382 @@
+//! `ringmaster launch`: runs a TrainingJob on this machine as N local rank processes
+//! (`ringmaster train`) with the rendezvous env and token the pods get, the cores split
+//! between them, a live progress bar per epoch, a results table at each evaluation and a
+//! summary at the end. Ctrl-C stops every rank; a failed rank stops the run, and the
+//! launcher exits non-zero naming it and its last words.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::error::{Error, Result};
+use crate::evaluate::EvalReport;
+use crate::events::Event;
+use crate::spec::JobFile;
+
+/// How long the other ranks get to notice a failed peer before they are stopped.
+const PEER_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LaunchArgs {
+    /// The TrainingJob YAML (the same file `kubectl apply` takes).
+    pub file: PathBuf,
+    /// Rank processes (default: workers x processesPerWorker from the file).
+    #[arg(short = 'n', long)]
+    pub ranks: Option<usize>,
+    /// Override a spec field, e.g. `--set training.epochs=1` (repeatable).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub overrides: Vec<String>,
+    /// Output directory (default: spec.output.path, relative to the YAML file).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+/// A line from a rank.
+enum Line {
+    Out(usize, String),
+    Err(usize, String),
+}
+
+pub fn run(args: &LaunchArgs) -> Result<()> {
+    let mut job = JobFile::load(&args.file, &args.overrides)?;
+    if let Some(out) = &args.output {
+        let out = std::path::absolute(out).unwrap_or_else(|_| out.clone());
+        job.job.spec.output.path = out.display().to_string();
+    }
+    let ranks = args.ranks.unwrap_or_else(|| job.world_size()).max(1);
+    let output = job.output_dir();
+    crate::run_dir::RunDir::create(&output)?;
+    let resolved = output.join("job.yaml");
+    std::fs::write(&resolved, job.to_yaml()).map_err(|source| Error::Io {
+        what: "writing",
+        path: resolved.clone(),
+        source,
+    })?;
+
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / ranks).max(1);
+    let port = free_port()?;
+    let token = ringmaster_collective::Token::random()?.expose();
+    eprintln!(
+        "ringmaster launch: {ranks} rank(s) x {threads} thread(s) on {cores} core(s); output {}",
+        output.display()
+    );
+    let (tx, rx) = channel();
+    let mut children = Vec::with_capacity(ranks);
+    for rank in 0..ranks {
+        let mut child = Command::new(std::env::current_exe().map_err(|source| Error::Io {
+            what: "finding the ringmaster binary",
+            path: PathBuf::from("/proc/self/exe"),
+            source,
+        })?)
+        .args(["train", "--config"])
+        .arg(&resolved)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", ranks.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("LOCAL_WORLD_SIZE", ranks.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("RINGMASTER_TOKEN", &token)
+        // No oversubscription: each rank gets its share of the cores.
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .env("CANDLE_NUM_THREADS", threads.to_string())
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| Error::Io {
+            what: "starting rank",
+            path: PathBuf::from("ringmaster train"),
+            source,
+        })?;
+        forward(child.stdout.take(), rank, tx.clone(), Line::Out);
+        forward(child.stderr.take(), rank, tx.clone(), Line::Err);
+        children.push(child);
+    }
+    drop(tx);
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+    supervise(children, rx, &interrupted, &output)
+}
+
+fn forward(
+    stream: Option<impl std::io::Read + Send + 'static>,
+    rank: usize,
+    tx: Sender<Line>,
+    wrap: fn(usize, String) -> Line,
+) {
+    let Some(stream) = stream else { return };
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(|l| l.ok()) {
+            if tx.send(wrap(rank, line)).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Io {
+        what: "finding a free port on",
+        path: PathBuf::from("127.0.0.1"),
+        source,
+    })?;
+    Ok(listener.local_addr().map(|a| a.port()).unwrap_or(29500))
+}
+
+/// Draws rank 0's progress, echoes warnings and errors of every rank, and decides the
+/// outcome: all ranks exit 0, or the first failure (or Ctrl-C) stops the rest.
+fn supervise(
+    mut children: Vec<Child>,
+    rx: Receiver<Line>,
+    interrupted: &AtomicBool,
+    output: &Path,
+) -> Result<()> {
+    let mut view = View::default();
+    let mut last_words: Vec<String> = vec![String::new(); children.len()];
+    let mut failure: Option<(usize, String)> = None;
+    let mut failed_at: Option<Instant> = None;
+    let mut done = vec![false; children.len()];
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Line::Out(0, line)) => match Event::parse(&line) {
+                Some(event) => view.show(event),
+                None => view.println(&line),
+            },
+            Ok(Line::Out(_, _)) => {}
+            Ok(Line::Err(rank, line)) => {
+                if !line.trim().is_empty() {
+                    view.println(&format!("[rank {rank}] {line}"));
+                    last_words[rank] = line;
+                }
+            }
+            Err(_) => {}
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            view.finish();
+            stop(&mut children);
+            return Err(Error::Config(
+                "interrupted (Ctrl-C): every rank was stopped; the next launch resumes from the newest checkpoint"
+                    .into(),
+            ));
+        }
+        for (rank, child) in children.iter_mut().enumerate() {
+            if done[rank] {
+                continue;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                done[rank] = true;
+                if !status.success() && failure.is_none() {
+                    let code = status
+                        .code()
+                        .map_or_else(|| "was killed by a signal".to_string(), |c| format!("exited with code {c}"));
+                    failure = Some((rank, code));
+                    failed_at = Some(Instant::now());
+                }
+            }
+        }
+        if done.iter().all(|d| *d) {
+            // Drain what the ranks printed last.
+            while let Ok(line) = rx.try_recv() {
+                if let Line::Out(0, l) = line
+                    && let Some(event) = Event::parse(&l)
+                {
+                    view.show(event);
+                }
+            }
+            break;
+        }
+        if failed_at.is_some_and(|t| t.elapsed() > PEER_GRACE) {
+            stop(&mut children);
+        }
+    }
+    view.finish();
+    match failure {
+        None => {
+            view.summary(output);
+            Ok(())
+        }
+        Some((rank, code)) => {
+            let why = last_words[rank].trim_start_matches("error: ").to_string();
+            Err(Error::Config(format!(
+                "rank {rank} {code}: {}",
+                if why.is_empty() { "no message" } else { &why }
+            )))
+        }
+    }
+}
+
+fn stop(children: &mut [Child]) {
+    for child in children.iter_mut() {
+        // SIGTERM first, so a rank can leave its files consistent; then the hard way.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for child in children.iter_mut() {
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The terminal: one progress bar per epoch, a table per evaluation.
+#[derive(Default)]
+struct View {
+    bar: Option<ProgressBar>,
+    epochs: u64,
+    steps_per_epoch: u64,
+    labels: Vec<String>,
+    evals: Vec<(u64, EvalReport)>,
+    losses: Vec<(u64, f64)>,
+    started: Option<Instant>,
+    best: Option<f64>,
+}
+
+impl View {
+    fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn bar_for(&mut self, epoch: u64) -> &ProgressBar {
+        let (epochs, len) = (self.epochs, self.steps_per_epoch);
+        self.bar.get_or_insert_with(|| {
+            let bar = ProgressBar::new(len);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
+            bar
+        })
+    }
+
+    fn show(&mut self, event: Event) {
+        match event {
+            Event::Start {
+                epochs,
+                steps_per_epoch,
+                total_steps,
+                train_examples,
+                validation_examples,
+                world_size,
+                labels,
+                resumed_at_step,
+            } => {
+                self.epochs = epochs;
+                self.steps_per_epoch = steps_per_epoch;
+                self.labels = labels;
+                self.started = Some(Instant::now());
+                let resumed = resumed_at_step
+                    .map(|s| format!(", resuming at step {s}"))
+                    .unwrap_or_default();
+                eprintln!(
+                    "training on {train_examples} examples, validating on {validation_examples}; \
+                     {world_size} rank(s), {steps_per_epoch} steps per epoch, {total_steps} in all{resumed}"
+                );
+            }
+            Event::Step {
+                epoch,
+                step,
+                loss,
+                samples_per_s,
+                ..
+            } => {
+                self.losses.push((step, loss));
+                let within = step - epoch * self.steps_per_epoch;
+                let bar = self.bar_for(epoch);
+                bar.set_position(within);
+                bar.set_message(format!("loss {loss:.4}  {samples_per_s:.1} samples/s"));
+            }
+            Event::Eval {
+                epoch,
+                step,
+                best,
+                report,
+            } => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish();
+                }
+                if best {
+                    self.best = Some(report.accuracy);
+                }
+                eprintln!("{}", eval_table(epoch, &report, best));
+                self.evals.push((step, report));
+            }
+            Event::Checkpoint { .. } => {}
+            Event::Done { seconds, .. } => {
+                eprintln!("finished in {seconds:.1} s");
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.abandon();
+        }
+    }
+
+    fn summary(&self, output: &Path) {
+        let Some((step, last)) = self.evals.last() else {
+            return;
+        };
+        eprintln!(
+            "\n| run | value |\n|---|---|\n| steps | {step} |\n| final accuracy | {:.4} |\n\
+             | final macro-F1 | {:.4} |\n| best accuracy | {:.4} |\n| time | {:.0} s |\n\
+             | best model | {} |\n| metrics | {} |",
+            last.accuracy,
+            last.macro_f1,
+            self.best.unwrap_or(last.accuracy),
+            self.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+            output.join("best").display(),
+            output.join("metrics.jsonl").display(),
+        );
+        let plot = output.join("curves.svg");
+        if std::fs::write(&plot, crate::plot::svg(&self.losses, &self.evals)).is_ok() {
+            eprintln!("| curves | {} |", plot.display());
+        }
+    }
+}
+
+fn eval_table(epoch: u64, r: &EvalReport, best: bool) -> String {
+    let mut out = format!(
+        "epoch {}: validation accuracy {:.4}, macro-F1 {:.4}, loss {:.4} ({} examples){}\n\
+         | class | precision | recall | F1 | support |\n|---|---|---|---|---|\n",
+        epoch + 1,
+        r.accuracy,
+        r.macro_f1,
+        r.loss,
+        r.examples,
+        if best { "  (best so far: saved to best/)" } else { "" }
+    );
+    for c in &r.per_class {
+        out += &format!(
+            "| {} | {:.4} | {:.4} | {:.4} | {} |\n",
+            c.label, c.precision, c.recall, c.f1, c.support
+        );
+    }
+    out
+}

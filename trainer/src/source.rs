@@ -1,0 +1,137 @@
+//! Where pretrained weights come from: `hf://org/name[@revision]` in the standard Hugging
+//! Face cache layout (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+//! `~/.cache/huggingface/hub`: `models--org--name/refs/<revision>` names a snapshot under
+//! `snapshots/<commit>/`), a model directory, or the output directory of an earlier run
+//! (its `best/` model).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Files a BERT model directory must hold.
+const REQUIRED: [&str; 2] = ["config.json", "model.safetensors"];
+
+/// The directory holding `config.json`, `model.safetensors` (and `tokenizer.json`).
+pub fn resolve(source: &str) -> Result<PathBuf> {
+    match source.strip_prefix("hf://") {
+        Some(id) => from_hub_cache(id, &hub_cache()),
+        None => from_directory(Path::new(source)),
+    }
+}
+
+fn hub_cache() -> PathBuf {
+    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = env("HF_HUB_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(home) = env("HF_HOME") {
+        return PathBuf::from(home).join("hub");
+    }
+    let home = env("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env("HOME").unwrap_or_default()).join(".cache"));
+    home.join("huggingface/hub")
+}
+
+fn from_hub_cache(id: &str, cache: &Path) -> Result<PathBuf> {
+    let (repo, revision) = id.split_once('@').unwrap_or((id, "main"));
+    let Some((org, name)) = repo.split_once('/') else {
+        return Err(Error::Config(format!(
+            "model source hf://{id}: expected hf://org/name[@revision]"
+        )));
+    };
+    let root = cache.join(format!("models--{org}--{name}"));
+    let how = format!(
+        "put it there with `huggingface-cli download {repo}` (or `hf download {repo}`) on a \
+         machine with network access and copy {}, or set HF_HOME / HF_HUB_CACHE to a cache \
+         that has it (nn/scripts/fetch-assets.sh installs sentence-transformers/all-MiniLM-L6-v2)",
+        root.display()
+    );
+    // A revision is a ref name (refs/<revision> holds the commit) or a commit itself.
+    let commit = match std::fs::read_to_string(root.join("refs").join(revision)) {
+        Ok(commit) => commit.trim().to_string(),
+        Err(_) => revision.to_string(),
+    };
+    let snapshot = root.join("snapshots").join(&commit);
+    if !snapshot.is_dir() {
+        return Err(Error::Config(format!(
+            "model source hf://{id} is not in the Hugging Face cache {} (revision {revision}; \
+             offline, nothing is downloaded): {how}",
+            cache.display()
+        )));
+    }
+    check_model_dir(&snapshot, &format!("hf://{id}"))
+        .map_err(|e| Error::Config(format!("{e}; {how}")))?;
+    Ok(snapshot)
+}
+
+fn from_directory(dir: &Path) -> Result<PathBuf> {
+    // The output directory of an earlier run serves its best model.
+    let best = dir.join("best");
+    if !dir.join(REQUIRED[0]).exists() && best.join(REQUIRED[0]).exists() {
+        check_model_dir(&best, &best.display().to_string())?;
+        return Ok(best);
+    }
+    check_model_dir(dir, &dir.display().to_string())?;
+    Ok(dir.to_path_buf())
+}
+
+fn check_model_dir(dir: &Path, what: &str) -> Result<()> {
+    if !dir.is_dir() {
+        return Err(Error::Config(format!(
+            "model source {what}: {} is not a directory",
+            dir.display()
+        )));
+    }
+    for file in REQUIRED {
+        if !dir.join(file).is_file() {
+            return Err(Error::Config(format!(
+                "model source {what}: {} has no {file} (a model directory holds config.json, \
+                 model.safetensors and tokenizer.json)",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_dir(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        for f in REQUIRED {
+            std::fs::write(dir.join(f), "{}").unwrap();
+        }
+    }
+
+    #[test]
+    fn hub_cache_layout_refs_and_commits() {
+        let cache = tempfile::tempdir().unwrap();
+        let root = cache.path().join("models--org--m");
+        model_dir(&root.join("snapshots/abc123"));
+        std::fs::create_dir_all(root.join("refs")).unwrap();
+        std::fs::write(root.join("refs/main"), "abc123\n").unwrap();
+        let snap = root.join("snapshots/abc123");
+        assert_eq!(from_hub_cache("org/m", cache.path()).unwrap(), snap);
+        assert_eq!(from_hub_cache("org/m@abc123", cache.path()).unwrap(), snap);
+        let err = from_hub_cache("org/other", cache.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("not in the Hugging Face cache") && err.contains("huggingface-cli download org/other"),
+            "{err}"
+        );
+        let err = from_hub_cache("org/m@v2", cache.path()).unwrap_err().to_string();
+        assert!(err.contains("revision v2"), "{err}");
+    }
+
+    #[test]
+    fn a_run_directory_serves_its_best_model() {
+        let run = tempfile::tempdir().unwrap();
+        model_dir(&run.path().join("best"));
+        assert_eq!(from_directory(run.path()).unwrap(), run.path().join("best"));
+        let empty = tempfile::tempdir().unwrap();
+        let err = from_directory(empty.path()).unwrap_err().to_string();
+        assert!(err.contains("has no config.json"), "{err}");
+    }
+}
