@@ -33,10 +33,12 @@ impl JobFile {
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        let mut job: TrainingJob = serde_yaml::from_value(doc).map_err(|e| {
+        let mut job: TrainingJob = serde_path_to_error::deserialize(doc).map_err(|e| {
             Error::Config(format!(
-                "{}: not a TrainingJob the trainer can read: {e}",
-                path.display()
+                "{}: not a TrainingJob the trainer can read: {}: {}",
+                path.display(),
+                e.path(),
+                e.inner()
             ))
         })?;
         let base = path

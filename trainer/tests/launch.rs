@@ -161,7 +161,7 @@ fn bad_input_stops_every_rank_naming_the_file_and_line() {
     assert!(!ok);
     assert!(log.contains("spec.training.learningRate must be a positive number"), "{log}");
 
-    let job = job_file(dir.path(), "");
+    spam_subset(dir.path(), &assets); // valid data again: now the model is what is missing
     let missing = dir.path().join("no-cache");
     let (ok, log) = launch(&job, &missing, &[]);
     assert!(!ok);
