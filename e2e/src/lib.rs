@@ -145,6 +145,24 @@ pub fn kubectl() -> std::process::Command {
     pinned_tool("kubectl")
 }
 
+/// `kubectl apply -f -` of `yaml` with the pinned kubectl; panics if it fails.
+pub fn kubectl_apply(yaml: &str) {
+    use std::io::Write;
+    let mut child = kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("kubectl");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(yaml.as_bytes())
+        .expect("write to kubectl");
+    assert!(child.wait().expect("kubectl runs").success(), "kubectl apply");
+}
+
 /// The pinned helm, built by `e2e/build-binaries.sh`.
 pub fn helm() -> std::process::Command {
     pinned_tool("helm")
@@ -304,20 +322,7 @@ impl Pool {
             );
         }
         self.count += count;
-        let mut child = kubectl()
-            .args(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("kubectl");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(yaml.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "kubectl apply nodes");
+        kubectl_apply(&yaml);
         let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
         let selector = format!("{POOL}={}", self.ns);
         let want = self.count;

@@ -12,7 +12,8 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use ringmaster_crds::keys::{GANG, GANG_SIZE, GPU_INDICES};
 use ringmaster_e2e::{
-    POOL, Pool, ServedProcess, bind, client, delete_namespace, kubectl, namespace, wait_until,
+    POOL, Pool, ServedProcess, bind, client, delete_namespace, kubectl, kubectl_apply as apply,
+    namespace, wait_until,
 };
 use serde_json::json;
 
@@ -123,6 +124,11 @@ async fn wait_bound(client: &Client, ns: &str, gang: &str, size: usize) -> Vec<P
 }
 
 fn unschedulable_message(pod: &Pod) -> Option<String> {
+    not_scheduled_message(pod, "Unschedulable")
+}
+
+/// The message of the pod's `PodScheduled=False` condition with this reason.
+fn not_scheduled_message(pod: &Pod, reason: &str) -> Option<String> {
     pod.status
         .as_ref()?
         .conditions
@@ -131,7 +137,7 @@ fn unschedulable_message(pod: &Pod) -> Option<String> {
         .find(|c| {
             c.type_ == "PodScheduled"
                 && c.status == "False"
-                && c.reason.as_deref() == Some("Unschedulable")
+                && c.reason.as_deref() == Some(reason)
         })
         .and_then(|c| c.message.clone())
 }
@@ -429,17 +435,7 @@ async fn a_gang_broken_while_the_scheduler_runs_is_rolled_back_then_placed_whole
 }
 
 fn invalid_gang_message(pod: &Pod) -> Option<String> {
-    pod.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| {
-            c.type_ == "PodScheduled"
-                && c.status == "False"
-                && c.reason.as_deref() == Some("InvalidGang")
-        })
-        .and_then(|c| c.message.clone())
+    not_scheduled_message(pod, "InvalidGang")
 }
 
 #[tokio::test]
@@ -708,23 +704,6 @@ async fn pod_affinity_and_anti_affinity() {
     delete_namespace(&client, &ns).await;
 }
 
-/// Applies YAML with the pinned kubectl.
-fn apply(yaml: &str) {
-    let mut child = kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("kubectl");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "kubectl apply");
-}
 
 #[tokio::test]
 async fn a_failed_bind_rolls_the_whole_gang_back() {

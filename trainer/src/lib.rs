@@ -6,6 +6,7 @@
 pub mod allocator;
 pub mod bench;
 pub mod checkpoint;
+pub mod cpu;
 pub mod data;
 pub mod ddp;
 mod error;

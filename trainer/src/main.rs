@@ -110,6 +110,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    ringmaster_trainer::cpu::flush_denormals();
     ringmaster_trainer::allocator::retain_freed_memory();
     let result = match Cli::parse().command {
         Command::Launch(args) => ringmaster_trainer::launch::run(&args).map_err(|e| e.to_string()),

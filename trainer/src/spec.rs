@@ -41,11 +41,13 @@ impl JobFile {
                 e.inner()
             ))
         })?;
-        let base = path
+        // Absolute, so that the resolved file `launch` hands its ranks means the same.
+        let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        resolve_paths(&mut job, base);
+        let base = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        resolve_paths(&mut job, &base);
         check(&job).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Ok(Self {
             job,
