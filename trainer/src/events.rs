@@ -4,6 +4,34 @@
 use serde::{Deserialize, Serialize};
 
 use crate::evaluate::EvalReport;
+use crate::status_report::StatusReport;
+
+/// Where rank 0's events go: stdout (read by `launch`, the pod log in a cluster) and, in
+/// a pod, the job's `status.progress`.
+pub struct Sink {
+    status: Option<StatusReport>,
+}
+
+impl Sink {
+    pub fn new() -> Self {
+        Self {
+            status: StatusReport::from_env(),
+        }
+    }
+
+    pub fn send(&self, event: Event) {
+        event.emit();
+        if let Some(status) = &self.status {
+            status.send(&event);
+        }
+    }
+}
+
+impl Default for Sink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -46,8 +74,8 @@ pub enum Event {
 }
 
 impl Event {
-    /// Writes the event as one line on stdout (rank 0 only; the others stay quiet).
-    pub fn emit(&self) {
+    /// Writes the event as one line on stdout.
+    fn emit(&self) {
         use std::io::Write;
         let line = serde_json::to_string(self).expect("events serialise");
         let mut out = std::io::stdout().lock();

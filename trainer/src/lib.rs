@@ -24,6 +24,7 @@ pub mod run_dir;
 pub mod selftest;
 pub mod source;
 pub mod spec;
+mod status_report;
 pub mod step;
 pub mod train;
 

@@ -23,7 +23,7 @@ use crate::data::{Example, TextData, sampler};
 use crate::ddp::{Ddp, DdpConfig};
 use crate::error::{Error, Result};
 use crate::evaluate::{Confusion, EvalReport};
-use crate::events::Event;
+use crate::events::{Event, Sink};
 use crate::model_card;
 use crate::optim::{OptimizerConfig, Schedule};
 use crate::params::{ModelVars, NamePatterns, default_buffer_patterns};
@@ -112,8 +112,15 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
         resumed_at_step = Some(stepper.step());
     }
     let leader = me.rank == 0;
-    if leader {
-        Event::Start {
+    // Rank 0 reports; the others stay quiet.
+    let sink = leader.then(Sink::new);
+    let tell = |event: Event| {
+        if let Some(sink) = &sink {
+            sink.send(event);
+        }
+    };
+    {
+        tell(Event::Start {
             epochs: u64::from(t.epochs),
             steps_per_epoch,
             total_steps,
@@ -122,8 +129,7 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
             world_size: me.world,
             labels: data.labels.clone(),
             resumed_at_step,
-        }
-        .emit();
+        });
     }
 
     let batch_size = t.batch_size as usize;
@@ -152,21 +158,18 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
             if let StepOutcome::Updated { step, lr, .. } = stepper.backward(&loss)? {
                 let took = last_update.elapsed().as_secs_f64();
                 last_update = Instant::now();
-                if leader {
-                    Event::Step {
-                        epoch,
-                        step,
-                        loss: loss_value,
-                        lr,
-                        samples_per_s: global_batch * accumulation as f64 / took.max(1e-9),
-                    }
-                    .emit();
-                }
+                tell(Event::Step {
+                    epoch,
+                    step,
+                    loss: loss_value,
+                    lr,
+                    samples_per_s: global_batch * accumulation as f64 / took.max(1e-9),
+                });
                 let interval = t.checkpoint_interval_steps;
                 if leader && interval > 0 && step.is_multiple_of(interval) {
                     position.epoch = epoch;
                     position.batch = batch_index;
-                    save_checkpoint(&run, &model, &stepper, &position, job)?;
+                    tell(save_checkpoint(&run, &model, &stepper, &position, job)?);
                 }
             }
         }
@@ -184,29 +187,25 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
             if best {
                 run.replace_best(|dir| export_best(dir, &model, &data.labels, job, &report))?;
             }
-            Event::Eval {
+            tell(Event::Eval {
                 epoch,
                 step,
                 best,
                 report,
-            }
-            .emit();
+            });
         }
         position.epoch = epoch + 1;
         position.batch = 0;
-        if leader {
-            save_checkpoint(&run, &model, &stepper, &position, job)?;
+        if leader && !stepper.mid_step() {
+            tell(save_checkpoint(&run, &model, &stepper, &position, job)?);
         }
     }
-    if leader {
-        Event::Done {
-            steps: stepper.step(),
-            best_accuracy: position.best_metric,
-            output: run.root().display().to_string(),
-            seconds: started.elapsed().as_secs_f64(),
-        }
-        .emit();
-    }
+    tell(Event::Done {
+        steps: stepper.step(),
+        best_accuracy: position.best_metric,
+        output: run.root().display().to_string(),
+        seconds: started.elapsed().as_secs_f64(),
+    });
     Ok(())
 }
 
@@ -323,27 +322,24 @@ fn evaluate(
     Ok(confusion.report(labels))
 }
 
+/// Writes a checkpoint (between optimizer steps only: micro-batches of an unfinished
+/// step would be lost) and returns the event announcing it.
 fn save_checkpoint(
     run: &RunDir,
     model: &Model,
     stepper: &Stepper,
     position: &Position,
     job: &JobFile,
-) -> Result<()> {
-    if stepper.mid_step() {
-        return Ok(()); // between micro-batches of one step: the next boundary saves
-    }
+) -> Result<Event> {
     let keep = job.job.spec.output.keep_checkpoints as usize;
     let rng = TrainRng::new(job.job.spec.training.seed);
     let dir = run.save_checkpoint(stepper.step(), position, keep, |dir| {
         checkpoint::save(dir, &model.vars, stepper, position.epoch, &rng)
     })?;
-    Event::Checkpoint {
+    Ok(Event::Checkpoint {
         step: stepper.step(),
         path: dir.display().to_string(),
-    }
-    .emit();
-    Ok(())
+    })
 }
 
 /// A directory `transformers.AutoModelForSequenceClassification.from_pretrained` loads:
