@@ -160,7 +160,10 @@ pub fn kubectl_apply(yaml: &str) {
         .expect("piped stdin")
         .write_all(yaml.as_bytes())
         .expect("write to kubectl");
-    assert!(child.wait().expect("kubectl runs").success(), "kubectl apply");
+    assert!(
+        child.wait().expect("kubectl runs").success(),
+        "kubectl apply"
+    );
 }
 
 /// The pinned helm, built by `e2e/build-binaries.sh`.

@@ -135,9 +135,7 @@ fn not_scheduled_message(pod: &Pod, reason: &str) -> Option<String> {
         .as_ref()?
         .iter()
         .find(|c| {
-            c.type_ == "PodScheduled"
-                && c.status == "False"
-                && c.reason.as_deref() == Some(reason)
+            c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some(reason)
         })
         .and_then(|c| c.message.clone())
 }
@@ -703,7 +701,6 @@ async fn pod_affinity_and_anti_affinity() {
     }
     delete_namespace(&client, &ns).await;
 }
-
 
 #[tokio::test]
 async fn a_failed_bind_rolls_the_whole_gang_back() {

@@ -88,7 +88,11 @@ impl Confusion {
             .collect();
         EvalReport {
             examples: total as u64,
-            loss: if total > 0.0 { self.loss_sum / total } else { 0.0 },
+            loss: if total > 0.0 {
+                self.loss_sum / total
+            } else {
+                0.0
+            },
             accuracy: if total > 0.0 { correct / total } else { 0.0 },
             macro_f1: per_class.iter().map(|c| c.f1).sum::<f64>() / n.max(1) as f64,
             confusion: (0..n)
@@ -115,7 +119,9 @@ mod tests {
         assert!((r.loss - 0.5).abs() < 1e-6);
         assert_eq!(r.confusion, [[2, 1], [1, 1]]);
         let ham = &r.per_class[0];
-        assert!((ham.precision - 2.0 / 3.0).abs() < 1e-12 && (ham.recall - 2.0 / 3.0).abs() < 1e-12);
+        assert!(
+            (ham.precision - 2.0 / 3.0).abs() < 1e-12 && (ham.recall - 2.0 / 3.0).abs() < 1e-12
+        );
         let spam = &r.per_class[1];
         assert!((spam.precision - 0.5).abs() < 1e-12 && (spam.recall - 0.5).abs() < 1e-12);
         assert!((r.macro_f1 - (2.0 / 3.0 + 0.5) / 2.0).abs() < 1e-12);

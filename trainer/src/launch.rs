@@ -178,9 +178,10 @@ fn supervise(
             if let Ok(Some(status)) = child.try_wait() {
                 done[rank] = true;
                 if !status.success() && failure.is_none() {
-                    let code = status
-                        .code()
-                        .map_or_else(|| "was killed by a signal".to_string(), |c| format!("exited with code {c}"));
+                    let code = status.code().map_or_else(
+                        || "was killed by a signal".to_string(),
+                        |c| format!("exited with code {c}"),
+                    );
                     failure = Some((rank, code));
                     failed_at = Some(Instant::now());
                 }
@@ -370,7 +371,11 @@ fn eval_table(epoch: u64, r: &EvalReport, best: bool) -> String {
         r.macro_f1,
         r.loss,
         r.examples,
-        if best { "  (best so far: saved to best/)" } else { "" }
+        if best {
+            "  (best so far: saved to best/)"
+        } else {
+            ""
+        }
     );
     for c in &r.per_class {
         out += &format!(

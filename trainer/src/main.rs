@@ -114,7 +114,9 @@ fn main() -> ExitCode {
     ringmaster_trainer::allocator::retain_freed_memory();
     let result = match Cli::parse().command {
         Command::Launch(args) => ringmaster_trainer::launch::run(&args).map_err(|e| e.to_string()),
-        Command::Train { config, overrides } => train(&config, &overrides).map_err(|e| e.to_string()),
+        Command::Train { config, overrides } => {
+            train(&config, &overrides).map_err(|e| e.to_string())
+        }
         Command::Bench(Bench::Allreduce {
             world_sizes,
             backend,

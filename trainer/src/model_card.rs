@@ -23,7 +23,10 @@ pub fn render(job: &TrainingJob, labels: &[String], report: &EvalReport) -> Stri
         train = s.data.train,
         format = s.data.format,
         validation = s.data.validation.as_deref().map_or_else(
-            || format!("{:.0}% of the training rows, held out by seed", s.data.validation_split * 100.0),
+            || format!(
+                "{:.0}% of the training rows, held out by seed",
+                s.data.validation_split * 100.0
+            ),
             |v| format!("`{v}`"),
         ),
         epochs = t.epochs,

@@ -43,7 +43,11 @@ fn panel(title: &str, points: &[(f64, f64)], color: &str) -> String {
         line.join(" ")
     );
     for &(x, y) in points.iter().filter(|_| points.len() <= 50) {
-        out += &format!("<circle cx='{:.1}' cy='{:.1}' r='2' fill='{color}'/>", sx(x), sy(y));
+        out += &format!(
+            "<circle cx='{:.1}' cy='{:.1}' r='2' fill='{color}'/>",
+            sx(x),
+            sy(y)
+        );
     }
     out += &format!(
         "<text x='{PAD}' y='{}'>{y0:.3}</text><text x='{PAD}' y='{}'>{y1:.3}</text>\
@@ -60,5 +64,9 @@ fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     });
-    if hi > lo { (lo, hi) } else { (lo - 0.5, lo + 0.5) }
+    if hi > lo {
+        (lo, hi)
+    } else {
+        (lo - 0.5, lo + 0.5)
+    }
 }

@@ -84,7 +84,11 @@ impl RunDir {
         let mut sums = BTreeMap::new();
         for entry in std::fs::read_dir(&tmp).map_err(io("listing", &tmp))? {
             let path = entry.map_err(io("listing", &tmp))?.path();
-            let file = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let file = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             sums.insert(file, sha256(&path)?);
             sync(&path)?;
         }
@@ -125,7 +129,9 @@ impl RunDir {
         for dir in self.checkpoints().into_iter().rev() {
             match verify(&dir) {
                 Ok(position) => return Some((dir, position)),
-                Err(why) => warn!(checkpoint = %dir.display(), %why, "skipping a damaged checkpoint"),
+                Err(why) => {
+                    warn!(checkpoint = %dir.display(), %why, "skipping a damaged checkpoint")
+                }
             }
         }
         None
@@ -217,7 +223,10 @@ mod tests {
         save(&run, 2, 2);
         let newest = save(&run, 3, 2);
         assert_eq!(run.checkpoints().len(), 2, "keep 2");
-        assert_eq!(run.newest_valid_checkpoint().unwrap(), (newest.clone(), position(3)));
+        assert_eq!(
+            run.newest_valid_checkpoint().unwrap(),
+            (newest.clone(), position(3))
+        );
         // A flipped byte in the newest: the one before is used.
         let model = newest.join("model.safetensors");
         let mut bytes = std::fs::read(&model).unwrap();
@@ -228,7 +237,12 @@ mod tests {
         assert_eq!(pos.epoch, 2);
         // A write that died before the rename leaves only a temporary directory.
         std::fs::create_dir_all(root.path().join("checkpoints/.step-000000004.tmp")).unwrap();
-        assert!(run.newest_valid_checkpoint().unwrap().0.ends_with("step-000000002"));
+        assert!(
+            run.newest_valid_checkpoint()
+                .unwrap()
+                .0
+                .ends_with("step-000000002")
+        );
     }
 
     #[test]

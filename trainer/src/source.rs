@@ -116,12 +116,17 @@ mod tests {
         let snap = root.join("snapshots/abc123");
         assert_eq!(from_hub_cache("org/m", cache.path()).unwrap(), snap);
         assert_eq!(from_hub_cache("org/m@abc123", cache.path()).unwrap(), snap);
-        let err = from_hub_cache("org/other", cache.path()).unwrap_err().to_string();
+        let err = from_hub_cache("org/other", cache.path())
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("not in the Hugging Face cache") && err.contains("huggingface-cli download org/other"),
+            err.contains("not in the Hugging Face cache")
+                && err.contains("huggingface-cli download org/other"),
             "{err}"
         );
-        let err = from_hub_cache("org/m@v2", cache.path()).unwrap_err().to_string();
+        let err = from_hub_cache("org/m@v2", cache.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("revision v2"), "{err}");
     }
 

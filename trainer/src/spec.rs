@@ -27,9 +27,8 @@ impl JobFile {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut doc: Value = serde_yaml::from_str(&text).map_err(|e| {
-            Error::Config(format!("{}: not valid YAML: {e}", path.display()))
-        })?;
+        let mut doc: Value = serde_yaml::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: not valid YAML: {e}", path.display())))?;
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
@@ -89,7 +88,9 @@ fn apply_override(doc: &mut Value, assignment: &str) -> Result<()> {
     let parts: Vec<&str> = key.split('.').collect();
     for (i, part) in parts.iter().enumerate() {
         if part.is_empty() {
-            return Err(Error::Config(format!("--set {assignment:?}: empty field name")));
+            return Err(Error::Config(format!(
+                "--set {assignment:?}: empty field name"
+            )));
         }
         let map = node.as_mapping_mut().ok_or_else(|| {
             Error::Config(format!(
@@ -221,14 +222,23 @@ mod tests {
     fn overrides_and_relative_paths() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), JOB);
-        let sets = ["training.epochs=1".to_string(), "spec.training.learningRate=1e-4".into()];
+        let sets = [
+            "training.epochs=1".to_string(),
+            "spec.training.learningRate=1e-4".into(),
+        ];
         let job = JobFile::load(&path, &sets).unwrap();
         let spec = &job.job.spec;
         assert_eq!(spec.training.epochs, 1);
         assert_eq!(spec.training.learning_rate, 1e-4);
-        assert_eq!(PathBuf::from(&spec.data.train), dir.path().join("data/train.tsv"));
+        assert_eq!(
+            PathBuf::from(&spec.data.train),
+            dir.path().join("data/train.tsv")
+        );
         assert_eq!(job.output_dir(), dir.path().join("runs/t"));
-        assert_eq!(PathBuf::from(&spec.model.source), dir.path().join("models/m"));
+        assert_eq!(
+            PathBuf::from(&spec.model.source),
+            dir.path().join("models/m")
+        );
         assert_eq!(job.world_size(), 1);
     }
 
@@ -239,16 +249,24 @@ mod tests {
         for (set, field) in [
             ("training.learningRate=0", "spec.training.learningRate"),
             ("model.labels=[a, a]", "spec.model.labels"),
-            ("training.distillation={teacher: x, temperature: 0}", "temperature"),
+            (
+                "training.distillation={teacher: x, temperature: 0}",
+                "temperature",
+            ),
             ("data.format=idx", "spec.data.format"),
             ("training.epochs=oops", "epochs"),
             ("training", "FIELD=VALUE"),
         ] {
-            let err = JobFile::load(&path, &[set.to_string()]).unwrap_err().to_string();
+            let err = JobFile::load(&path, &[set.to_string()])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{set}: {err}");
         }
         let broken = write(dir.path(), "spec: [unclosed");
         let err = JobFile::load(&broken, &[]).unwrap_err().to_string();
-        assert!(err.contains("job.yaml") && err.contains("not valid YAML"), "{err}");
+        assert!(
+            err.contains("job.yaml") && err.contains("not valid YAML"),
+            "{err}"
+        );
     }
 }

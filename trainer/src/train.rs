@@ -91,8 +91,7 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
     let train = Arc::new(data.train);
     let validation = Arc::new(data.validation);
 
-    let micro_per_epoch =
-        (train.len().div_ceil(me.world) as u64).div_ceil(u64::from(t.batch_size));
+    let micro_per_epoch = (train.len().div_ceil(me.world) as u64).div_ceil(u64::from(t.batch_size));
     let accumulation = u64::from(t.gradient_accumulation_steps);
     let steps_per_epoch = micro_per_epoch.div_ceil(accumulation);
     let total_steps = steps_per_epoch * u64::from(t.epochs);
@@ -316,7 +315,8 @@ fn evaluate(
     }
     if let Some(ddp) = stepper.ddp_mut() {
         let mut flat = confusion.to_flat();
-        ddp.communicator().all_reduce_f32(&mut flat, ReduceOp::Sum)?;
+        ddp.communicator()
+            .all_reduce_f32(&mut flat, ReduceOp::Sum)?;
         confusion = Confusion::from_flat(labels.len(), &flat);
     }
     Ok(confusion.report(labels))

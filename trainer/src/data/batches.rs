@@ -60,7 +60,11 @@ fn build(tokenizer: &Tokenizer, examples: &[Example], indices: &[usize]) -> Resu
     let encodings = tokenizer
         .encode_batch(texts, true)
         .map_err(|e| Error::Config(format!("tokenising a batch: {e}")))?;
-    let longest = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(1);
+    let longest = encodings
+        .iter()
+        .map(|e| e.get_ids().len())
+        .max()
+        .unwrap_or(1);
     let pad = tokenizer.token_to_id("[PAD]").unwrap_or(0);
     let n = indices.len();
     let (mut ids, mut mask, mut types) = (
@@ -72,8 +76,18 @@ fn build(tokenizer: &Tokenizer, examples: &[Example], indices: &[usize]) -> Resu
     for e in &encodings {
         let len = e.get_ids().len();
         tokens += len;
-        ids.extend(e.get_ids().iter().copied().chain(std::iter::repeat_n(pad, longest - len)));
-        types.extend(e.get_type_ids().iter().copied().chain(std::iter::repeat_n(0, longest - len)));
+        ids.extend(
+            e.get_ids()
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad, longest - len)),
+        );
+        types.extend(
+            e.get_type_ids()
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, longest - len)),
+        );
         mask.extend((0..longest).map(|p| u32::from(p < len)));
     }
     let labels: Vec<u32> = indices.iter().map(|&i| examples[i].label as u32).collect();

@@ -128,9 +128,10 @@ fn column(field: &str, header: Option<&csv::StringRecord>, path: &Path) -> Resul
         return Ok(pos);
     }
     field.trim().parse().map_err(|_| {
-        let known = header.map_or("the file has no header row (header: false)".to_string(), |h| {
-            format!("the header names {:?}", h.iter().collect::<Vec<_>>())
-        });
+        let known = header.map_or(
+            "the file has no header row (header: false)".to_string(),
+            |h| format!("the header names {:?}", h.iter().collect::<Vec<_>>()),
+        );
         Error::Config(format!(
             "{}: no column {field:?}: {known}; name a column or give its 0-based index",
             path.display()
@@ -224,7 +225,12 @@ fn map_labels(rows: Vec<Row>, labels: &[String], path: &Path) -> Result<Vec<Exam
             let label = labels
                 .iter()
                 .position(|l| *l == row.label)
-                .or_else(|| row.label.parse::<usize>().ok().filter(|i| *i < labels.len()))
+                .or_else(|| {
+                    row.label
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|i| *i < labels.len())
+                })
                 .ok_or_else(|| {
                     Error::Config(format!(
                         "{}:{}: label {:?} is not one of {labels:?} (nor an index below {})",
@@ -259,7 +265,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spam.tsv");
         let rows: String = (0..20)
-            .map(|i| format!("{}\tmessage \"{i}\n", if i % 4 == 0 { "spam" } else { "ham" }))
+            .map(|i| {
+                format!(
+                    "{}\tmessage \"{i}\n",
+                    if i % 4 == 0 { "spam" } else { "ham" }
+                )
+            })
             .collect();
         std::fs::write(&path, rows).unwrap();
         let s = spec(
@@ -272,7 +283,10 @@ mod tests {
         assert_eq!((data.train.len(), data.validation.len()), (16, 4));
         assert!(data.train.iter().any(|e| e.text == "message \"3"));
         let again = TextData::load(&s, &[], 7).unwrap();
-        assert_eq!(again.validation, data.validation, "the split follows the seed");
+        assert_eq!(
+            again.validation, data.validation,
+            "the split follows the seed"
+        );
         let other = TextData::load(&s, &[], 8).unwrap();
         assert_ne!(other.validation, data.validation);
     }
@@ -281,20 +295,46 @@ mod tests {
     fn csv_and_jsonl_by_name_and_errors_with_line_numbers() {
         let dir = tempfile::tempdir().unwrap();
         let csv_path = dir.path().join("d.csv");
-        std::fs::write(&csv_path, "text,label\n\"a, quoted\",pos\nplain,neg\nthird,maybe\n").unwrap();
+        std::fs::write(
+            &csv_path,
+            "text,label\n\"a, quoted\",pos\nplain,neg\nthird,maybe\n",
+        )
+        .unwrap();
         let labels = ["neg".to_string(), "pos".to_string()];
         let err = TextData::load(&spec("csv", "", &csv_path), &labels, 1).unwrap_err();
-        assert!(err.to_string().contains("d.csv:4: label \"maybe\""), "{err}");
+        assert!(
+            err.to_string().contains("d.csv:4: label \"maybe\""),
+            "{err}"
+        );
         std::fs::write(&csv_path, "text,label\n\"a, quoted\",pos\nplain,1\n").unwrap();
-        let data = TextData::load(&spec("csv", ", validation: null, validationSplit: 0", &csv_path), &labels, 1).unwrap();
-        assert_eq!(data.train[0], Example { text: "a, quoted".into(), label: 1 });
+        let data = TextData::load(
+            &spec("csv", ", validation: null, validationSplit: 0", &csv_path),
+            &labels,
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            data.train[0],
+            Example {
+                text: "a, quoted".into(),
+                label: 1
+            }
+        );
         assert_eq!(data.train[1].label, 1, "an index is a label too");
 
         let jsonl = dir.path().join("d.jsonl");
-        std::fs::write(&jsonl, "{\"text\": \"x\", \"label\": \"pos\"}\n{\"text\": \"y\"\n").unwrap();
+        std::fs::write(
+            &jsonl,
+            "{\"text\": \"x\", \"label\": \"pos\"}\n{\"text\": \"y\"\n",
+        )
+        .unwrap();
         let err = TextData::load(&spec("jsonl", "", &jsonl), &labels, 1).unwrap_err();
-        assert!(err.to_string().contains("d.jsonl:2: malformed row"), "{err}");
-        let err = TextData::load(&spec("csv", ", textField: body", &csv_path), &labels, 1).unwrap_err();
+        assert!(
+            err.to_string().contains("d.jsonl:2: malformed row"),
+            "{err}"
+        );
+        let err =
+            TextData::load(&spec("csv", ", textField: body", &csv_path), &labels, 1).unwrap_err();
         assert!(err.to_string().contains("no column \"body\""), "{err}");
         let empty = dir.path().join("empty.csv");
         std::fs::write(&empty, "text,label\n").unwrap();

@@ -47,9 +47,21 @@ mod tests {
         assert!(shards.iter().all(|s| s.len() == 4), "{shards:?}");
         let all: BTreeSet<usize> = shards.iter().flatten().copied().collect();
         assert_eq!(all.len(), n, "every example is seen");
-        assert_eq!(shards.iter().map(Vec::len).sum::<usize>(), 12, "2 padded from the head");
-        assert_eq!(shard(n, world, 1, 5, 0, true), shards[1], "same seed, same order");
-        assert_ne!(shard(n, world, 1, 5, 1, true), shards[1], "a new order every epoch");
+        assert_eq!(
+            shards.iter().map(Vec::len).sum::<usize>(),
+            12,
+            "2 padded from the head"
+        );
+        assert_eq!(
+            shard(n, world, 1, 5, 0, true),
+            shards[1],
+            "same seed, same order"
+        );
+        assert_ne!(
+            shard(n, world, 1, 5, 1, true),
+            shards[1],
+            "a new order every epoch"
+        );
         assert_eq!(shard(4, 2, 1, 5, 0, false), [1, 3]);
     }
 }
