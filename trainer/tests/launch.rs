@@ -193,3 +193,78 @@ fn bad_input_stops_every_rank_naming_the_file_and_line() {
         "{log}"
     );
 }
+
+/// The pids of `ringmaster train` processes of the job under `dir` whose environment says
+/// RANK=`rank` (other tests run ranks at the same time).
+fn rank_pids(dir: &Path, rank: usize) -> Vec<i32> {
+    let want = format!("RANK={rank}");
+    let config = dir.join("out/job.yaml").display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains(&format!("train\0--config\0{config}"))
+                && env.split(|b| *b == 0).any(|v| v == want.as_bytes())
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_rank_fails_the_launch_naming_it_and_the_relaunch_resumes() {
+    let assets = assets();
+    let dir = tempfile::tempdir().unwrap();
+    spam_subset(dir.path(), &assets);
+    let hub = hub_cache(dir.path(), &assets);
+    let job = job_file(dir.path(), "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringmaster"))
+        .arg("launch")
+        .arg(&job)
+        .args(["--set", "training.checkpointIntervalSteps=2"])
+        .env("HF_HUB_CACHE", &hub)
+        .env("RINGMASTER_TIMEOUT_S", "20")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill rank 1 once a mid-epoch checkpoint exists.
+    let checkpoints = dir.path().join("out/checkpoints");
+    let start = std::time::Instant::now();
+    loop {
+        let saved = std::fs::read_dir(&checkpoints)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
+            })
+            .unwrap_or(false);
+        if saved {
+            break;
+        }
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "no checkpoint after 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let victims = rank_pids(dir.path(), 1);
+    assert_eq!(victims.len(), 1, "one rank 1 process");
+    unsafe {
+        libc::kill(victims[0], libc::SIGKILL);
+    }
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a killed rank must fail the launch:\n{log}"
+    );
+    assert!(log.contains("rank 1 was killed by a signal"), "{log}");
+    assert!(
+        rank_pids(dir.path(), 0).is_empty() && rank_pids(dir.path(), 1).is_empty(),
+        "no rank left behind"
+    );
+
+    let (ok, log) = launch(&job, &hub, &[]);
+    assert!(ok, "relaunch failed:\n{log}");
+    assert!(log.contains("resuming at step"), "{log}");
+    assert_eq!(metrics(dir.path()).len(), 2, "the run finished both epochs");
+}
