@@ -58,56 +58,104 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         path: resolved.clone(),
         source,
     })?;
-
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / ranks).max(1);
-    let port = free_port()?;
+    let port = free_port()?.to_string();
     let token = ringmaster_collective::Token::random()?.expose();
-    eprintln!(
-        "ringmaster launch: {ranks} rank(s) x {threads} thread(s) on {cores} core(s); output {}",
-        output.display()
-    );
-    let (tx, rx) = channel();
-    let mut children = Vec::with_capacity(ranks);
-    for rank in 0..ranks {
-        let mut child = Command::new(std::env::current_exe().map_err(|source| Error::Io {
+    let rendezvous = [
+        ("WORLD_SIZE", ranks.to_string()),
+        ("MASTER_ADDR", "127.0.0.1".to_string()),
+        ("MASTER_PORT", port),
+        ("RINGMASTER_TOKEN", token),
+    ];
+    let group = RankGroup {
+        config: &resolved,
+        first_rank: 0,
+        ranks,
+        rendezvous: &rendezvous,
+    };
+    let (children, rx) = group.spawn()?;
+    supervise(children, rx, Mode::Terminal, &output)
+}
+
+/// `ringmaster train` in a pod with LOCAL_WORLD_SIZE > 1 (processesPerWorker): starts
+/// the pod's ranks (RANK + 0..LOCAL_WORLD_SIZE) with the pod's rendezvous env, passes
+/// their reports through to the pod log, and fails naming the first rank that fails.
+pub fn run_pod_ranks(config: &Path, first_rank: usize, local: usize) -> Result<()> {
+    let output = PathBuf::new();
+    let group = RankGroup {
+        config,
+        first_rank,
+        ranks: local,
+        rendezvous: &[],
+    };
+    let (children, rx) = group.spawn()?;
+    supervise(children, rx, Mode::PassThrough, &output)
+}
+
+/// Set on the ranks a launcher starts, so that they train instead of starting ranks.
+pub const RANK_PROCESS_ENV: &str = "RINGMASTER_RANK_PROCESS";
+
+/// Ranks `first_rank..first_rank + ranks` on this machine, sharing its cores.
+struct RankGroup<'a> {
+    config: &'a Path,
+    first_rank: usize,
+    ranks: usize,
+    /// WORLD_SIZE, MASTER_ADDR, ...; empty: inherited (a pod has them already).
+    rendezvous: &'a [(&'a str, String)],
+}
+
+impl RankGroup<'_> {
+    fn spawn(&self) -> Result<(Vec<Child>, Receiver<Line>)> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = (cores / self.ranks).max(1).to_string();
+        eprintln!(
+            "ringmaster: {} rank(s) x {threads} thread(s) on {cores} core(s); spec {}",
+            self.ranks,
+            self.config.display()
+        );
+        let exe = std::env::current_exe().map_err(|source| Error::Io {
             what: "finding the ringmaster binary",
             path: PathBuf::from("/proc/self/exe"),
             source,
-        })?)
-        .args(["train", "--config"])
-        .arg(&resolved)
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", ranks.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("LOCAL_WORLD_SIZE", ranks.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("RINGMASTER_TOKEN", &token)
-        // No oversubscription: each rank gets its share of the cores.
-        .env("RAYON_NUM_THREADS", threads.to_string())
-        .env("CANDLE_NUM_THREADS", threads.to_string())
-        .env("OMP_NUM_THREADS", threads.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| Error::Io {
-            what: "starting rank",
-            path: PathBuf::from("ringmaster train"),
-            source,
         })?;
-        forward(child.stdout.take(), rank, tx.clone(), Line::Out);
-        forward(child.stderr.take(), rank, tx.clone(), Line::Err);
-        children.push(child);
+        let (tx, rx) = channel();
+        let mut children = Vec::with_capacity(self.ranks);
+        for local in 0..self.ranks {
+            let mut child = Command::new(&exe)
+                .args(["train", "--config"])
+                .arg(self.config)
+                .envs(self.rendezvous.iter().map(|(k, v)| (*k, v.as_str())))
+                .env("RANK", (self.first_rank + local).to_string())
+                .env("LOCAL_RANK", local.to_string())
+                .env("LOCAL_WORLD_SIZE", self.ranks.to_string())
+                .env(RANK_PROCESS_ENV, "1")
+                // No oversubscription: each rank gets its share of the cores.
+                .env("RAYON_NUM_THREADS", &threads)
+                .env("CANDLE_NUM_THREADS", &threads)
+                .env("OMP_NUM_THREADS", &threads)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|source| Error::Io {
+                    what: "starting rank",
+                    path: exe.clone(),
+                    source,
+                })?;
+            forward(child.stdout.take(), local, tx.clone(), Line::Out);
+            forward(child.stderr.take(), local, tx.clone(), Line::Err);
+            children.push(child);
+        }
+        Ok((children, rx))
     }
-    drop(tx);
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    }
-    supervise(children, rx, &interrupted, &output)
+}
+
+/// How rank 0's reports are shown.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Progress bars and tables (`launch`).
+    Terminal,
+    /// The JSON lines as they are (a pod's log).
+    PassThrough,
 }
 
 fn forward(
@@ -140,9 +188,14 @@ fn free_port() -> Result<u16> {
 fn supervise(
     mut children: Vec<Child>,
     rx: Receiver<Line>,
-    interrupted: &AtomicBool,
+    mode: Mode,
     output: &Path,
 ) -> Result<()> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
     let mut view = View::default();
     let mut last_words: Vec<String> = vec![String::new(); children.len()];
     let mut failure: Option<(usize, String)> = None;
@@ -150,6 +203,7 @@ fn supervise(
     let mut done = vec![false; children.len()];
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Line::Out(0, line)) if mode == Mode::PassThrough => println!("{line}"),
             Ok(Line::Out(0, line)) => match Event::parse(&line) {
                 Some(event) => view.show(event),
                 None => view.println(&line),
@@ -205,7 +259,9 @@ fn supervise(
     view.finish();
     match failure {
         None => {
-            view.summary(output);
+            if mode == Mode::Terminal {
+                view.summary(output);
+            }
             Ok(())
         }
         Some((rank, code)) => {

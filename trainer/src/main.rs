@@ -162,9 +162,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// One rank, or (in a pod with processesPerWorker > 1) the pod's ranks.
 fn train(config: &std::path::Path, overrides: &[String]) -> ringmaster_trainer::Result<()> {
+    use ringmaster_trainer::{launch, train::Rank};
     let job = ringmaster_trainer::spec::JobFile::load(config, overrides)?;
-    ringmaster_trainer::train::run(&job, ringmaster_trainer::train::Rank::from_env()?)
+    let me = Rank::from_env()?;
+    let local: usize = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1);
+    if local > 1 && std::env::var_os(launch::RANK_PROCESS_ENV).is_none() {
+        if !overrides.is_empty() {
+            return Err(ringmaster_trainer::Error::Config(
+                "--set cannot be combined with LOCAL_WORLD_SIZE > 1: put the values in the spec"
+                    .into(),
+            ));
+        }
+        return launch::run_pod_ranks(config, me.rank, local);
+    }
+    ringmaster_trainer::train::run(&job, me)
 }
 
 fn ddp_selftest(args: &SelftestArgs) -> ringmaster_trainer::Result<()> {

@@ -218,7 +218,7 @@ fn a_killed_rank_fails_the_launch_naming_it_and_the_relaunch_resumes() {
     spam_subset(dir.path(), &assets);
     let hub = hub_cache(dir.path(), &assets);
     let job = job_file(dir.path(), "");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringmaster"))
+    let child = Command::new(env!("CARGO_BIN_EXE_ringmaster"))
         .arg("launch")
         .arg(&job)
         .args(["--set", "training.checkpointIntervalSteps=2"])
@@ -267,4 +267,44 @@ fn a_killed_rank_fails_the_launch_naming_it_and_the_relaunch_resumes() {
     assert!(ok, "relaunch failed:\n{log}");
     assert!(log.contains("resuming at step"), "{log}");
     assert_eq!(metrics(dir.path()).len(), 2, "the run finished both epochs");
+}
+
+#[test]
+fn train_in_a_pod_with_two_processes_starts_both_ranks_and_logs_rank_zero() {
+    let assets = assets();
+    let dir = tempfile::tempdir().unwrap();
+    spam_subset(dir.path(), &assets);
+    let hub = hub_cache(dir.path(), &assets);
+    let job = job_file(dir.path(), "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // What the operator sets in a pod of processesPerWorker: 2 (one pod, ranks 0 and 1).
+    let out = Command::new(env!("CARGO_BIN_EXE_ringmaster"))
+        .args(["train", "--config"])
+        .arg(&job)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", "0")
+        .env("LOCAL_WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("RINGMASTER_TOKEN", "pod-token-0123456789abcdef")
+        .env("HF_HUB_CACHE", &hub)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pod ranks failed:\n{log}");
+    assert!(log.contains("2 rank(s)"), "{log}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events[0]["event"], "start");
+    assert_eq!(events[0]["world_size"], 2);
+    assert_eq!(events.last().unwrap()["event"], "done");
+    assert_eq!(metrics(dir.path()).len(), 2);
 }
