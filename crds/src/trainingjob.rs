@@ -110,6 +110,7 @@ pub struct ModelSpec {
     /// Class names, in label-index order. Dataset labels may be these names or indices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100000))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
     pub labels: Vec<String>,
     /// Parameter-name patterns (`*` wildcard, e.g. `embeddings.*`, `encoder.layer.0.*`)
     /// to freeze: they receive no gradient and are not all-reduced.
@@ -222,6 +223,7 @@ fn default_crop_scale() -> f64 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.warmupRatio) || !has(self.warmupSteps)").message("set at most one of spec.training.warmupSteps and spec.training.warmupRatio"))]
+#[x_kube(validation = Rule::new("self.learningRate > 0.0").message("spec.training.learningRate must be greater than 0").field_path(".learningRate"))]
 pub struct TrainingSpec {
     /// Passes over the training data.
     #[serde(default = "default_epochs")]
