@@ -73,14 +73,13 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         rendezvous: &rendezvous,
     };
     let (children, rx) = group.spawn()?;
-    supervise(children, rx, Mode::Terminal, &output)
+    supervise(children, rx, Mode::Terminal { output: &output })
 }
 
 /// `ringmaster train` in a pod with LOCAL_WORLD_SIZE > 1 (processesPerWorker): starts
 /// the pod's ranks (RANK + 0..LOCAL_WORLD_SIZE) with the pod's rendezvous env, passes
 /// their reports through to the pod log, and fails naming the first rank that fails.
 pub fn run_pod_ranks(config: &Path, first_rank: usize, local: usize) -> Result<()> {
-    let output = PathBuf::new();
     let group = RankGroup {
         config,
         first_rank,
@@ -88,7 +87,7 @@ pub fn run_pod_ranks(config: &Path, first_rank: usize, local: usize) -> Result<(
         rendezvous: &[],
     };
     let (children, rx) = group.spawn()?;
-    supervise(children, rx, Mode::PassThrough, &output)
+    supervise(children, rx, Mode::PassThrough)
 }
 
 /// Set on the ranks a launcher starts, so that they train instead of starting ranks.
@@ -150,10 +149,10 @@ impl RankGroup<'_> {
 }
 
 /// How rank 0's reports are shown.
-#[derive(Clone, Copy, PartialEq)]
-enum Mode {
-    /// Progress bars and tables (`launch`).
-    Terminal,
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// Progress bars and tables (`launch`); the summary points into `output`.
+    Terminal { output: &'a Path },
     /// The JSON lines as they are (a pod's log).
     PassThrough,
 }
@@ -185,12 +184,7 @@ fn free_port() -> Result<u16> {
 
 /// Draws rank 0's progress, echoes warnings and errors of every rank, and decides the
 /// outcome: all ranks exit 0, or the first failure (or Ctrl-C) stops the rest.
-fn supervise(
-    mut children: Vec<Child>,
-    rx: Receiver<Line>,
-    mode: Mode,
-    output: &Path,
-) -> Result<()> {
+fn supervise(mut children: Vec<Child>, rx: Receiver<Line>, mode: Mode) -> Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -201,21 +195,23 @@ fn supervise(
     let mut failure: Option<(usize, String)> = None;
     let mut failed_at: Option<Instant> = None;
     let mut done = vec![false; children.len()];
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Line::Out(0, line)) if mode == Mode::PassThrough => println!("{line}"),
-            Ok(Line::Out(0, line)) => match Event::parse(&line) {
-                Some(event) => view.show(event),
-                None => view.println(&line),
-            },
-            Ok(Line::Out(_, _)) => {}
-            Ok(Line::Err(rank, line)) => {
-                if !line.trim().is_empty() {
-                    view.println(&format!("[rank {rank}] {line}"));
-                    last_words[rank] = line;
-                }
+    let mut handle = |view: &mut View, line: Line| match line {
+        Line::Out(0, line) if matches!(mode, Mode::PassThrough) => println!("{line}"),
+        Line::Out(0, line) => match Event::parse(&line) {
+            Some(event) => view.show(event),
+            None => view.println(&line),
+        },
+        Line::Out(_, _) => {}
+        Line::Err(rank, line) => {
+            if !line.trim().is_empty() {
+                view.println(&format!("[rank {rank}] {line}"));
+                last_words[rank] = line;
             }
-            Err(_) => {}
+        }
+    };
+    loop {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            handle(&mut view, line);
         }
         if interrupted.load(Ordering::SeqCst) {
             view.finish();
@@ -242,13 +238,10 @@ fn supervise(
             }
         }
         if done.iter().all(|d| *d) {
-            // Drain what the ranks printed last.
-            while let Ok(line) = rx.try_recv() {
-                if let Line::Out(0, l) = line
-                    && let Some(event) = Event::parse(&l)
-                {
-                    view.show(event);
-                }
+            // What the ranks printed last (a failed rank's error line may still be in its
+            // pipe): the channel closes when every pipe has reached its end.
+            for line in rx.iter() {
+                handle(&mut view, line);
             }
             break;
         }
@@ -259,7 +252,7 @@ fn supervise(
     view.finish();
     match failure {
         None => {
-            if mode == Mode::Terminal {
+            if let Mode::Terminal { output } = mode {
                 view.summary(output);
             }
             Ok(())
@@ -363,7 +356,8 @@ impl View {
                 ..
             } => {
                 self.losses.push((step, loss));
-                let within = step - epoch * self.steps_per_epoch;
+                // Accumulated micro-batches can carry a step over into the next epoch.
+                let within = step.saturating_sub(epoch * self.steps_per_epoch);
                 let bar = self.bar_for(epoch);
                 bar.set_position(within);
                 bar.set_message(format!("loss {loss:.4}  {samples_per_s:.1} samples/s"));

@@ -25,9 +25,8 @@ pub struct Position {
     pub epoch: u64,
     /// Batches of `epoch` already trained on.
     pub batch: u64,
-    /// Best validation metric so far (and its step), carried across restarts.
+    /// Best validation accuracy so far, carried across restarts.
     pub best_metric: Option<f64>,
-    pub best_step: Option<u64>,
 }
 
 pub struct RunDir {
@@ -59,7 +58,7 @@ impl RunDir {
         &self.root
     }
 
-    pub fn best_dir(&self) -> PathBuf {
+    fn best_dir(&self) -> PathBuf {
         self.root.join("best")
     }
 
@@ -203,7 +202,6 @@ mod tests {
             epoch,
             batch: 3,
             best_metric: Some(0.5),
-            best_step: Some(2),
         }
     }
 

@@ -101,7 +101,6 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
         epoch: 0,
         batch: 0,
         best_metric: None,
-        best_step: None,
     };
     let mut resumed_at_step = None;
     if let Some((dir, saved)) = run.newest_valid_checkpoint() {
@@ -118,18 +117,16 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
             sink.send(event);
         }
     };
-    {
-        tell(Event::Start {
-            epochs: u64::from(t.epochs),
-            steps_per_epoch,
-            total_steps,
-            train_examples: train.len(),
-            validation_examples: validation.len(),
-            world_size: me.world,
-            labels: data.labels.clone(),
-            resumed_at_step,
-        });
-    }
+    tell(Event::Start {
+        epochs: u64::from(t.epochs),
+        steps_per_epoch,
+        total_steps,
+        train_examples: train.len(),
+        validation_examples: validation.len(),
+        world_size: me.world,
+        labels: data.labels.clone(),
+        resumed_at_step,
+    });
 
     let batch_size = t.batch_size as usize;
     let global_batch = (batch_size * me.world) as f64;
@@ -175,10 +172,11 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
 
         let report = evaluate(&model, &validation, &data.labels, me, &mut stepper)?;
         let step = stepper.step();
-        let best = position.best_metric.is_none_or(|b| report.accuracy > b);
-        if best {
+        // Without validation data there is nothing to rank epochs by: the latest is kept.
+        let best =
+            validation.is_empty() || position.best_metric.is_none_or(|b| report.accuracy > b);
+        if best && !validation.is_empty() {
             position.best_metric = Some(report.accuracy);
-            position.best_step = Some(step);
         }
         if leader {
             let line = serde_json::json!({"epoch": epoch + 1, "step": step, "validation": &report});

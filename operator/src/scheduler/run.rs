@@ -503,23 +503,13 @@ impl Scheduler {
             .filter_map(|r| r.as_ref().err().map(ToString::to_string))
             .collect();
         warn!(gang = %gang.key, failed, errors = ?errors, "bind failed: rolling the gang back");
-        let bound: Vec<&Pod> = placement
+        let bound = placement
             .assignments
             .iter()
             .zip(results)
             .filter(|(_, r)| r.is_ok())
-            .map(|(a, _)| &*gang.pending[a.member])
-            .collect();
-        let deletes = bound.iter().map(|p| bind::delete(&self.client, p));
-        for result in futures::stream::iter(deletes)
-            .buffer_unordered(BINDS_IN_FLIGHT)
-            .collect::<Vec<_>>()
-            .await
-        {
-            if let Err(e) = result {
-                warn!(gang = %gang.key, error = %e, "could not delete a bound member");
-            }
-        }
+            .map(|(a, _)| &*gang.pending[a.member]);
+        self.delete_members(&gang.key, bound).await;
         for a in &placement.assignments {
             if let Some(uid) = gang.pending[a.member].metadata.uid.as_deref() {
                 self.assumed.remove(uid);
@@ -584,18 +574,28 @@ impl Scheduler {
     async fn roll_back(&self, gang: &Gang) {
         warn!(gang = %gang.key, bound = gang.bound.len(), pending = gang.pending.len(), "partly bound gang: rolling back");
         self.metrics.attempt("rolled_back");
-        let deletes = gang.bound.iter().map(|pod| async move {
-            if let Err(e) = bind::delete(&self.client, pod).await {
-                warn!(pod = %pod.name_any(), error = %e, "could not delete a bound member");
-            }
-        });
-        futures::stream::iter(deletes)
-            .buffer_unordered(BINDS_IN_FLIGHT)
-            .collect::<Vec<()>>()
+        self.delete_members(&gang.key, gang.bound.iter().map(|p| &**p))
             .await;
         let message = explain::rollback_message(&gang.key.to_string(), gang.size, gang.bound.len());
         let reason = explain::UNSCHEDULABLE;
         self.tell(&gang.pending, &gang.key, reason, "GangRolledBack", &message)
+            .await;
+    }
+
+    /// Deletes bound members of a gang that cannot stay (UID precondition: a recreated
+    /// pod of the same name is left alone), `BINDS_IN_FLIGHT` at a time; their
+    /// controller recreates them and the gang is placed whole.
+    async fn delete_members(&self, gang: &queue::GangKey, pods: impl Iterator<Item = &Pod>) {
+        let deletes: Vec<_> = pods
+            .map(|pod| async move {
+                if let Err(e) = bind::delete(&self.client, pod).await {
+                    warn!(%gang, pod = %pod.name_any(), error = %e, "could not delete a bound member");
+                }
+            })
+            .collect();
+        futures::stream::iter(deletes)
+            .buffer_unordered(BINDS_IN_FLIGHT)
+            .collect::<Vec<()>>()
             .await;
     }
 

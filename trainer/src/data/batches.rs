@@ -20,8 +20,6 @@ pub struct TextBatch {
     /// u32 class indices, (batch,).
     pub labels: Tensor,
     pub size: usize,
-    /// Real (non-padding) tokens in the batch.
-    pub tokens: usize,
 }
 
 /// Sets truncation to `max_len` tokens ([CLS] and [SEP] included).
@@ -72,10 +70,8 @@ fn build(tokenizer: &Tokenizer, examples: &[Example], indices: &[usize]) -> Resu
         Vec::with_capacity(n * longest),
         Vec::with_capacity(n * longest),
     );
-    let mut tokens = 0;
     for e in &encodings {
         let len = e.get_ids().len();
-        tokens += len;
         ids.extend(
             e.get_ids()
                 .iter()
@@ -100,6 +96,5 @@ fn build(tokenizer: &Tokenizer, examples: &[Example], indices: &[usize]) -> Resu
         },
         labels: Tensor::from_vec(labels, n, &cpu)?,
         size: n,
-        tokens,
     })
 }

@@ -77,7 +77,11 @@ impl TextData {
 /// positive) into the returned validation set; the same seed always picks the same rows.
 fn hold_out(train: &mut Vec<Example>, fraction: f64, seed: u64) -> Vec<Example> {
     let n = train.len();
-    let count = ((n as f64 * fraction).round() as usize).clamp(usize::from(fraction > 0.0), n / 2);
+    // At least one row when asked for any, never more than half (a one-row dataset keeps
+    // its row for training).
+    let count = ((n as f64 * fraction).round() as usize)
+        .max(usize::from(fraction > 0.0))
+        .min(n / 2);
     let order = sampler::permutation(n, &mut TrainRng::new(seed ^ SPLIT_SEED_MIX));
     let held: BTreeSet<usize> = order[..count].iter().copied().collect();
     let mut validation = Vec::with_capacity(count);
@@ -289,6 +293,25 @@ mod tests {
         );
         let other = TextData::load(&s, &[], 8).unwrap();
         assert_ne!(other.validation, data.validation);
+    }
+
+    #[test]
+    fn the_split_never_takes_more_than_half() {
+        let one = || {
+            vec![Example {
+                text: "x".into(),
+                label: 0,
+            }]
+        };
+        let mut train = one();
+        assert!(hold_out(&mut train, 0.2, 1).is_empty());
+        assert_eq!(train, one(), "a one-row dataset keeps its row");
+        let mut three: Vec<Example> = (0..3).map(|_| one().remove(0)).collect();
+        assert_eq!(
+            hold_out(&mut three, 0.01, 1).len(),
+            1,
+            "at least one row when asked"
+        );
     }
 
     #[test]
