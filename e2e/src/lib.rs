@@ -287,6 +287,30 @@ impl Drop for ServedProcess {
     }
 }
 
+/// Waits until `count` nodes matching the label `selector` are Ready (kwok's node stage).
+pub async fn wait_nodes_ready(client: &Client, selector: &str, count: usize, timeout: Duration) {
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+    wait_until(
+        timeout,
+        &format!("{count} nodes {selector} Ready"),
+        || async {
+            let list = nodes
+                .list(&ListParams::default().labels(selector))
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default();
+            let ready = list.iter().filter(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            });
+            ready.count() == count
+        },
+    )
+    .await;
+}
+
 /// Label (and taint) of a test's own kwok nodes: its pods select and tolerate it, so
 /// other tests' pods on the shared nodes do not matter.
 pub const POOL: &str = "ringmaster.dev/test-pool";
@@ -326,24 +350,8 @@ impl Pool {
         }
         self.count += count;
         kubectl_apply(&yaml);
-        let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
         let selector = format!("{POOL}={}", self.ns);
-        let want = self.count;
-        wait_until(Duration::from_secs(60), "pool nodes Ready", || async {
-            let list = nodes
-                .list(&ListParams::default().labels(&selector))
-                .await
-                .map(|l| l.items)
-                .unwrap_or_default();
-            let ready = list.iter().filter(|n| {
-                n.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            });
-            ready.count() == want
-        })
-        .await;
+        wait_nodes_ready(client, &selector, self.count, Duration::from_secs(60)).await;
     }
 }
 

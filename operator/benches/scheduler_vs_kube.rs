@@ -30,7 +30,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use ringmaster_crds::keys::{GANG, GANG_SIZE};
 use ringmaster_e2e::{
-    client_with_read_timeout, delete_namespace, kubeconfig, namespace, wait_until,
+    client_with_read_timeout, delete_namespace, kubeconfig, namespace, wait_nodes_ready, wait_until,
 };
 use serde_json::json;
 
@@ -160,21 +160,7 @@ async fn create_nodes(client: &Client, ns: &str, count: usize) {
         })
         .await;
     let selector = format!("{BENCH_LABEL}={ns}");
-    wait_until(Duration::from_secs(300), "bench nodes Ready", || async {
-        let nodes = api
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map(|l| l.items)
-            .unwrap_or_default();
-        let ready = nodes.iter().filter(|n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        });
-        ready.count() == count
-    })
-    .await;
+    wait_nodes_ready(client, &selector, count, Duration::from_secs(300)).await;
 }
 
 fn bench_pod(ns: &str, name: &str, which: Which, gang: Option<&str>) -> Pod {

@@ -75,15 +75,20 @@ impl Plan {
 /// invalid, forbidden by admission): Failed/InvalidSpec with the server's reason.
 pub fn invalid_spec(job: &TrainingJob, cause: String, now: Timestamp) -> TrainingJobStatus {
     let mut p = Plan {
-        status: TrainingJobStatus {
-            progress: None,
-            observed_generation: job.metadata.generation,
-            ..job.status.clone().unwrap_or_default()
-        },
+        status: operator_status(job),
         ..Plan::default()
     };
     fail(&mut p, "InvalidSpec", cause, now);
     p.status
+}
+
+/// The job's status as the operator writes it: its own fields, for this generation.
+fn operator_status(job: &TrainingJob) -> TrainingJobStatus {
+    TrainingJobStatus {
+        progress: None, // owned by the trainer's field manager, never written here
+        observed_generation: job.metadata.generation,
+        ..job.status.clone().unwrap_or_default()
+    }
 }
 
 /// A pod of the job as the rules see it.
@@ -171,11 +176,7 @@ pub fn plan<'a>(
 ) -> Plan {
     let old = job.status.clone().unwrap_or_default();
     let mut p = Plan {
-        status: TrainingJobStatus {
-            progress: None, // owned by the trainer's field manager, never written here
-            observed_generation: job.metadata.generation,
-            ..old.clone()
-        },
+        status: operator_status(job),
         ..Plan::default()
     };
     let generation = job.metadata.generation;
