@@ -22,6 +22,12 @@ pub trait Communicator: Send {
         self.backend()
     }
 
+    /// The ranks in ring order (`[p]` is the rank at position p), for backends that
+    /// choose it; `None` where the library orders ranks itself (NCCL).
+    fn ring_order(&self) -> Option<&[usize]> {
+        None
+    }
+
     /// Reduces `buf` across all ranks in place; every rank must pass the same length.
     fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()>;
 

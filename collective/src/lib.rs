@@ -6,6 +6,7 @@ pub mod bench;
 mod communicator;
 mod error;
 mod failure;
+mod location;
 #[cfg(feature = "nccl")]
 mod nccl;
 #[cfg(feature = "nccl")]
@@ -20,6 +21,7 @@ mod store;
 pub use auth::{TOKEN_ENV, TOKEN_FILE_ENV, Token};
 pub use communicator::{Communicator, ReduceOp};
 pub use error::{Error, Peer, Result};
+pub use location::Location;
 #[cfg(feature = "nccl")]
 pub use nccl::{NcclCommunicator, connect_nccl, connect_nccl_on_stream};
 pub use rendezvous::{

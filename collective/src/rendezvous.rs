@@ -11,6 +11,7 @@ use tracing::{debug, info, warn};
 use crate::auth::{Token, hex, random_bytes};
 use crate::error::{Error, Peer, Result};
 use crate::failure::FailureLog;
+use crate::location::{self, Location};
 use crate::net;
 use crate::ring::{Links, RingConfig, TcpRing, Transport};
 use crate::shm;
@@ -36,9 +37,11 @@ pub struct RendezvousConfig {
     /// Bound on the whole rendezvous (ranks may start minutes apart while images pull).
     pub rendezvous_timeout: Duration,
     pub ring: RingConfig,
-    /// Ring positions (`order[p]` is the rank at position p); default 0..n. Every rank
-    /// must pass the same order.
+    /// Ring positions (`order[p]` is the rank at position p). Every rank must pass the
+    /// same order; unset, the ring follows the ranks' locations (0..n when none is known).
     pub ring_order: Option<Vec<usize>>,
+    /// Where this rank runs, published at rendezvous to order the ring.
+    pub location: Location,
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -102,6 +105,7 @@ impl RendezvousConfig {
             rendezvous_timeout: DEFAULT_RENDEZVOUS_TIMEOUT,
             ring: RingConfig::default(),
             ring_order: None,
+            location: Location::default(),
         }
     }
 
@@ -110,7 +114,11 @@ impl RendezvousConfig {
     /// `RINGMASTER_TIMEOUT_S` (60), `RINGMASTER_RENDEZVOUS_TIMEOUT_S` (300),
     /// `RINGMASTER_RING_ORDER` (e.g. `0,2,1,3`), `RINGMASTER_RING_STREAMS` (2),
     /// `RINGMASTER_RING_CHUNK_BYTES` (1 MiB), `RINGMASTER_RING_SMALL_BYTES` (1 MiB),
-    /// `RINGMASTER_TRANSPORT` (`auto`: shared memory when all ranks share this host; `tcp`).
+    /// `RINGMASTER_TRANSPORT` (`auto`: shared memory when all ranks share this host; `tcp`),
+    /// and where this rank runs: `RINGMASTER_NODE_NAME`, `RINGMASTER_RACK`,
+    /// `RINGMASTER_ZONE` (each unknown when unset or empty, as the downward API gives for
+    /// a missing annotation). Without `RINGMASTER_RING_ORDER` the ring visits ranks
+    /// grouped by zone, then rack, then node.
     pub fn from_env() -> Result<Self> {
         let rank = env_required("RANK", "a rank number")?;
         let world_size = env_required("WORLD_SIZE", "a positive count")?;
@@ -137,6 +145,12 @@ impl RendezvousConfig {
         let ring_order = env_var("RINGMASTER_RING_ORDER")
             .map(|s| parse_order(&s))
             .transpose()?;
+        let text = |name| env_var(name).map(|v| v.trim().to_string());
+        let location = Location {
+            zone: text("RINGMASTER_ZONE"),
+            rack: text("RINGMASTER_RACK"),
+            node: text("RINGMASTER_NODE_NAME"),
+        };
         Ok(RendezvousConfig {
             rank,
             world_size,
@@ -149,10 +163,11 @@ impl RendezvousConfig {
             )?,
             ring,
             ring_order,
+            location,
         })
     }
 
-    pub(crate) fn validate(&self) -> Result<Vec<usize>> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let n = self.world_size;
         if n == 0 {
             return Err(Error::Config("WORLD_SIZE must be at least 1".into()));
@@ -175,9 +190,11 @@ impl RendezvousConfig {
                 "ring chunk size must be at least 4 bytes".into(),
             ));
         }
-        let order = self.ring_order.clone().unwrap_or_else(|| (0..n).collect());
+        let Some(order) = &self.ring_order else {
+            return Ok(());
+        };
         let mut seen = vec![false; n];
-        for &r in &order {
+        for &r in order {
             if r >= n || std::mem::replace(&mut seen[r], true) {
                 return Err(Error::Config(format!(
                     "ring order {order:?} must list every rank 0..{} exactly once",
@@ -190,7 +207,7 @@ impl RendezvousConfig {
                 "ring order {order:?} must have WORLD_SIZE={n} entries"
             )));
         }
-        Ok(order)
+        Ok(())
     }
 
     /// `host:port` of the store, bracketing IPv6 literals.
@@ -212,16 +229,27 @@ struct RankInfo {
     /// Bytes this rank's ring sockets buffer for sending (after the kernel's clamp).
     sndbuf: usize,
     ring: String,
+    /// The explicit ring order, or `ORDER_BY_PLACEMENT`.
     order: String,
     /// Where the rank runs (`shm::host_identity`): equal on all ranks means one host.
     host: String,
+    location: Location,
 }
+
+/// `RankInfo::order` of a rank without an explicit order: the ring follows placement.
+const ORDER_BY_PLACEMENT: &str = "unset (by placement)";
 
 impl RankInfo {
     fn encode(&self) -> String {
         format!(
-            "{}|{}|{}|{}|{}|{}",
-            self.world, self.addr, self.sndbuf, self.ring, self.order, self.host
+            "{}|{}|{}|{}|{}|{}|{}",
+            self.world,
+            self.addr,
+            self.sndbuf,
+            self.ring,
+            self.order,
+            self.host,
+            self.location.encode()
         )
     }
 
@@ -234,6 +262,7 @@ impl RankInfo {
             ring: it.next()?.to_string(),
             order: it.next()?.to_string(),
             host: it.next()?.to_string(),
+            location: Location::decode(&mut it)?,
         })
     }
 }
@@ -271,12 +300,12 @@ pub(crate) fn wait_key(
 /// Joins the job described by `cfg` and returns this rank's end of the TCP ring.
 /// Rank 0 also serves the store for as long as the returned ring lives.
 pub fn connect_tcp(cfg: &RendezvousConfig) -> Result<TcpRing> {
-    let order = cfg.validate()?;
+    cfg.validate()?;
     let n = cfg.world_size;
     if n == 1 {
         return Ok(TcpRing::new(
             cfg.rank,
-            order,
+            vec![0],
             None,
             cfg.ring.clone(),
             FailureLog::new(None, 0, 1, cfg.ring.timeout),
@@ -285,8 +314,8 @@ pub fn connect_tcp(cfg: &RendezvousConfig) -> Result<TcpRing> {
     }
     let (store, server) = connect_store(cfg)?;
     let mut store = store;
-    match join_ring(cfg, &order, &mut store) {
-        Ok(links) => {
+    match join_ring(cfg, &mut store) {
+        Ok((order, links)) => {
             info!(rank = cfg.rank, world = n, next = %links.next, prev = %links.prev, "tcp ring connected");
             Ok(TcpRing::new(
                 cfg.rank,
@@ -322,7 +351,9 @@ pub(crate) fn connect_store(cfg: &RendezvousConfig) -> Result<(StoreClient, Opti
     Ok((store, server))
 }
 
-fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -> Result<Links> {
+/// Publishes this rank, checks every rank's record against it, and connects to the
+/// neighbours in the ring order (explicit, or from the published locations).
+fn join_ring(cfg: &RendezvousConfig, store: &mut StoreClient) -> Result<(Vec<usize>, Links)> {
     let n = cfg.world_size;
     let rank = cfg.rank;
     let total = cfg.rendezvous_timeout;
@@ -346,11 +377,12 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
         cfg.ring.small_max_bytes,
         cfg.ring.transport.name()
     );
-    let order_s = order
-        .iter()
-        .map(|r| r.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let order_s = cfg
+        .ring_order
+        .as_ref()
+        .map_or(ORDER_BY_PLACEMENT.into(), |o| {
+            o.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+        });
     let sndbuf = net::send_buffer_capacity()
         .map_err(|e| Error::io("probing the socket send buffer size", e))?;
     let mine = RankInfo {
@@ -360,6 +392,7 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
         ring,
         order: order_s,
         host: shm::host_identity(),
+        location: cfg.location.clone(),
     };
     store.set(&format!("rank/{rank}/info"), mine.encode().as_bytes())?;
     if rank == 0 {
@@ -368,6 +401,7 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
     let session = wait_key(store, "session", deadline, total)?;
 
     let mut addrs = Vec::with_capacity(n);
+    let mut locations = Vec::with_capacity(n);
     let mut max_message = usize::MAX;
     let mut one_host = true;
     for r in 0..n {
@@ -403,8 +437,25 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
         }
         one_host &= theirs.host == mine.host;
         addrs.push(theirs.addr);
+        locations.push(theirs.location);
         // Linux counts bookkeeping against the buffer too; half of it is safe for payload.
         max_message = max_message.min(theirs.sndbuf / 2);
+    }
+    // Every rank read the same records, so every rank computes the same order.
+    let order = cfg
+        .ring_order
+        .clone()
+        .unwrap_or_else(|| location::placement_order(&locations));
+    if rank == 0 {
+        info!(
+            by = if cfg.ring_order.is_some() {
+                "RINGMASTER_RING_ORDER"
+            } else {
+                "placement"
+            },
+            "ring order {}",
+            location::describe(&order, &locations)
+        );
     }
     let pos = order
         .iter()
@@ -457,14 +508,15 @@ fn join_ring(cfg: &RendezvousConfig, order: &[usize], store: &mut StoreClient) -
         })
         .transpose()?;
     debug!(rank, %next, %prev, shm = shm.is_some(), "ring links up");
-    Ok(Links {
+    let links = Links {
         next,
         prev,
         to_next,
         from_prev,
         max_message,
         shm,
-    })
+    };
+    Ok((order, links))
 }
 
 struct Hello {

@@ -315,11 +315,6 @@ impl TcpRing {
         }
     }
 
-    /// The ring order in use: `ring_order()[p]` is the rank at position p.
-    pub fn ring_order(&self) -> &[usize] {
-        &self.order
-    }
-
     pub fn config(&self) -> &RingConfig {
         &self.cfg
     }
@@ -643,6 +638,11 @@ impl Communicator for TcpRing {
 
     fn transport(&self) -> &'static str {
         TcpRing::transport(self)
+    }
+
+    /// The order chosen at rendezvous: `RINGMASTER_RING_ORDER`, else by placement.
+    fn ring_order(&self) -> Option<&[usize]> {
+        Some(&self.order)
     }
 
     fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{integer_floats, per_transport, random_floats, run_ranks};
+use common::{integer_floats, per_transport, random_floats, run_configured_ranks, run_ranks};
 use ringmaster_collective::{Communicator, Error, ReduceOp, RingConfig, bf16};
 
 /// Small chunks and a small fast-path threshold exercise many chunks, both paths and
@@ -92,6 +92,51 @@ fn ring_order_is_an_input() {
             },
             Some(vec![4, 3, 2, 1, 0]),
         );
+    }
+}
+
+/// Ranks 0 and 2 on node-a, 1 and 3 on node-b: every rank must choose the ring 0,2,1,3
+/// from the published locations and still sum right; an explicit order wins over them.
+#[test]
+fn ring_order_follows_placement() {
+    let (n, len) = (4, 50_000);
+    let inputs: Vec<Vec<f32>> = (0..n).map(|r| integer_floats(len, r)).collect();
+    let exact: Vec<f32> = (0..len)
+        .map(|i| inputs.iter().map(|v| v[i]).sum())
+        .collect();
+    for (explicit, want) in [(None, [0, 2, 1, 3]), (Some(vec![3, 1, 2, 0]), [3, 1, 2, 0])] {
+        for (ring, transport) in per_transport(tight()) {
+            let out = run_configured_ranks(
+                n,
+                |cfg| {
+                    cfg.ring = ring.clone();
+                    cfg.ring_order = explicit.clone();
+                    let node = if cfg.rank % 2 == 0 {
+                        "node-a"
+                    } else {
+                        "node-b"
+                    };
+                    cfg.location.node = Some(node.into());
+                },
+                |c| {
+                    assert_eq!(c.transport(), transport);
+                    let mut big = inputs[c.rank()].clone();
+                    c.all_reduce_f32(&mut big, ReduceOp::Sum).unwrap();
+                    let mut small = [c.rank() as f32 + 1.0];
+                    c.all_reduce_f32(&mut small, ReduceOp::Sum).unwrap();
+                    (c.ring_order().map(<[usize]>::to_vec), big, small[0])
+                },
+            );
+            for (rank, (order, big, small)) in out.into_iter().enumerate() {
+                let what = format!("{transport}, explicit order {explicit:?}, rank {rank}");
+                assert_eq!(order.as_deref(), Some(&want[..]), "{what}");
+                assert!(
+                    big == exact,
+                    "{what}: bulk all-reduce differs from the exact sum"
+                );
+                assert_eq!(small, 10.0, "{what}: small all-reduce");
+            }
+        }
     }
 }
 

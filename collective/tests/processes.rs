@@ -32,7 +32,14 @@ fn rank_process() {
             comm.all_reduce_f32(&mut buf, ReduceOp::Sum)?;
             assert!(buf.iter().all(|&x| x == n * (n + 1.0) / 2.0));
             if first {
-                println!("ready rank {} transport {}", comm.rank(), comm.transport());
+                let order = comm.ring_order().unwrap_or_default();
+                let order: Vec<String> = order.iter().map(usize::to_string).collect();
+                println!(
+                    "ready rank {} transport {} order {}",
+                    comm.rank(),
+                    comm.transport(),
+                    order.join(",")
+                );
                 first = false;
             }
             if role == "once" {
@@ -72,15 +79,21 @@ fn spawn_rank(rank: usize, n: usize, port: u16, role: &str, extra: &[(&str, Stri
 
 /// Waits until the rank finished its first all-reduce, over the `transport` expected.
 fn wait_ready(c: &mut Child, transport: &str) {
+    let line = ready_line(c);
+    assert!(
+        line.contains(&format!(" transport {transport} ")),
+        "expected the {transport} transport: {line}"
+    );
+}
+
+/// The line a rank prints after its first all-reduce:
+/// `ready rank R transport T order 0,2,1,3`.
+fn ready_line(c: &mut Child) -> String {
     let mut line = String::new();
     let mut out = BufReader::new(c.stdout.as_mut().unwrap());
     while out.read_line(&mut line).unwrap() > 0 {
         if line.contains("ready rank") {
-            assert!(
-                line.trim_end().ends_with(&format!("transport {transport}")),
-                "expected the {transport} transport: {line}"
-            );
-            return;
+            return line.trim_end().to_string();
         }
         line.clear();
     }
@@ -242,6 +255,52 @@ fn stalled_rank_case(transport: &str, expect: &str) {
             "{expect}: rank {r} must name rank 1 as unresponsive: {err}"
         );
     }
+}
+
+/// Locations as the operator's pods get them: the node name from the downward API, and
+/// zone and rack empty because the node had no such label (read as unknown).
+#[test]
+fn ring_order_follows_the_node_names_in_the_environment() {
+    let n = 4;
+    let port = common::free_port();
+    let kids: Vec<Child> = (0..n)
+        .map(|r| {
+            let node = if r % 2 == 0 { "node-a" } else { "node-b" };
+            let env = [
+                ("RINGMASTER_NODE_NAME", node.to_string()),
+                ("RINGMASTER_ZONE", String::new()),
+                ("RINGMASTER_RACK", " ".to_string()),
+            ];
+            spawn_rank(r, n, port, "once", &env)
+        })
+        .collect();
+    for (r, mut k) in kids.into_iter().enumerate() {
+        let line = ready_line(&mut k);
+        assert!(line.ends_with(" order 0,2,1,3"), "rank {r}: {line}");
+        let (ok, err, _) = finish(k, Duration::from_secs(60));
+        assert!(ok, "rank {r} failed: {err}");
+    }
+}
+
+#[test]
+fn an_explicit_ring_order_on_some_ranks_only_is_reported() {
+    let port = common::free_port();
+    let a = spawn_rank(0, 2, port, "once", &[]);
+    let b = spawn_rank(
+        1,
+        2,
+        port,
+        "once",
+        &[("RINGMASTER_RING_ORDER", "1,0".to_string())],
+    );
+    let (ok_b, err_b, _) = finish(b, Duration::from_secs(40));
+    let (ok_a, err_a, _) = finish(a, Duration::from_secs(40));
+    assert!(
+        !ok_a && !ok_b,
+        "neither rank can complete: {err_a} / {err_b}"
+    );
+    let reported = |err: &str| err.contains("RINGMASTER_RING_ORDER") && err.contains("1,0");
+    assert!(reported(&err_a) || reported(&err_b), "{err_a} / {err_b}");
 }
 
 #[test]

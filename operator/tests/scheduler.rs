@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use ringmaster_crds::keys::{GANG, GANG_SIZE, GPU_INDICES};
@@ -15,6 +15,7 @@ use ringmaster_e2e::{
     POOL, Pool, ServedProcess, bind, client, delete_namespace, kubectl, kubectl_apply as apply,
     namespace, wait_until,
 };
+use ringmaster_operator::scheduler::bind::{RACK_ANNOTATION, ZONE_ANNOTATION};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -210,6 +211,46 @@ async fn gang_binds_all_or_nothing_and_explains() {
         "{metrics}"
     );
     assert!(metrics.contains("ringmaster_scheduler_queue_depth"));
+    delete_namespace(&client, &ns).await;
+}
+
+/// The Binding carries the node's zone and rack, which the API server copies onto the pod
+/// (the trainer reads them through the downward API); a label the node lacks is left out.
+#[tokio::test]
+async fn binding_annotates_the_nodes_zone_and_rack() {
+    let (client, ns, mut pool) = setup("sch-where").await;
+    pool.add(&client, 2, 1).await;
+    // Pool nodes are in zone-a (n0) and zone-b (n1); only n0 gets a rack.
+    let racked = format!("{ns}-n0");
+    let patch = json!({"metadata": {"labels": {"ringmaster.dev/rack": "rack-7"}}});
+    Api::<Node>::all(client.clone())
+        .patch(&racked, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .expect("label the node's rack");
+    let _sched = start_scheduler(&ns, "s-where", &[]);
+    // One GPU per node and two one-GPU members: one member on each node.
+    create_gang(&client, &ns, "w", 2, 1, &[]).await;
+    let pods = wait_bound(&client, &ns, "w", 2).await;
+    let placed: BTreeMap<String, BTreeMap<String, String>> = pods
+        .iter()
+        .map(|p| (node_of(p).unwrap(), p.annotations().clone()))
+        .collect();
+    let on = |node: &str| {
+        placed
+            .get(node)
+            .unwrap_or_else(|| panic!("no member on {node}: {placed:?}"))
+    };
+    let n0 = on(&racked);
+    assert_eq!(n0.get(ZONE_ANNOTATION).map(String::as_str), Some("zone-a"));
+    assert_eq!(n0.get(RACK_ANNOTATION).map(String::as_str), Some("rack-7"));
+    assert_eq!(n0.get(GPU_INDICES).map(String::as_str), Some("0"));
+    let n1 = on(&format!("{ns}-n1"));
+    assert_eq!(n1.get(ZONE_ANNOTATION).map(String::as_str), Some("zone-b"));
+    assert_eq!(
+        n1.get(RACK_ANNOTATION),
+        None,
+        "n1 has no rack label: {n1:?}"
+    );
     delete_namespace(&client, &ns).await;
 }
 

@@ -46,15 +46,30 @@ pub fn run_ranks<T: Send>(
     order: Option<Vec<usize>>,
     f: impl Fn(&mut TcpRing) -> T + Sync,
 ) -> Vec<T> {
+    run_configured_ranks(
+        n,
+        |cfg| {
+            cfg.ring = ring.clone();
+            cfg.ring_order = order.clone();
+        },
+        f,
+    )
+}
+
+/// Like `run_ranks`, with each rank's config adjusted by `configure` before it connects.
+pub fn run_configured_ranks<T: Send>(
+    n: usize,
+    configure: impl Fn(&mut RendezvousConfig) + Sync,
+    f: impl Fn(&mut TcpRing) -> T + Sync,
+) -> Vec<T> {
     let port = free_port();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
             .map(|rank| {
-                let (ring, order, f) = (ring.clone(), order.clone(), &f);
+                let (configure, f) = (&configure, &f);
                 s.spawn(move || {
                     let mut cfg = config(rank, n, port);
-                    cfg.ring = ring;
-                    cfg.ring_order = order;
+                    configure(&mut cfg);
                     let mut comm = connect_tcp(&cfg).unwrap_or_else(|e| panic!("rank {rank}: {e}"));
                     f(&mut comm)
                 })

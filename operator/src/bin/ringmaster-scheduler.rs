@@ -14,8 +14,11 @@ use ringmaster_placement::simulate::{self, SimulateArgs};
 /// Annotations: `ringmaster.dev/placement: pack|spread`,
 /// `ringmaster.dev/required-topology-key` / `preferred-topology-key` (a node label, e.g.
 /// topology.kubernetes.io/zone), `ringmaster.dev/gpu-milli` (a share of one GPU). The
-/// scheduler writes `ringmaster.dev/gpu-indices` on each pod it binds, and explains in
-/// numbers why a gang waits (PodScheduled=False, reason Unschedulable, and an Event).
+/// scheduler writes `ringmaster.dev/gpu-indices` on each pod it binds, with
+/// `ringmaster.dev/zone` / `ringmaster.dev/rack` from the node's
+/// `topology.kubernetes.io/zone` / `ringmaster.dev/rack` labels when it has them, and
+/// explains in numbers why a gang waits (PodScheduled=False, reason Unschedulable, and an
+/// Event).
 #[derive(Parser, Debug)]
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Args {

@@ -1,5 +1,8 @@
-//! The API calls of a placement: bind through `pods/binding` (with the GPU indices as an
-//! annotation and the pod's UID as precondition), roll back by deleting, report unschedulable.
+//! The API calls of a placement: bind through `pods/binding` (with the GPU indices and the
+//! node's zone and rack as annotations and the pod's UID as precondition), roll back by
+//! deleting, report unschedulable.
+
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, Preconditions};
@@ -11,23 +14,53 @@ use super::{Error, Result};
 /// Field manager of every write.
 pub const MANAGER: &str = "ringmaster-scheduler";
 
-/// Binds with the GPU indices in one request: the API server copies a Binding's
-/// annotations onto the pod. The UID precondition makes the bind fail if the pod was
-/// deleted and recreated under the same name since we read it.
-pub async fn bind(client: &Client, pod: &Pod, node: &str, gpus: &[usize]) -> Result<()> {
-    let ns = pod.namespace().unwrap_or_default();
-    let name = pod.name_any();
+/// Node label of the zone, copied onto bound pods as `ZONE_ANNOTATION`.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Node label of the rack (the one topology keys name for racks), copied onto bound pods
+/// as `RACK_ANNOTATION`.
+pub const RACK_LABEL: &str = "ringmaster.dev/rack";
+/// Pod annotations written at bind time; the worker pods read them through the downward
+/// API (`RINGMASTER_ZONE`, `RINGMASTER_RACK`) so the trainer's ring follows placement.
+pub const ZONE_ANNOTATION: &str = "ringmaster.dev/zone";
+pub const RACK_ANNOTATION: &str = "ringmaster.dev/rack";
+
+/// What a bind writes onto the pod: the GPU indices, and the zone and rack of the node
+/// where it has those labels (absent otherwise, which the pod reads as unknown).
+pub fn binding_annotations(
+    gpus: &[usize],
+    node_labels: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
     let indices = gpus
         .iter()
         .map(usize::to_string)
         .collect::<Vec<_>>()
         .join(",");
+    let mut annotations = BTreeMap::from([(GPU_INDICES.to_string(), indices)]);
+    for (label, annotation) in [(ZONE_LABEL, ZONE_ANNOTATION), (RACK_LABEL, RACK_ANNOTATION)] {
+        if let Some(value) = node_labels.get(label) {
+            annotations.insert(annotation.to_string(), value.clone());
+        }
+    }
+    annotations
+}
+
+/// Binds with `annotations` (from `binding_annotations`) in one request: the API server
+/// copies a Binding's annotations onto the pod. The UID precondition makes the bind fail
+/// if the pod was deleted and recreated under the same name since we read it.
+pub async fn bind(
+    client: &Client,
+    pod: &Pod,
+    node: &str,
+    annotations: BTreeMap<String, String>,
+) -> Result<()> {
+    let ns = pod.namespace().unwrap_or_default();
+    let name = pod.name_any();
     let binding = Binding {
         metadata: ObjectMeta {
             name: Some(name.clone()),
             namespace: Some(ns.clone()),
             uid: pod.uid(),
-            annotations: Some([(GPU_INDICES.to_string(), indices)].into()),
+            annotations: Some(annotations),
             ..Default::default()
         },
         target: ObjectReference {
@@ -84,4 +117,42 @@ pub async fn not_scheduled(client: &Client, pod: &Pod, reason: &str, message: &s
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn binding_carries_gpus_and_the_nodes_zone_and_rack() {
+        let node = labels(&[(ZONE_LABEL, "zone-a"), (RACK_LABEL, "rack-1"), ("x", "y")]);
+        assert_eq!(
+            binding_annotations(&[0, 3], &node),
+            labels(&[
+                (GPU_INDICES, "0,3"),
+                (ZONE_ANNOTATION, "zone-a"),
+                (RACK_ANNOTATION, "rack-1"),
+            ])
+        );
+    }
+
+    #[test]
+    fn labels_the_node_lacks_are_left_out() {
+        let zone_only = labels(&[(ZONE_LABEL, "zone-b")]);
+        assert_eq!(
+            binding_annotations(&[], &zone_only),
+            labels(&[(GPU_INDICES, ""), (ZONE_ANNOTATION, "zone-b")])
+        );
+        assert_eq!(
+            binding_annotations(&[1], &BTreeMap::new()),
+            labels(&[(GPU_INDICES, "1")])
+        );
+    }
 }

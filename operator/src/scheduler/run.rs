@@ -1,6 +1,6 @@
 //! Wiring: watches, the scheduling loop, leader election, and the health/metrics server.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -232,6 +232,8 @@ struct Placed {
     gang: Gang,
     request: GangRequest,
     placement: GangPlacement,
+    /// What each bind writes onto its pod, in assignment order.
+    annotations: Vec<BTreeMap<String, String>>,
 }
 
 impl Scheduler {
@@ -359,10 +361,16 @@ impl Scheduler {
                             self.assumed.insert(uid, assumed);
                         }
                     }
+                    let annotations = placement
+                        .assignments
+                        .iter()
+                        .map(|a| bind::binding_annotations(&a.gpus, &state.node(a.node).labels))
+                        .collect();
                     let placed = Placed {
                         gang: gang.clone(),
                         request,
                         placement,
+                        annotations,
                     };
                     let (client, permits) = (self.client.clone(), permits.clone());
                     binding.push(tokio::spawn(async move {
@@ -462,6 +470,7 @@ impl Scheduler {
             gang,
             request,
             placement,
+            annotations: _,
         } = placed;
         let failed = results.iter().filter(|r| r.is_err()).count();
         if failed == 0 {
@@ -654,12 +663,13 @@ async fn bind_gang(client: &Client, placed: &Placed) -> Vec<Result<()>> {
         .placement
         .assignments
         .iter()
-        .map(|a| {
+        .zip(&placed.annotations)
+        .map(|(a, annotations)| {
             bind::bind(
                 client,
                 &placed.gang.pending[a.member],
                 &a.node_name,
-                &a.gpus,
+                annotations.clone(),
             )
         })
         .collect();

@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource, Pod, PodSchedulingGate,
-    PodSpec, ResourceRequirements, SecretKeySelector, Service, ServiceAccount, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
+    PodSchedulingGate, PodSpec, ResourceRequirements, SecretKeySelector, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -16,6 +16,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Resource;
 use ringmaster_crds::keys::*;
 use ringmaster_crds::{PlacementPolicy, TrainingJob};
+
+use crate::scheduler::bind::{RACK_ANNOTATION, ZONE_ANNOTATION};
 
 /// Everything a job needs besides its worker pods (created once, before the pods).
 pub struct SupportObjects {
@@ -297,6 +299,9 @@ pub fn worker_pod(job: &JobRef, index: i32, attempt: i32) -> Pod {
 
 /// PyTorch-compatible rendezvous variables. `RANK` is the first rank in the pod; with
 /// several processes per worker the trainer starts `LOCAL_WORLD_SIZE` ranks from there.
+/// The location variables come from the downward API, resolved when the container starts
+/// (after the bind): the node name, and the zone and rack the scheduler annotated the pod
+/// with (an empty string when it did not, which the trainer reads as unknown).
 fn rendezvous_env(job: &JobRef, index: i32) -> Vec<EnvVar> {
     let dist = &job.job.spec.distribution;
     let var = |name: &str, value: String| EnvVar {
@@ -304,6 +309,18 @@ fn rendezvous_env(job: &JobRef, index: i32) -> Vec<EnvVar> {
         value: Some(value),
         ..EnvVar::default()
     };
+    let field = |name: &str, path: String| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path,
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    let annotation = |key: &str| format!("metadata.annotations['{key}']");
     vec![
         var("RANK", (index * dist.processes_per_worker).to_string()),
         var("WORLD_SIZE", job.job.spec.world_size().to_string()),
@@ -323,6 +340,9 @@ fn rendezvous_env(job: &JobRef, index: i32) -> Vec<EnvVar> {
         var("MASTER_PORT", dist.master_port.to_string()),
         var("RINGMASTER_JOB", job.name.into()),
         var("RINGMASTER_NAMESPACE", job.namespace.into()),
+        field("RINGMASTER_NODE_NAME", "spec.nodeName".into()),
+        field("RINGMASTER_ZONE", annotation(ZONE_ANNOTATION)),
+        field("RINGMASTER_RACK", annotation(RACK_ANNOTATION)),
     ]
 }
 
@@ -360,6 +380,20 @@ spec:
             .unwrap()
             .iter()
             .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect()
+    }
+
+    /// Variables from the downward API: name to field path.
+    fn field_env_of(pod: &Pod) -> BTreeMap<String, String> {
+        pod.spec.as_ref().unwrap().containers[0]
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter_map(|e| {
+                let path = &e.value_from.as_ref()?.field_ref.as_ref()?.field_path;
+                Some((e.name.clone(), path.clone()))
+            })
             .collect()
     }
 
@@ -414,6 +448,17 @@ spec:
         assert_eq!(env["MASTER_ADDR"], "spam-worker-0.spam.ml.svc");
         assert_eq!(env["MASTER_PORT"], "29500");
         assert_eq!(env["EXTRA"], "1");
+
+        let fields = field_env_of(&pod);
+        assert_eq!(fields["RINGMASTER_NODE_NAME"], "spec.nodeName");
+        assert_eq!(
+            fields["RINGMASTER_ZONE"],
+            "metadata.annotations['ringmaster.dev/zone']"
+        );
+        assert_eq!(
+            fields["RINGMASTER_RACK"],
+            "metadata.annotations['ringmaster.dev/rack']"
+        );
     }
 
     #[test]
