@@ -121,6 +121,11 @@ pub struct ModelSpec {
     /// `BertForSequenceClassification`) or `mean` (mean over non-padding tokens).
     #[serde(default)]
     pub pooling: Pooling,
+    /// Keep only the first this many encoder layers of a BERT source (a smaller student
+    /// for distillation); all of them when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 128))]
+    pub layers: Option<u32>,
 }
 
 /// Sentence pooling for BERT classification.
@@ -213,6 +218,10 @@ pub struct Augmentation {
     #[serde(default)]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub color_jitter: f64,
+    /// Rotate by a random angle of at most this many degrees either way (0 turns it off).
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 45.0))]
+    pub max_rotation_degrees: f64,
 }
 
 fn default_crop_scale() -> f64 {
@@ -289,6 +298,25 @@ pub struct TrainingSpec {
     /// Knowledge distillation from a teacher model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distillation: Option<Distillation>,
+    /// Counter class imbalance: `none`, `lossWeights` (each class weighs
+    /// n / (classes x its count) in the loss) or `oversample` (every epoch draws examples
+    /// with replacement, each class equally likely).
+    #[serde(default)]
+    pub class_balance: ClassBalance,
+    /// Also evaluate every this many optimizer steps (0: only at the end of each epoch).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100000000))]
+    pub eval_interval_steps: u64,
+}
+
+/// Class-imbalance handling.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ClassBalance {
+    #[default]
+    None,
+    LossWeights,
+    Oversample,
 }
 
 impl Default for TrainingSpec {
@@ -479,6 +507,10 @@ pub struct OutputSpec {
     #[serde(default = "default_keep_checkpoints")]
     #[schemars(range(min = 1, max = 1000))]
     pub keep_checkpoints: u32,
+    /// The validation metric that picks the model kept in `best/`: `accuracy`, `macroF1`
+    /// or `loss` (lowest wins).
+    #[serde(default)]
+    pub best_metric: BestMetric,
 }
 
 impl Default for OutputSpec {
@@ -486,8 +518,20 @@ impl Default for OutputSpec {
         Self {
             path: default_output_path(),
             keep_checkpoints: default_keep_checkpoints(),
+            best_metric: BestMetric::default(),
         }
     }
+}
+
+/// Validation metrics that can rank evaluations.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum BestMetric {
+    #[default]
+    Accuracy,
+    #[serde(rename = "macroF1")]
+    MacroF1,
+    Loss,
 }
 
 fn default_output_path() -> String {
@@ -696,9 +740,13 @@ pub struct Progress {
     /// Gradient all-reduce bus bandwidth (nccl-tests definition), GB/s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allreduce_bus_bandwidth_gbps: Option<f64>,
-    /// Path of the best checkpoint so far (by validation accuracy).
+    /// Path of the best model so far (by `spec.output.bestMetric`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_checkpoint: Option<String>,
+    /// The all-reduce ring as the trainer built it: ranks in ring order, grouped by
+    /// location (`0,2 @node-a | 1,3 @node-b`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_order: Option<String>,
     /// When the trainer last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update_time: Option<Time>,

@@ -65,9 +65,14 @@ pub enum Event {
         step: u64,
         path: String,
     },
+    /// The all-reduce ring as it was built (ranks in ring order).
+    Ring {
+        order: String,
+    },
     Done {
         steps: u64,
-        best_accuracy: Option<f64>,
+        /// The best value of `spec.output.bestMetric`.
+        best: Option<f64>,
         output: String,
         seconds: f64,
     },

@@ -374,10 +374,11 @@ impl View {
                 if best {
                     self.best = Some(report.accuracy);
                 }
-                eprintln!("{}", eval_table(epoch, &report, best));
+                eprintln!("{}", eval_table(epoch, step, &report, best));
                 self.evals.push((step, report));
             }
             Event::Checkpoint { .. } => {}
+            Event::Ring { order } => eprintln!("all-reduce ring: {order}"),
             Event::Done { seconds, .. } => {
                 eprintln!("finished in {seconds:.1} s");
             }
@@ -412,9 +413,9 @@ impl View {
     }
 }
 
-fn eval_table(epoch: u64, r: &EvalReport, best: bool) -> String {
+fn eval_table(epoch: u64, step: u64, r: &EvalReport, best: bool) -> String {
     let mut out = format!(
-        "epoch {}: validation accuracy {:.4}, macro-F1 {:.4}, loss {:.4} ({} examples){}\n\
+        "epoch {}, step {step}: validation accuracy {:.4}, macro-F1 {:.4}, loss {:.4} ({} examples){}\n\
          | class | precision | recall | F1 | support |\n|---|---|---|---|---|\n",
         epoch + 1,
         r.accuracy,

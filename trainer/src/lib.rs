@@ -15,6 +15,8 @@ pub mod events;
 pub mod grads;
 pub mod host;
 pub mod launch;
+pub mod loss;
+pub mod model;
 mod model_card;
 pub mod optim;
 pub mod params;

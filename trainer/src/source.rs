@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// Files a BERT model directory must hold.
-const REQUIRED: [&str; 2] = ["config.json", "model.safetensors"];
+/// The file every model directory holds (BERT adds `config.json` and `tokenizer.json`).
+const WEIGHTS: &str = "model.safetensors";
 
-/// The directory holding `config.json`, `model.safetensors` (and `tokenizer.json`).
+/// The directory holding `model.safetensors` (and `config.json`, `tokenizer.json`).
 pub fn resolve(source: &str) -> Result<PathBuf> {
     match source.strip_prefix("hf://") {
         Some(id) => from_hub_cache(id, &hub_cache()),
@@ -68,7 +68,7 @@ fn from_hub_cache(id: &str, cache: &Path) -> Result<PathBuf> {
 fn from_directory(dir: &Path) -> Result<PathBuf> {
     // The output directory of an earlier run serves its best model.
     let best = dir.join("best");
-    if !dir.join(REQUIRED[0]).exists() && best.join(REQUIRED[0]).exists() {
+    if !dir.join(WEIGHTS).exists() && best.join(WEIGHTS).exists() {
         check_model_dir(&best, &best.display().to_string())?;
         return Ok(best);
     }
@@ -83,14 +83,12 @@ fn check_model_dir(dir: &Path, what: &str) -> Result<()> {
             dir.display()
         )));
     }
-    for file in REQUIRED {
-        if !dir.join(file).is_file() {
-            return Err(Error::Config(format!(
-                "model source {what}: {} has no {file} (a model directory holds config.json, \
-                 model.safetensors and tokenizer.json)",
-                dir.display()
-            )));
-        }
+    if !dir.join(WEIGHTS).is_file() {
+        return Err(Error::Config(format!(
+            "model source {what}: {} has no {WEIGHTS} (a model directory holds \
+             model.safetensors, and for BERT config.json and tokenizer.json)",
+            dir.display()
+        )));
     }
     Ok(())
 }
@@ -101,9 +99,7 @@ mod tests {
 
     fn model_dir(dir: &Path) {
         std::fs::create_dir_all(dir).unwrap();
-        for f in REQUIRED {
-            std::fs::write(dir.join(f), "{}").unwrap();
-        }
+        std::fs::write(dir.join(WEIGHTS), "{}").unwrap();
     }
 
     #[test]
@@ -137,6 +133,6 @@ mod tests {
         assert_eq!(from_directory(run.path()).unwrap(), run.path().join("best"));
         let empty = tempfile::tempdir().unwrap();
         let err = from_directory(empty.path()).unwrap_err().to_string();
-        assert!(err.contains("has no config.json"), "{err}");
+        assert!(err.contains("has no model.safetensors"), "{err}");
     }
 }

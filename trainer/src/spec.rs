@@ -112,7 +112,8 @@ fn apply_override(doc: &mut Value, assignment: &str) -> Result<()> {
 
 fn resolve_paths(job: &mut TrainingJob, base: &Path) {
     let resolve = |p: &mut String| {
-        if !p.is_empty() && !p.starts_with("hf://") && Path::new(p.as_str()).is_relative() {
+        let named = p.starts_with("hf://") || p.starts_with("random:");
+        if !p.is_empty() && !named && Path::new(p.as_str()).is_relative() {
             *p = base.join(p.as_str()).to_string_lossy().into_owned();
         }
     };
@@ -191,16 +192,49 @@ pub fn check(job: &TrainingJob) -> std::result::Result<(), String> {
     if s.distribution.workers < 1 || s.distribution.processes_per_worker < 1 {
         return Err("spec.distribution.workers and processesPerWorker must be at least 1".into());
     }
-    match (s.model.architecture, s.data.format) {
-        (Architecture::Bert, DataFormat::Csv | DataFormat::Tsv | DataFormat::Jsonl) => Ok(()),
-        (Architecture::Bert, f) => Err(format!(
-            "spec.data.format {f:?} holds images; a bert model reads csv, tsv or jsonl"
+    if let Some(a) = &s.data.augmentation {
+        if !(0.05..=1.0).contains(&a.min_crop_scale) {
+            return Err(format!(
+                "spec.data.augmentation.minCropScale must be in [0.05, 1], got {}",
+                a.min_crop_scale
+            ));
+        }
+        if !(0.0..=1.0).contains(&a.color_jitter) {
+            return Err(format!(
+                "spec.data.augmentation.colorJitter must be in [0, 1], got {}",
+                a.color_jitter
+            ));
+        }
+        if !(0.0..=45.0).contains(&a.max_rotation_degrees) {
+            return Err(format!(
+                "spec.data.augmentation.maxRotationDegrees must be in [0, 45], got {}",
+                a.max_rotation_degrees
+            ));
+        }
+    }
+    if !(8..=1024).contains(&s.data.image_size) {
+        return Err(format!(
+            "spec.data.imageSize must be in [8, 1024], got {}",
+            s.data.image_size
+        ));
+    }
+    if s.model.layers == Some(0) {
+        return Err("spec.model.layers must be at least 1".into());
+    }
+    let text = matches!(
+        s.data.format,
+        DataFormat::Csv | DataFormat::Tsv | DataFormat::Jsonl
+    );
+    match (s.model.architecture, text) {
+        (Architecture::Bert, true) | (Architecture::Resnet, false) => Ok(()),
+        (Architecture::Bert, false) => Err(format!(
+            "spec.data.format {:?} holds images; a bert model reads csv, tsv or jsonl",
+            s.data.format
         )),
-        (Architecture::Resnet, _) => Err(
-            "spec.model.architecture resnet: image training through `ringmaster train` is not \
-             built yet (BERT text classification is); see docs/training.md"
-                .into(),
-        ),
+        (Architecture::Resnet, true) => Err(format!(
+            "spec.data.format {:?} holds text; a resnet model reads imagefolder or idx",
+            s.data.format
+        )),
     }
 }
 

@@ -120,6 +120,10 @@ fn apply(p: &mut Progress, event: &Event) -> bool {
             true
         }
         Event::Checkpoint { .. } => false,
+        Event::Ring { order } => {
+            p.ring_order = Some(order.clone());
+            true
+        }
         Event::Done { output, .. } => {
             p.best_checkpoint = Some(format!("{output}/best"));
             true

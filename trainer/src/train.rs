@@ -1,32 +1,38 @@
-//! One rank of a TrainingJob (`ringmaster train`): fine-tunes a BERT sequence classifier
-//! on labelled text, data-parallel over the TCP ring when WORLD_SIZE > 1. Evaluates every
-//! epoch across all ranks, keeps the best model servable in `best/`, checkpoints every
-//! `checkpointIntervalSteps` and every epoch, and resumes from the newest intact
-//! checkpoint in the output directory (so a whole-gang restart loses at most one
-//! interval). Rank 0 writes the output directory and reports on stdout (`events`).
+//! One rank of a TrainingJob (`ringmaster train`): fine-tunes a BERT text classifier or
+//! a ResNet image classifier, data-parallel over the TCP ring when WORLD_SIZE > 1, with
+//! optional distillation from a teacher and class balancing. Evaluates every epoch (and
+//! every `evalIntervalSteps`) across all ranks, keeps the best model servable in `best/`,
+//! checkpoints every `checkpointIntervalSteps` and every epoch, and resumes from the
+//! newest intact checkpoint in the output directory (so a whole-gang restart loses at
+//! most one interval). Rank 0 writes the output directory and reports on stdout
+//! (`events`).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{D, Device, Tensor};
 use ringmaster_collective::{ReduceOp, RendezvousConfig, connect_tcp};
-use ringmaster_crds::{NonFinitePolicy, Optimizer, Pooling, Schedule as SpecSchedule};
-use ringmaster_nn::models::bert::{self, BertConfig, BertForSequenceClassification};
-use tokenizers::Tokenizer;
+use ringmaster_crds::{
+    Architecture, BestMetric, ClassBalance, NonFinitePolicy, Optimizer, Schedule as SpecSchedule,
+};
 use tracing::info;
 
 use crate::checkpoint;
-use crate::data::batches::{self, TextBatch};
-use crate::data::{Example, TextData, sampler};
+use crate::data::augment::Transform;
+use crate::data::batches::{self, Batch, Examples};
+use crate::data::images::{self, ImageExamples};
+use crate::data::sampler;
+use crate::data::text::{self, TextExamples};
 use crate::ddp::{Ddp, DdpConfig};
 use crate::error::{Error, Result};
 use crate::evaluate::{Confusion, EvalReport};
 use crate::events::{Event, Sink};
+use crate::loss;
+use crate::model::{Model, Purpose};
 use crate::model_card;
 use crate::optim::{OptimizerConfig, Schedule};
-use crate::params::{ModelVars, NamePatterns, default_buffer_patterns};
+use crate::params::ModelVars;
 use crate::rng::TrainRng;
 use crate::run_dir::{Position, RunDir};
 use crate::spec::JobFile;
@@ -59,43 +65,104 @@ impl Rank {
     }
 }
 
-/// The model, its tokenizer and where they came from.
-struct Model {
-    classifier: BertForSequenceClassification,
-    vars: ModelVars,
-    tokenizer: Arc<Tokenizer>,
-    source_dir: std::path::PathBuf,
+/// The model to train and the data it trains on.
+struct Task {
+    model: Model,
+    /// Distillation's teacher, frozen.
+    teacher: Option<Model>,
+    train: Arc<dyn Examples>,
+    validation: Arc<dyn Examples>,
+    labels: Vec<String>,
+    /// Per-class loss weights (`classBalance: lossWeights`).
+    class_weights: Option<Tensor>,
+}
+
+/// Reads the data and loads the model (and teacher): every input error surfaces here,
+/// before training starts.
+fn prepare(job: &JobFile) -> Result<Task> {
+    let spec = &job.job.spec;
+    let t = &spec.training;
+    let seed = t.seed;
+    let (model, train, validation, labels): (Model, Arc<dyn Examples>, Arc<dyn Examples>, _) =
+        match spec.model.architecture {
+            Architecture::Bert => {
+                let data = text::load(&spec.data, &spec.model.labels, seed)?;
+                check_class_count(job, &data.labels)?;
+                let model = Model::load(spec, &spec.model.source, &data.labels, Purpose::Train)?;
+                let tokenizer = model.tokenizer.clone().expect("BERT has a tokenizer");
+                (
+                    model,
+                    Arc::new(TextExamples::new(data.train, tokenizer.clone())),
+                    Arc::new(TextExamples::new(data.validation, tokenizer)),
+                    data.labels,
+                )
+            }
+            Architecture::Resnet => {
+                let data = images::load(&spec.data, &spec.model.labels, seed)?;
+                check_class_count(job, &data.labels)?;
+                let model = Model::load(spec, &spec.model.source, &data.labels, Purpose::Train)?;
+                let size = spec.data.image_size as usize;
+                let transform = |augmentation| Transform { size, augmentation };
+                (
+                    model,
+                    Arc::new(ImageExamples::new(
+                        data.train,
+                        transform(spec.data.augmentation.clone()),
+                    )),
+                    Arc::new(ImageExamples::new(data.validation, transform(None))),
+                    data.labels,
+                )
+            }
+        };
+    let teacher = t
+        .distillation
+        .as_ref()
+        .map(|d| Model::load(spec, &d.teacher, &labels, Purpose::Teach))
+        .transpose()?;
+    let class_weights = match t.class_balance {
+        ClassBalance::LossWeights => {
+            let weights = loss::balanced_class_weights(
+                (0..train.len()).map(|i| train.label(i)),
+                labels.len(),
+            );
+            info!(?weights, "class weights in the loss");
+            Some(Tensor::new(weights, &Device::Cpu)?)
+        }
+        ClassBalance::None | ClassBalance::Oversample => None,
+    };
+    Ok(Task {
+        model,
+        teacher,
+        train,
+        validation,
+        labels,
+        class_weights,
+    })
+}
+
+fn check_class_count(job: &JobFile, labels: &[String]) -> Result<()> {
+    match job.job.spec.model.num_classes {
+        Some(n) if n as usize != labels.len() => Err(Error::Config(format!(
+            "spec.model.numClasses is {n} but the training data has {} labels: {labels:?}",
+            labels.len()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 pub fn run(job: &JobFile, me: Rank) -> Result<()> {
     let started = Instant::now();
     let spec = &job.job.spec;
     let t = &spec.training;
-    if t.distillation.is_some() {
-        return Err(Error::Config(
-            "spec.training.distillation: distillation is not built into the trainer yet".into(),
-        ));
-    }
     let run = RunDir::create(&job.output_dir())?;
-    let data = TextData::load(&spec.data, &spec.model.labels, t.seed)?;
-    if let Some(n) = spec.model.num_classes
-        && n as usize != data.labels.len()
-    {
-        return Err(Error::Config(format!(
-            "spec.model.numClasses is {n} but the training data has {} labels: {:?}",
-            data.labels.len(),
-            data.labels
-        )));
-    }
-    let model = load_model(job, data.labels.len())?;
-    let train = Arc::new(data.train);
-    let validation = Arc::new(data.validation);
+    let task = prepare(job)?;
+    let train = task.train.clone();
 
     let micro_per_epoch = (train.len().div_ceil(me.world) as u64).div_ceil(u64::from(t.batch_size));
     let accumulation = u64::from(t.gradient_accumulation_steps);
     let steps_per_epoch = micro_per_epoch.div_ceil(accumulation);
     let total_steps = steps_per_epoch * u64::from(t.epochs);
-    let mut stepper = stepper(job, &model.vars, total_steps, me)?;
+    let mut stepper = stepper(job, &task.model.vars, total_steps, me)?;
 
     let mut position = Position {
         epoch: 0,
@@ -104,7 +171,7 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
     };
     let mut resumed_at_step = None;
     if let Some((dir, saved)) = run.newest_valid_checkpoint() {
-        checkpoint::load(&dir, &model.vars, &mut stepper)?;
+        checkpoint::load(&dir, &task.model.vars, &mut stepper)?;
         info!(checkpoint = %dir.display(), step = stepper.step(), "resumed");
         position = saved;
         resumed_at_step = Some(stepper.step());
@@ -117,38 +184,59 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
             sink.send(event);
         }
     };
+    if let Some(order) = stepper.ddp_mut().and_then(|ddp| ring_description(ddp)) {
+        info!(%order, "all-reduce ring");
+        tell(Event::Ring { order });
+    }
     tell(Event::Start {
         epochs: u64::from(t.epochs),
         steps_per_epoch,
         total_steps,
         train_examples: train.len(),
-        validation_examples: validation.len(),
+        validation_examples: task.validation.len(),
         world_size: me.world,
-        labels: data.labels.clone(),
+        labels: task.labels.clone(),
         resumed_at_step,
     });
 
     let batch_size = t.batch_size as usize;
     let global_batch = (batch_size * me.world) as f64;
+    let augments = spec.data.augmentation.is_some();
+    let mut evaluated_at = None;
     for epoch in position.epoch..u64::from(t.epochs) {
-        let order = sampler::shard(train.len(), me.world, me.rank, t.seed, epoch, true);
-        let skip = if epoch == position.epoch {
-            (position.batch as usize * batch_size).min(order.len())
+        let whole = match t.class_balance {
+            ClassBalance::Oversample => {
+                let labels: Vec<usize> = (0..train.len()).map(|i| train.label(i)).collect();
+                sampler::balanced_order(&labels, task.labels.len(), t.seed, epoch)
+            }
+            ClassBalance::None | ClassBalance::LossWeights => {
+                sampler::epoch_order(train.len(), t.seed, epoch, true)
+            }
+        };
+        let order = sampler::shard(&whole, me.world, me.rank);
+        let first_batch = if epoch == position.epoch {
+            position.batch
         } else {
             0
         };
+        let skip = (first_batch as usize * batch_size).min(order.len());
+        // Augmentation differs per rank and epoch, and follows the seed.
+        let augment_seed = augments.then(|| {
+            TrainRng::new(t.seed ^ (epoch << 32) ^ (me.rank as u64).wrapping_mul(0x9E37_79B9))
+                .next_u64()
+        });
         let batches = batches::stream(
-            model.tokenizer.clone(),
             train.clone(),
             order[skip..].to_vec(),
             batch_size,
+            augment_seed,
+            first_batch,
         );
-        let mut batch_index = position.batch * u64::from(epoch == position.epoch);
+        let mut batch_index = first_batch;
         let mut last_update = Instant::now();
         for batch in batches {
             let batch = batch?;
-            let logits = model.classifier.forward_t(&batch.input, true)?.logits;
-            let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
+            let loss = training_loss(&task, &batch, job)?;
             let loss_value = f64::from(loss.to_scalar::<f32>()?);
             batch_index += 1;
             if let StepOutcome::Updated { step, lr, .. } = stepper.backward(&loss)? {
@@ -161,91 +249,140 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
                     lr,
                     samples_per_s: global_batch * accumulation as f64 / took.max(1e-9),
                 });
-                let interval = t.checkpoint_interval_steps;
-                if leader && interval > 0 && step.is_multiple_of(interval) {
-                    position.epoch = epoch;
-                    position.batch = batch_index;
-                    tell(save_checkpoint(&run, &model, &stepper, &position, job)?);
+                position.epoch = epoch;
+                position.batch = batch_index;
+                let checkpoint_every = t.checkpoint_interval_steps;
+                if leader && checkpoint_every > 0 && step.is_multiple_of(checkpoint_every) {
+                    tell(save_checkpoint(&run, &task, &stepper, &position, job)?);
+                }
+                let eval_every = t.eval_interval_steps;
+                if eval_every > 0 && step.is_multiple_of(eval_every) {
+                    evaluate_and_keep(
+                        &task,
+                        &run,
+                        job,
+                        me,
+                        epoch,
+                        &mut stepper,
+                        &mut position,
+                        &tell,
+                    )?;
+                    evaluated_at = Some(step);
+                    last_update = Instant::now();
                 }
             }
         }
-
-        let report = evaluate(&model, &validation, &data.labels, me, &mut stepper)?;
-        let step = stepper.step();
-        // Without validation data there is nothing to rank epochs by: the latest is kept.
-        let best =
-            validation.is_empty() || position.best_metric.is_none_or(|b| report.accuracy > b);
-        if best && !validation.is_empty() {
-            position.best_metric = Some(report.accuracy);
-        }
-        if leader {
-            let line = serde_json::json!({"epoch": epoch + 1, "step": step, "validation": &report});
-            run.append_metrics(&line)?;
-            if best {
-                run.replace_best(|dir| export_best(dir, &model, &data.labels, job, &report))?;
-            }
-            tell(Event::Eval {
-                epoch,
-                step,
-                best,
-                report,
-            });
-        }
         position.epoch = epoch + 1;
         position.batch = 0;
+        if evaluated_at != Some(stepper.step()) {
+            evaluate_and_keep(
+                &task,
+                &run,
+                job,
+                me,
+                epoch,
+                &mut stepper,
+                &mut position,
+                &tell,
+            )?;
+            evaluated_at = Some(stepper.step());
+        }
         if leader && !stepper.mid_step() {
-            tell(save_checkpoint(&run, &model, &stepper, &position, job)?);
+            tell(save_checkpoint(&run, &task, &stepper, &position, job)?);
         }
     }
     tell(Event::Done {
         steps: stepper.step(),
-        best_accuracy: position.best_metric,
+        best: position.best_metric,
         output: run.root().display().to_string(),
         seconds: started.elapsed().as_secs_f64(),
     });
     Ok(())
 }
 
-fn load_model(job: &JobFile, num_labels: usize) -> Result<Model> {
-    let spec = &job.job.spec;
-    let source_dir = crate::source::resolve(&spec.model.source)?;
-    let config_file = source_dir.join("config.json");
-    let config = BertConfig::from_file(&config_file)?;
-    // Patterns are written against the encoder (`embeddings.*`, `encoder.layer.0.*`) or
-    // against the full names (`bert.embeddings.*`).
-    let freeze: Vec<String> = spec
-        .model
-        .freeze
-        .iter()
-        .flat_map(|p| [p.clone(), format!("bert.{p}")])
-        .collect();
-    let vars = ModelVars::new(NamePatterns::parse(&freeze)?, default_buffer_patterns());
-    let pooling = match spec.model.pooling {
-        Pooling::Cls => bert::Pooling::Cls,
-        Pooling::Mean => bert::Pooling::Mean,
+/// Cross-entropy (class-weighted when asked), mixed with the teacher's soft targets when
+/// distilling (the teacher runs in eval mode, without gradients, on the same batch).
+fn training_loss(task: &Task, batch: &Batch, job: &JobFile) -> Result<Tensor> {
+    let logits = task.model.logits(&batch.input, true)?;
+    let hard = loss::cross_entropy(&logits, &batch.labels, task.class_weights.as_ref())?;
+    match (&task.teacher, &job.job.spec.training.distillation) {
+        (Some(teacher), Some(d)) => {
+            let teacher_logits = teacher.logits(&batch.input, false)?;
+            loss::distillation(&logits, &teacher_logits, &hard, d.temperature, d.alpha)
+        }
+        _ => Ok(hard),
+    }
+}
+
+/// The ring's ranks in order (`0,2,1,3`).
+fn ring_description(ddp: &mut Ddp) -> Option<String> {
+    let order = ddp.communicator().ring_order()?;
+    Some(
+        order
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
+/// Whether `report` beats the best so far on the spec's metric; updates it when it does.
+fn improves(report: &EvalReport, metric: BestMetric, best: &mut Option<f64>) -> bool {
+    let (value, higher_is_better) = match metric {
+        BestMetric::Accuracy => (report.accuracy, true),
+        BestMetric::MacroF1 => (report.macro_f1, true),
+        BestMetric::Loss => (report.loss, false),
     };
-    let classifier = BertForSequenceClassification::new(
-        vars.var_builder(DType::F32, &Device::Cpu),
-        &config,
-        num_labels,
-        pooling,
-    )?;
-    bert::load_weights(
-        vars.varmap(),
-        &source_dir.join("model.safetensors"),
-        &config_file,
-        |name| name.starts_with("classifier.") || name.starts_with("bert.pooler."),
-    )?;
-    let mut tokenizer =
-        bert::load_tokenizer(&source_dir.join("tokenizer.json"), &config, &config_file)?;
-    let max_len = (spec.training.max_sequence_length as usize).min(config.max_position_embeddings);
-    batches::truncate_to(&mut tokenizer, max_len)?;
-    Ok(Model {
-        classifier,
-        vars,
-        tokenizer: Arc::new(tokenizer),
-        source_dir,
-    })
+    let better = best.is_none_or(|b| {
+        if higher_is_better {
+            value > b
+        } else {
+            value < b
+        }
+    });
+    if better {
+        *best = Some(value);
+    }
+    better
+}
+
+/// Evaluates on every rank; rank 0 records the result and keeps the model in `best/`
+/// when it improves on the spec's metric (without validation data, the latest is kept).
+fn evaluate_and_keep(
+    task: &Task,
+    run: &RunDir,
+    job: &JobFile,
+    me: Rank,
+    epoch: u64,
+    stepper: &mut Stepper,
+    position: &mut Position,
+    tell: &impl Fn(Event),
+) -> Result<()> {
+    let report = evaluate(task, me, stepper)?;
+    let step = stepper.step();
+    let best = if task.validation.is_empty() {
+        true
+    } else {
+        improves(
+            &report,
+            job.job.spec.output.best_metric,
+            &mut position.best_metric,
+        )
+    };
+    if me.rank == 0 {
+        let line = serde_json::json!({"epoch": epoch + 1, "step": step, "validation": &report});
+        run.append_metrics(&line)?;
+        if best {
+            run.replace_best(|dir| export_best(dir, task, job, &report))?;
+        }
+        tell(Event::Eval {
+            epoch,
+            step,
+            best,
+            report,
+        });
+    }
+    Ok(())
 }
 
 fn stepper(job: &JobFile, vars: &ModelVars, total_steps: u64, me: Rank) -> Result<Stepper> {
@@ -289,23 +426,17 @@ fn stepper(job: &JobFile, vars: &ModelVars, total_steps: u64, me: Rank) -> Resul
 
 /// Every rank evaluates its share of the validation set (no padding, so each example
 /// counts once); the confusion matrices and loss sums are summed across ranks.
-fn evaluate(
-    model: &Model,
-    validation: &Arc<Vec<Example>>,
-    labels: &[String],
-    me: Rank,
-    stepper: &mut Stepper,
-) -> Result<EvalReport> {
-    let mine: Vec<usize> = (me.rank..validation.len()).step_by(me.world).collect();
-    let mut confusion = Confusion::new(labels.len());
-    for batch in batches::stream(model.tokenizer.clone(), validation.clone(), mine, 64) {
-        let TextBatch {
+fn evaluate(task: &Task, me: Rank, stepper: &mut Stepper) -> Result<EvalReport> {
+    let mine: Vec<usize> = (me.rank..task.validation.len()).step_by(me.world).collect();
+    let classes = task.labels.len();
+    let mut confusion = Confusion::new(classes);
+    for batch in batches::stream(task.validation.clone(), mine, 64, None, 0) {
+        let Batch {
             input,
             labels: truth,
             size,
-            ..
         } = batch?;
-        let logits = model.classifier.forward_t(&input, false)?.logits;
+        let logits = task.model.logits(&input, false)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &truth)?;
         let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let loss_sum = f64::from(loss.to_scalar::<f32>()?) * size as f64;
@@ -315,16 +446,16 @@ fn evaluate(
         let mut flat = confusion.to_flat();
         ddp.communicator()
             .all_reduce_f32(&mut flat, ReduceOp::Sum)?;
-        confusion = Confusion::from_flat(labels.len(), &flat);
+        confusion = Confusion::from_flat(classes, &flat);
     }
-    Ok(confusion.report(labels))
+    Ok(confusion.report(&task.labels))
 }
 
 /// Writes a checkpoint (between optimizer steps only: micro-batches of an unfinished
 /// step would be lost) and returns the event announcing it.
 fn save_checkpoint(
     run: &RunDir,
-    model: &Model,
+    task: &Task,
     stepper: &Stepper,
     position: &Position,
     job: &JobFile,
@@ -332,7 +463,7 @@ fn save_checkpoint(
     let keep = job.job.spec.output.keep_checkpoints as usize;
     let rng = TrainRng::new(job.job.spec.training.seed);
     let dir = run.save_checkpoint(stepper.step(), position, keep, |dir| {
-        checkpoint::save(dir, &model.vars, stepper, position.epoch, &rng)
+        checkpoint::save(dir, &task.model.vars, stepper, position.epoch, &rng)
     })?;
     Ok(Event::Checkpoint {
         step: stepper.step(),
@@ -340,80 +471,13 @@ fn save_checkpoint(
     })
 }
 
-/// A directory `transformers.AutoModelForSequenceClassification.from_pretrained` loads:
-/// the source's config with the label maps, the weights under Hugging Face names, the
-/// tokenizer files, and a model card.
-fn export_best(
-    dir: &Path,
-    model: &Model,
-    labels: &[String],
-    job: &JobFile,
-    report: &EvalReport,
-) -> Result<()> {
-    let source_config = model.source_dir.join("config.json");
-    let raw = std::fs::read(&source_config).map_err(|source| Error::Io {
-        what: "reading",
-        path: source_config.clone(),
-        source,
-    })?;
-    let mut config: serde_json::Value = serde_json::from_slice(&raw)
-        .map_err(|e| Error::Config(format!("{}: {e}", source_config.display())))?;
-    let id2label: serde_json::Map<String, serde_json::Value> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i.to_string(), l.clone().into()))
-        .collect();
-    let label2id: serde_json::Map<String, serde_json::Value> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (l.clone(), i.into()))
-        .collect();
-    config["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
-    config["id2label"] = id2label.into();
-    config["label2id"] = label2id.into();
-    config["num_labels"] = labels.len().into();
-    config["problem_type"] = "single_label_classification".into();
-    write_json(&dir.join("config.json"), &config)?;
-    write_json(&dir.join("labels.json"), &serde_json::json!(labels))?;
-    let tensors: HashMap<String, Tensor> = model
-        .vars
-        .all()
-        .into_iter()
-        .map(|v| (v.name, v.var.as_tensor().clone()))
-        .collect();
-    let weights = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &weights).map_err(|e| Error::Checkpoint {
-        path: weights.clone(),
-        detail: e.to_string(),
-    })?;
-    for file in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "vocab.txt",
-        "special_tokens_map.json",
-    ] {
-        let from = model.source_dir.join(file);
-        if from.is_file() {
-            std::fs::copy(&from, dir.join(file)).map_err(|source| Error::Io {
-                what: "copying",
-                path: from.clone(),
-                source,
-            })?;
-        }
-    }
-    let card = model_card::render(&job.job, labels, report);
+/// The model as a servable directory (`Model::export`) with its model card.
+fn export_best(dir: &Path, task: &Task, job: &JobFile, report: &EvalReport) -> Result<()> {
+    task.model.export(dir, &task.labels, &job.job.spec)?;
+    let card = model_card::render(&job.job, &task.labels, report);
     std::fs::write(dir.join("README.md"), card).map_err(|source| Error::Io {
         what: "writing",
         path: dir.join("README.md"),
-        source,
-    })
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).expect("JSON serialises");
-    std::fs::write(path, text).map_err(|source| Error::Io {
-        what: "writing",
-        path: path.to_path_buf(),
         source,
     })
 }

@@ -1,50 +1,63 @@
-//! Tokenised batches, padded to the longest text of each batch (never to a fixed length),
-//! built on a background thread one batch ahead of the step that consumes them.
+//! Batches of either kind of example, built on a background thread a few batches ahead of
+//! the step that consumes them, so a step does not wait for tokenising, decoding or
+//! augmenting.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use ringmaster_nn::models::bert::BertInput;
-use tokenizers::Tokenizer;
 
-use super::Example;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::rng::TrainRng;
 
 /// Batches built ahead of the step.
 const PREFETCH: usize = 2;
 
+/// What the model reads.
+pub enum Input {
+    Text(BertInput),
+    /// NCHW f32, normalised.
+    Images(Tensor),
+}
+
 /// One training or evaluation batch.
-pub struct TextBatch {
-    pub input: BertInput,
+pub struct Batch {
+    pub input: Input,
     /// u32 class indices, (batch,).
     pub labels: Tensor,
     pub size: usize,
 }
 
-/// Sets truncation to `max_len` tokens ([CLS] and [SEP] included).
-pub fn truncate_to(tokenizer: &mut Tokenizer, max_len: usize) -> Result<()> {
-    tokenizer
-        .with_truncation(Some(tokenizers::TruncationParams {
-            max_length: max_len,
-            ..Default::default()
-        }))
-        .map_err(|e| Error::Config(format!("cannot truncate to {max_len} tokens: {e}")))?;
-    Ok(())
+/// A labelled dataset that can build batches from example indices.
+pub trait Examples: Send + Sync + 'static {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The class of example `index`.
+    fn label(&self, index: usize) -> usize;
+    /// The batch of `indices`; `augment` is this batch's random stream when training
+    /// augments (None: evaluation, no randomness).
+    fn batch(&self, indices: &[usize], augment: Option<TrainRng>) -> Result<Batch>;
 }
 
-/// Builds the batches of `order` (indices into `examples`), `batch_size` at a time, on a
-/// background thread; yields them in order.
+/// Builds the batches of `order`, `batch_size` at a time, on a background thread; yields
+/// them in order. With `augment_seed`, batch k is augmented from a stream seeded by
+/// (seed, k), so a resumed epoch draws the same augmentations as an uninterrupted one
+/// (`first_batch`: the index of the first batch in `order`).
 pub fn stream(
-    tokenizer: Arc<Tokenizer>,
-    examples: Arc<Vec<Example>>,
+    examples: Arc<dyn Examples>,
     order: Vec<usize>,
     batch_size: usize,
-) -> Receiver<Result<TextBatch>> {
+    augment_seed: Option<u64>,
+    first_batch: u64,
+) -> Receiver<Result<Batch>> {
     let (tx, rx) = sync_channel(PREFETCH);
     std::thread::spawn(move || {
-        for chunk in order.chunks(batch_size.max(1)) {
-            let batch = build(&tokenizer, &examples, chunk);
+        for (k, chunk) in order.chunks(batch_size.max(1)).enumerate() {
+            let rng = augment_seed.map(|seed| batch_rng(seed, first_batch + k as u64));
+            let batch = examples.batch(chunk, rng);
             if tx.send(batch).is_err() {
                 return; // the consumer stopped (an error, or the end of training)
             }
@@ -53,48 +66,7 @@ pub fn stream(
     rx
 }
 
-fn build(tokenizer: &Tokenizer, examples: &[Example], indices: &[usize]) -> Result<TextBatch> {
-    let texts: Vec<&str> = indices.iter().map(|&i| examples[i].text.as_str()).collect();
-    let encodings = tokenizer
-        .encode_batch(texts, true)
-        .map_err(|e| Error::Config(format!("tokenising a batch: {e}")))?;
-    let longest = encodings
-        .iter()
-        .map(|e| e.get_ids().len())
-        .max()
-        .unwrap_or(1);
-    let pad = tokenizer.token_to_id("[PAD]").unwrap_or(0);
-    let n = indices.len();
-    let (mut ids, mut mask, mut types) = (
-        Vec::with_capacity(n * longest),
-        Vec::with_capacity(n * longest),
-        Vec::with_capacity(n * longest),
-    );
-    for e in &encodings {
-        let len = e.get_ids().len();
-        ids.extend(
-            e.get_ids()
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad, longest - len)),
-        );
-        types.extend(
-            e.get_type_ids()
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(0, longest - len)),
-        );
-        mask.extend((0..longest).map(|p| u32::from(p < len)));
-    }
-    let labels: Vec<u32> = indices.iter().map(|&i| examples[i].label as u32).collect();
-    let cpu = Device::Cpu;
-    Ok(TextBatch {
-        input: BertInput {
-            input_ids: Tensor::from_vec(ids, (n, longest), &cpu)?,
-            token_type_ids: Some(Tensor::from_vec(types, (n, longest), &cpu)?),
-            attention_mask: Some(Tensor::from_vec(mask, (n, longest), &cpu)?),
-        },
-        labels: Tensor::from_vec(labels, n, &cpu)?,
-        size: n,
-    })
+fn batch_rng(seed: u64, batch: u64) -> TrainRng {
+    let mut mix = TrainRng::new(seed ^ batch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    TrainRng::new(mix.next_u64())
 }

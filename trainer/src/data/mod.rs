@@ -1,84 +1,32 @@
-//! Labelled text from CSV, TSV or JSONL files: rows read with errors that name the file
-//! and line, labels mapped to indices (the spec's names, or the sorted set found in the
-//! data), a deterministic validation split, per-rank sharding (`sampler`) and tokenised
-//! batches prepared on a background thread (`batches`).
+//! Labelled data for training and evaluation: text (`text`: CSV, TSV, JSONL) and images
+//! (`images`: ImageFolder trees and IDX files, transformed by `augment`), a deterministic
+//! validation split, per-rank sharding (`sampler`) and batches built on a background
+//! thread ahead of the step that consumes them (`batches`).
 
+pub mod augment;
 pub mod batches;
+pub mod images;
 pub mod sampler;
+pub mod text;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
-use ringmaster_crds::{DataFormat, DataSpec};
-
-use crate::error::{Error, Result};
 use crate::rng::TrainRng;
-
-/// One labelled text.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Example {
-    pub text: String,
-    pub label: usize,
-}
-
-/// A row as read, before its label is mapped.
-#[derive(Debug, Clone)]
-struct Row {
-    text: String,
-    label: String,
-    line: usize,
-}
 
 /// The training and validation examples and the label names, in index order.
 #[derive(Debug, Clone)]
-pub struct TextData {
-    pub train: Vec<Example>,
-    pub validation: Vec<Example>,
+pub struct Labelled<T> {
+    pub train: Vec<T>,
+    pub validation: Vec<T>,
     pub labels: Vec<String>,
 }
 
-impl TextData {
-    /// Reads `spec.train` (and `spec.validation`, or holds out `validationSplit` of the
-    /// training rows, chosen by `seed`). `labels`: the spec's names; empty means the
-    /// sorted set of labels in the training data.
-    pub fn load(spec: &DataSpec, labels: &[String], seed: u64) -> Result<Self> {
-        let train_path = Path::new(&spec.train);
-        let train_rows = read_rows(train_path, spec)?;
-        let labels: Vec<String> = if labels.is_empty() {
-            let found: BTreeSet<&str> = train_rows.iter().map(|r| r.label.as_str()).collect();
-            found.into_iter().map(str::to_string).collect()
-        } else {
-            labels.to_vec()
-        };
-        if labels.len() < 2 {
-            return Err(Error::Config(format!(
-                "{}: the data has {} distinct label(s); classification needs at least 2",
-                train_path.display(),
-                labels.len()
-            )));
-        }
-        let mut train = map_labels(train_rows, &labels, train_path)?;
-        let validation = match &spec.validation {
-            Some(path) => {
-                let path = Path::new(path);
-                map_labels(read_rows(path, spec)?, &labels, path)?
-            }
-            None => hold_out(&mut train, spec.validation_split, seed),
-        };
-        Ok(Self {
-            train,
-            validation,
-            labels,
-        })
-    }
-}
-
-/// Moves a seeded random `fraction` of `train` (at least one row when the fraction is
-/// positive) into the returned validation set; the same seed always picks the same rows.
-fn hold_out(train: &mut Vec<Example>, fraction: f64, seed: u64) -> Vec<Example> {
+/// Moves a seeded random `fraction` of `train` (at least one item when the fraction is
+/// positive) into the returned validation set; the same seed always picks the same items.
+pub fn hold_out<T>(train: &mut Vec<T>, fraction: f64, seed: u64) -> Vec<T> {
     let n = train.len();
-    // At least one row when asked for any, never more than half (a one-row dataset keeps
-    // its row for training).
+    // At least one item when asked for any, never more than half (a one-item dataset
+    // keeps its item for training).
     let count = ((n as f64 * fraction).round() as usize)
         .max(usize::from(fraction > 0.0))
         .min(n / 2);
@@ -86,11 +34,11 @@ fn hold_out(train: &mut Vec<Example>, fraction: f64, seed: u64) -> Vec<Example> 
     let held: BTreeSet<usize> = order[..count].iter().copied().collect();
     let mut validation = Vec::with_capacity(count);
     let mut kept = Vec::with_capacity(n - count);
-    for (i, ex) in train.drain(..).enumerate() {
+    for (i, item) in train.drain(..).enumerate() {
         if held.contains(&i) {
-            validation.push(ex);
+            validation.push(item);
         } else {
-            kept.push(ex);
+            kept.push(item);
         }
     }
     *train = kept;
@@ -100,268 +48,20 @@ fn hold_out(train: &mut Vec<Example>, fraction: f64, seed: u64) -> Vec<Example> 
 /// Mixed into the split seed so that the split and the epoch order differ.
 const SPLIT_SEED_MIX: u64 = 0x5eed_0f5b_1175_eed5;
 
-fn read_rows(path: &Path, spec: &DataSpec) -> Result<Vec<Row>> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        what: "reading the dataset",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let rows = match spec.format {
-        DataFormat::Jsonl => read_jsonl(&text, path, spec)?,
-        DataFormat::Csv => read_delimited(&text, b',', path, spec)?,
-        DataFormat::Tsv => read_delimited(&text, b'\t', path, spec)?,
-        other => {
-            return Err(Error::Config(format!(
-                "{}: format {other:?} is not a text format (csv, tsv, jsonl)",
-                path.display()
-            )));
-        }
-    };
-    if rows.is_empty() {
-        return Err(Error::Config(format!(
-            "{}: the dataset has no rows",
-            path.display()
-        )));
-    }
-    Ok(rows)
-}
-
-/// A field named by header name, or by a 0-based column index.
-fn column(field: &str, header: Option<&csv::StringRecord>, path: &Path) -> Result<usize> {
-    if let Some(pos) = header.and_then(|h| h.iter().position(|c| c.trim() == field)) {
-        return Ok(pos);
-    }
-    field.trim().parse().map_err(|_| {
-        let known = header.map_or(
-            "the file has no header row (header: false)".to_string(),
-            |h| format!("the header names {:?}", h.iter().collect::<Vec<_>>()),
-        );
-        Error::Config(format!(
-            "{}: no column {field:?}: {known}; name a column or give its 0-based index",
-            path.display()
-        ))
-    })
-}
-
-fn read_delimited(text: &str, delimiter: u8, path: &Path, spec: &DataSpec) -> Result<Vec<Row>> {
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .has_headers(spec.header)
-        .flexible(true)
-        // TSV files such as the SMS spam collection hold stray quotes inside fields.
-        .quoting(delimiter == b',')
-        .from_reader(text.as_bytes());
-    let header = if spec.header {
-        Some(reader.headers().map_err(|e| bad_row(path, 1, e))?.clone())
-    } else {
-        None
-    };
-    let text_col = column(&spec.text_field, header.as_ref(), path)?;
-    let label_col = column(&spec.label_field, header.as_ref(), path)?;
-    let mut rows = Vec::new();
-    for record in reader.records() {
-        let record = record.map_err(|e| {
-            let line = e.position().map_or(0, |p| p.line() as usize);
-            bad_row(path, line, e)
-        })?;
-        let line = record.position().map_or(0, |p| p.line() as usize);
-        if record.iter().all(|f| f.trim().is_empty()) {
-            continue;
-        }
-        let get = |col: usize, what: &str| {
-            record.get(col).map(str::to_string).ok_or_else(|| {
-                Error::Config(format!(
-                    "{}:{line}: row has {} fields, the {what} is column {col}",
-                    path.display(),
-                    record.len()
-                ))
-            })
-        };
-        rows.push(Row {
-            text: get(text_col, "text")?,
-            label: get(label_col, "label")?.trim().to_string(),
-            line,
-        });
-    }
-    Ok(rows)
-}
-
-fn read_jsonl(text: &str, path: &Path, spec: &DataSpec) -> Result<Vec<Row>> {
-    let mut rows = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line_no = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| bad_row(path, line_no, e))?;
-        let field = |name: &str| -> Result<String> {
-            match value.get(name) {
-                Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
-                Some(other) => Err(Error::Config(format!(
-                    "{}:{line_no}: field {name:?} is {other}, expected a string or number",
-                    path.display()
-                ))),
-                None => Err(Error::Config(format!(
-                    "{}:{line_no}: no field {name:?}",
-                    path.display()
-                ))),
-            }
-        };
-        rows.push(Row {
-            text: field(&spec.text_field)?,
-            label: field(&spec.label_field)?.trim().to_string(),
-            line: line_no,
-        });
-    }
-    Ok(rows)
-}
-
-fn bad_row(path: &Path, line: usize, e: impl std::fmt::Display) -> Error {
-    Error::Config(format!("{}:{line}: malformed row: {e}", path.display()))
-}
-
-/// Labels may be names from `labels` or indices into it.
-fn map_labels(rows: Vec<Row>, labels: &[String], path: &Path) -> Result<Vec<Example>> {
-    rows.into_iter()
-        .map(|row| {
-            let label = labels
-                .iter()
-                .position(|l| *l == row.label)
-                .or_else(|| {
-                    row.label
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|i| *i < labels.len())
-                })
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "{}:{}: label {:?} is not one of {labels:?} (nor an index below {})",
-                        path.display(),
-                        row.line,
-                        row.label,
-                        labels.len()
-                    ))
-                })?;
-            Ok(Example {
-                text: row.text,
-                label,
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn spec(format: &str, extra: &str, train: &Path) -> DataSpec {
-        serde_yaml::from_str(&format!(
-            "{{train: {:?}, format: {format}{extra}}}",
-            train.display().to_string()
-        ))
-        .unwrap()
-    }
-
-    #[test]
-    fn tsv_without_header_by_index_with_discovered_labels() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spam.tsv");
-        let rows: String = (0..20)
-            .map(|i| {
-                format!(
-                    "{}\tmessage \"{i}\n",
-                    if i % 4 == 0 { "spam" } else { "ham" }
-                )
-            })
-            .collect();
-        std::fs::write(&path, rows).unwrap();
-        let s = spec(
-            "tsv",
-            ", header: false, labelField: '0', textField: '1', validationSplit: 0.2",
-            &path,
-        );
-        let data = TextData::load(&s, &[], 7).unwrap();
-        assert_eq!(data.labels, ["ham", "spam"]);
-        assert_eq!((data.train.len(), data.validation.len()), (16, 4));
-        assert!(data.train.iter().any(|e| e.text == "message \"3"));
-        let again = TextData::load(&s, &[], 7).unwrap();
-        assert_eq!(
-            again.validation, data.validation,
-            "the split follows the seed"
-        );
-        let other = TextData::load(&s, &[], 8).unwrap();
-        assert_ne!(other.validation, data.validation);
-    }
-
     #[test]
     fn the_split_never_takes_more_than_half() {
-        let one = || {
-            vec![Example {
-                text: "x".into(),
-                label: 0,
-            }]
-        };
-        let mut train = one();
-        assert!(hold_out(&mut train, 0.2, 1).is_empty());
-        assert_eq!(train, one(), "a one-row dataset keeps its row");
-        let mut three: Vec<Example> = (0..3).map(|_| one().remove(0)).collect();
+        let mut one = vec!["x"];
+        assert!(hold_out(&mut one, 0.2, 1).is_empty());
+        assert_eq!(one, ["x"], "a one-item dataset keeps its item");
+        let mut three = vec![1, 2, 3];
         assert_eq!(
             hold_out(&mut three, 0.01, 1).len(),
             1,
-            "at least one row when asked"
+            "at least one item when asked"
         );
-    }
-
-    #[test]
-    fn csv_and_jsonl_by_name_and_errors_with_line_numbers() {
-        let dir = tempfile::tempdir().unwrap();
-        let csv_path = dir.path().join("d.csv");
-        std::fs::write(
-            &csv_path,
-            "text,label\n\"a, quoted\",pos\nplain,neg\nthird,maybe\n",
-        )
-        .unwrap();
-        let labels = ["neg".to_string(), "pos".to_string()];
-        let err = TextData::load(&spec("csv", "", &csv_path), &labels, 1).unwrap_err();
-        assert!(
-            err.to_string().contains("d.csv:4: label \"maybe\""),
-            "{err}"
-        );
-        std::fs::write(&csv_path, "text,label\n\"a, quoted\",pos\nplain,1\n").unwrap();
-        let data = TextData::load(
-            &spec("csv", ", validation: null, validationSplit: 0", &csv_path),
-            &labels,
-            1,
-        )
-        .unwrap();
-        assert_eq!(
-            data.train[0],
-            Example {
-                text: "a, quoted".into(),
-                label: 1
-            }
-        );
-        assert_eq!(data.train[1].label, 1, "an index is a label too");
-
-        let jsonl = dir.path().join("d.jsonl");
-        std::fs::write(
-            &jsonl,
-            "{\"text\": \"x\", \"label\": \"pos\"}\n{\"text\": \"y\"\n",
-        )
-        .unwrap();
-        let err = TextData::load(&spec("jsonl", "", &jsonl), &labels, 1).unwrap_err();
-        assert!(
-            err.to_string().contains("d.jsonl:2: malformed row"),
-            "{err}"
-        );
-        let err =
-            TextData::load(&spec("csv", ", textField: body", &csv_path), &labels, 1).unwrap_err();
-        assert!(err.to_string().contains("no column \"body\""), "{err}");
-        let empty = dir.path().join("empty.csv");
-        std::fs::write(&empty, "text,label\n").unwrap();
-        let err = TextData::load(&spec("csv", "", &empty), &labels, 1).unwrap_err();
-        assert!(err.to_string().contains("has no rows"), "{err}");
     }
 }

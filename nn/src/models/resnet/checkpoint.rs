@@ -151,88 +151,125 @@ pub struct LoadedResNet {
     pub layout: WeightLayout,
 }
 
-/// Loads a torchvision or Hugging Face ResNet checkpoint with a head of `num_classes`.
-///
-/// The architecture (depth, block kind) comes from the tensors present. A head whose
-/// class count differs from `num_classes`, or a checkpoint without a head, gets a fresh
-/// head. A missing BatchNorm count starts at zero. Any other missing tensor or wrong shape
-/// is an error naming the file and tensor. Variables are F32 (BatchNorm counts I64, as in
-/// torch) and keep torchvision names, so a saved `VarMap` is a torchvision file.
+/// Loads a torchvision or Hugging Face ResNet checkpoint with a head of `num_classes`
+/// (see [`ResNetCheckpoint`]). Variables are F32 (BatchNorm counts I64, as in torch) and
+/// keep torchvision names, so a saved `VarMap` is a torchvision file.
 pub fn load_resnet(file: &Path, num_classes: usize, device: &Device) -> Result<LoadedResNet> {
-    let tensors = candle_core::safetensors::load(file, device).map_err(|e| Error::Config {
-        file: file.to_path_buf(),
-        reason: format!("cannot read safetensors: {e}"),
-    })?;
-    let layout = WeightLayout::detect(&tensors).ok_or_else(|| Error::Config {
-        file: file.to_path_buf(),
-        reason: "not a ResNet checkpoint: found neither `conv1.weight` (torchvision) nor \
-                 `resnet.embedder.embedder.convolution.weight` (Hugging Face)"
-            .into(),
-    })?;
-    if matches!(layout, WeightLayout::HuggingFace { .. }) {
-        check_hugging_face_config(file)?;
-    }
-    let config = infer_config(&tensors, &layout, file, num_classes)?;
+    let checkpoint = ResNetCheckpoint::read(file, num_classes, device)?;
     let varmap = VarMap::new();
     let model = ResNet::new(
-        &config,
+        &checkpoint.config,
         VarBuilder::from_varmap(&varmap, DType::F32, device),
     )?;
-
-    let head = layout.file_name("fc.weight");
-    let keep_head = match tensors.get(&head) {
-        Some(w) if w.dims().first() == Some(&num_classes) => true,
-        found => {
-            let had = found.map_or("no head".to_string(), |w| {
-                format!("a head of shape {:?}", w.shape())
-            });
-            tracing::info!(
-                file = %file.display(),
-                "checkpoint has {had}; initialised a new {num_classes}-class head"
-            );
-            false
-        }
-    };
-    let vars = varmap
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?
-        .clone();
-    for (name, var) in vars {
-        if name.starts_with("fc.") && !keep_head {
-            continue;
-        }
-        let tensor_name = layout.file_name(&name);
-        let checkpoint_error = |reason: String| Error::Checkpoint {
-            file: file.to_path_buf(),
-            tensor: tensor_name.clone(),
-            reason,
-        };
-        let tensor = match tensors.get(&tensor_name) {
-            Some(tensor) => tensor,
-            // Files saved before PyTorch 0.4.1 (torchvision's first ImageNet weights)
-            // have no count; it starts from zero.
-            None if name.ends_with(NUM_BATCHES_TRACKED) => continue,
-            None => {
-                return Err(checkpoint_error(format!(
-                    "missing (needed by ResNet-{})",
-                    config.depth
-                )));
-            }
-        };
-        if tensor.shape() != var.shape() {
-            return Err(checkpoint_error(format!(
-                "shape {:?}, ResNet-{} expects {:?}",
-                tensor.shape(),
-                config.depth,
-                var.shape()
-            )));
-        }
-        var.set(&tensor.to_dtype(var.dtype())?)?;
-    }
+    checkpoint.fill(&varmap)?;
     Ok(LoadedResNet {
         model,
         varmap,
-        layout,
+        layout: checkpoint.layout,
     })
+}
+
+/// A ResNet checkpoint read from a safetensors file: its layout, the architecture its
+/// tensors imply and the tensors, ready to fill the variables of a model built from
+/// `config` (over any `VarMap`, so a trainer can give variables its own roles).
+pub struct ResNetCheckpoint {
+    pub config: ResNetConfig,
+    pub layout: WeightLayout,
+    file: std::path::PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl ResNetCheckpoint {
+    /// The architecture (depth, block kind) comes from the tensors present; errors name
+    /// the file.
+    pub fn read(file: &Path, num_classes: usize, device: &Device) -> Result<Self> {
+        let tensors = candle_core::safetensors::load(file, device).map_err(|e| Error::Config {
+            file: file.to_path_buf(),
+            reason: format!("cannot read safetensors: {e}"),
+        })?;
+        let layout = WeightLayout::detect(&tensors).ok_or_else(|| Error::Config {
+            file: file.to_path_buf(),
+            reason: "not a ResNet checkpoint: found neither `conv1.weight` (torchvision) nor \
+                     `resnet.embedder.embedder.convolution.weight` (Hugging Face)"
+                .into(),
+        })?;
+        if matches!(layout, WeightLayout::HuggingFace { .. }) {
+            check_hugging_face_config(file)?;
+        }
+        let config = infer_config(&tensors, &layout, file, num_classes)?;
+        Ok(Self {
+            config,
+            layout,
+            file: file.to_path_buf(),
+            tensors,
+        })
+    }
+
+    /// Whether the file holds a head for `config.num_classes` classes (else `fill` leaves
+    /// the head's fresh initialisation).
+    pub fn has_head(&self) -> bool {
+        self.tensors
+            .get(&self.layout.file_name("fc.weight"))
+            .is_some_and(|w| w.dims().first() == Some(&self.config.num_classes))
+    }
+
+    /// Sets every variable of `varmap` (a ResNet built from `self.config`, torchvision
+    /// names) from the file. A head whose class count differs, or a file without a head,
+    /// leaves the fresh head. A missing BatchNorm count starts at zero. Any other missing
+    /// tensor or wrong shape is an error naming the file and tensor.
+    pub fn fill(&self, varmap: &VarMap) -> Result<()> {
+        let (file, config) = (&self.file, &self.config);
+        let keep_head = self.has_head();
+        if !keep_head {
+            let had = self
+                .tensors
+                .get(&self.layout.file_name("fc.weight"))
+                .map_or("no head".to_string(), |w| {
+                    format!("a head of shape {:?}", w.shape())
+                });
+            tracing::info!(
+                file = %file.display(),
+                "checkpoint has {had}; initialised a new {}-class head",
+                config.num_classes
+            );
+        }
+        let vars = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?
+            .clone();
+        for (name, var) in vars {
+            if name.starts_with("fc.") && !keep_head {
+                continue;
+            }
+            let tensor_name = self.layout.file_name(&name);
+            let checkpoint_error = |reason: String| Error::Checkpoint {
+                file: file.to_path_buf(),
+                tensor: tensor_name.clone(),
+                reason,
+            };
+            let tensor = match self.tensors.get(&tensor_name) {
+                Some(tensor) => tensor,
+                // Files saved before PyTorch 0.4.1 (torchvision's first ImageNet weights)
+                // have no count; it starts from zero.
+                None if name.ends_with(NUM_BATCHES_TRACKED) => continue,
+                None => {
+                    return Err(checkpoint_error(format!(
+                        "missing (needed by ResNet-{})",
+                        config.depth
+                    )));
+                }
+            };
+            if tensor.shape() != var.shape() {
+                return Err(checkpoint_error(format!(
+                    "shape {:?}, ResNet-{} expects {:?}",
+                    tensor.shape(),
+                    config.depth,
+                    var.shape()
+                )));
+            }
+            var.set(&tensor.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
 }
