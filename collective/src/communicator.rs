@@ -28,6 +28,12 @@ pub trait Communicator: Send {
         None
     }
 
+    /// The ring order with ranks grouped by where they run
+    /// (`0,2,1,3 (z1/node-a: 0,2 | z1/node-b: 1,3)`); `None` where there is no ring order.
+    fn ring_description(&self) -> Option<String> {
+        None
+    }
+
     /// Reduces `buf` across all ranks in place; every rank must pass the same length.
     fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()>;
 

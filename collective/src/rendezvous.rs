@@ -315,7 +315,7 @@ pub fn connect_tcp(cfg: &RendezvousConfig) -> Result<TcpRing> {
     let (store, server) = connect_store(cfg)?;
     let mut store = store;
     match join_ring(cfg, &mut store) {
-        Ok((order, links)) => {
+        Ok((order, description, links)) => {
             info!(rank = cfg.rank, world = n, next = %links.next, prev = %links.prev, "tcp ring connected");
             Ok(TcpRing::new(
                 cfg.rank,
@@ -324,7 +324,8 @@ pub fn connect_tcp(cfg: &RendezvousConfig) -> Result<TcpRing> {
                 cfg.ring.clone(),
                 FailureLog::new(Some(store), cfg.rank, n, cfg.ring.timeout),
                 server,
-            ))
+            )
+            .with_description(description))
         }
         Err(e) => {
             let mut log = FailureLog::new(Some(store), cfg.rank, n, cfg.ring.timeout);
@@ -353,7 +354,11 @@ pub(crate) fn connect_store(cfg: &RendezvousConfig) -> Result<(StoreClient, Opti
 
 /// Publishes this rank, checks every rank's record against it, and connects to the
 /// neighbours in the ring order (explicit, or from the published locations).
-fn join_ring(cfg: &RendezvousConfig, store: &mut StoreClient) -> Result<(Vec<usize>, Links)> {
+/// The ring order, its description (ranks grouped by location) and this rank's links.
+fn join_ring(
+    cfg: &RendezvousConfig,
+    store: &mut StoreClient,
+) -> Result<(Vec<usize>, String, Links)> {
     let n = cfg.world_size;
     let rank = cfg.rank;
     let total = cfg.rendezvous_timeout;
@@ -446,6 +451,7 @@ fn join_ring(cfg: &RendezvousConfig, store: &mut StoreClient) -> Result<(Vec<usi
         .ring_order
         .clone()
         .unwrap_or_else(|| location::placement_order(&locations));
+    let description = location::describe(&order, &locations);
     if rank == 0 {
         info!(
             by = if cfg.ring_order.is_some() {
@@ -453,8 +459,7 @@ fn join_ring(cfg: &RendezvousConfig, store: &mut StoreClient) -> Result<(Vec<usi
             } else {
                 "placement"
             },
-            "ring order {}",
-            location::describe(&order, &locations)
+            "ring order {description}"
         );
     }
     let pos = order
@@ -516,7 +521,7 @@ fn join_ring(cfg: &RendezvousConfig, store: &mut StoreClient) -> Result<(Vec<usi
         max_message,
         shm,
     };
-    Ok((order, links))
+    Ok((order, description, links))
 }
 
 struct Hello {

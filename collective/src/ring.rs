@@ -256,6 +256,8 @@ pub struct TcpRing {
     world: usize,
     /// Ring positions: `order[p]` is the rank at position p.
     order: Vec<usize>,
+    /// The order with the ranks grouped by location, for logs and status.
+    description: String,
     pos: usize,
     links: Option<Links>,
     cfg: RingConfig,
@@ -301,6 +303,11 @@ impl TcpRing {
         TcpRing {
             rank,
             world: order.len(),
+            description: order
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
             order,
             pos,
             links,
@@ -313,6 +320,12 @@ impl TcpRing {
             failures,
             store_server: store,
         }
+    }
+
+    /// Replaces the plain order in logs and status with one grouped by location.
+    pub(crate) fn with_description(mut self, description: String) -> Self {
+        self.description = description;
+        self
     }
 
     pub fn config(&self) -> &RingConfig {
@@ -643,6 +656,10 @@ impl Communicator for TcpRing {
     /// The order chosen at rendezvous: `RINGMASTER_RING_ORDER`, else by placement.
     fn ring_order(&self) -> Option<&[usize]> {
         Some(&self.order)
+    }
+
+    fn ring_description(&self) -> Option<String> {
+        Some(self.description.clone())
     }
 
     fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {

@@ -39,3 +39,12 @@ pub const TOKEN_KEY: &str = "token";
 pub const TOKEN_ENV: &str = "RINGMASTER_TOKEN";
 /// Field manager the trainer uses for `status.progress` (the operator never writes it).
 pub const TRAINER_FIELD_MANAGER: &str = "ringmaster-trainer";
+/// Node label of the zone, copied onto bound pods as `ZONE_ANNOTATION`.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Node label of the rack (the one topology keys name for racks), copied onto bound pods
+/// as `RACK_ANNOTATION`.
+pub const RACK_LABEL: &str = "ringmaster.dev/rack";
+/// Pod annotations written at bind time; the worker pods read them through the downward
+/// API (`RINGMASTER_ZONE`, `RINGMASTER_RACK`) so the trainer's ring follows placement.
+pub const ZONE_ANNOTATION: &str = "ringmaster.dev/zone";
+pub const RACK_ANNOTATION: &str = "ringmaster.dev/rack";

@@ -744,7 +744,7 @@ pub struct Progress {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_checkpoint: Option<String>,
     /// The all-reduce ring as the trainer built it: ranks in ring order, grouped by
-    /// location (`0,2 @node-a | 1,3 @node-b`).
+    /// location (`0,2,1,3 (z1/node-a: 0,2 | z1/node-b: 1,3)`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ring_order: Option<String>,
     /// When the trainer last reported.

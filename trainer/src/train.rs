@@ -184,10 +184,6 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
             sink.send(event);
         }
     };
-    if let Some(order) = stepper.ddp_mut().and_then(|ddp| ring_description(ddp)) {
-        info!(%order, "all-reduce ring");
-        tell(Event::Ring { order });
-    }
     tell(Event::Start {
         epochs: u64::from(t.epochs),
         steps_per_epoch,
@@ -198,6 +194,13 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
         labels: task.labels.clone(),
         resumed_at_step,
     });
+    if let Some(order) = stepper
+        .ddp_mut()
+        .and_then(|ddp| ddp.communicator().ring_description())
+    {
+        info!(%order, "all-reduce ring");
+        tell(Event::Ring { order });
+    }
 
     let batch_size = t.batch_size as usize;
     let global_batch = (batch_size * me.world) as f64;
@@ -312,18 +315,6 @@ fn training_loss(task: &Task, batch: &Batch, job: &JobFile) -> Result<Tensor> {
         }
         _ => Ok(hard),
     }
-}
-
-/// The ring's ranks in order (`0,2,1,3`).
-fn ring_description(ddp: &mut Ddp) -> Option<String> {
-    let order = ddp.communicator().ring_order()?;
-    Some(
-        order
-            .iter()
-            .map(usize::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
-    )
 }
 
 /// Whether `report` beats the best so far on the spec's metric; updates it when it does.

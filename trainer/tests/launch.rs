@@ -308,3 +308,68 @@ fn train_in_a_pod_with_two_processes_starts_both_ranks_and_logs_rank_zero() {
     assert_eq!(events.last().unwrap()["event"], "done");
     assert_eq!(metrics(dir.path()).len(), 2);
 }
+
+#[test]
+fn a_one_layer_student_learns_spam_from_a_teacher_alone() {
+    let assets = assets();
+    let dir = tempfile::tempdir().unwrap();
+    spam_subset(dir.path(), &assets);
+    let hub = hub_cache(dir.path(), &assets);
+    let job = job_file(dir.path(), "");
+    let set = |pairs: &[&str]| -> Vec<String> {
+        pairs
+            .iter()
+            .flat_map(|p| ["--set".to_string(), p.to_string()])
+            .collect()
+    };
+    let args = set(&["model.layers=2", "output.path=teacher"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, log) = launch(&job, &hub, &args);
+    assert!(ok, "teacher:\n{log}");
+    let teacher = dir.path().join("teacher/best");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(teacher.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["num_hidden_layers"], 2,
+        "the cut model exports its size"
+    );
+
+    // alpha 1: no label reaches the student, only the teacher's soft predictions.
+    let student = set(&[
+        "model.layers=1",
+        "training.distillation={teacher: teacher, temperature: 2.0, alpha: 1.0}",
+        "output.path=student",
+    ]);
+    let student: Vec<&str> = student.iter().map(String::as_str).collect();
+    let (ok, log) = launch(&job, &hub, &student);
+    assert!(ok, "student:\n{log}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.path().join("student/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let accuracy = lines.last().unwrap()["validation"]["accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        accuracy >= 0.75,
+        "distilled student accuracy {accuracy}:\n{log}"
+    );
+    let card = std::fs::read_to_string(dir.path().join("student/best/README.md")).unwrap();
+    assert!(card.contains("distilled from"), "{card}");
+
+    // A teacher for other labels is refused before training, naming it.
+    let mut wrong = student.clone();
+    wrong.extend([
+        "--set",
+        "model.labels=[spam, ham]",
+        "--set",
+        "output.path=wrong",
+    ]);
+    let (ok, log) = launch(&job, &hub, &wrong);
+    assert!(
+        !ok && log.contains("the teacher predicts [\"ham\", \"spam\"]"),
+        "{log}"
+    );
+}

@@ -10,19 +10,10 @@ use kube::{Api, Client, ResourceExt};
 use ringmaster_crds::keys::GPU_INDICES;
 
 use super::{Error, Result};
+use ringmaster_crds::keys::{RACK_ANNOTATION, RACK_LABEL, ZONE_ANNOTATION, ZONE_LABEL};
 
 /// Field manager of every write.
 pub const MANAGER: &str = "ringmaster-scheduler";
-
-/// Node label of the zone, copied onto bound pods as `ZONE_ANNOTATION`.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-/// Node label of the rack (the one topology keys name for racks), copied onto bound pods
-/// as `RACK_ANNOTATION`.
-pub const RACK_LABEL: &str = "ringmaster.dev/rack";
-/// Pod annotations written at bind time; the worker pods read them through the downward
-/// API (`RINGMASTER_ZONE`, `RINGMASTER_RACK`) so the trainer's ring follows placement.
-pub const ZONE_ANNOTATION: &str = "ringmaster.dev/zone";
-pub const RACK_ANNOTATION: &str = "ringmaster.dev/rack";
 
 /// What a bind writes onto the pod: the GPU indices, and the zone and rack of the node
 /// where it has those labels (absent otherwise, which the pod reads as unknown).

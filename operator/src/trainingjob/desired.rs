@@ -17,7 +17,7 @@ use kube::Resource;
 use ringmaster_crds::keys::*;
 use ringmaster_crds::{PlacementPolicy, TrainingJob};
 
-use crate::scheduler::bind::{RACK_ANNOTATION, ZONE_ANNOTATION};
+use ringmaster_crds::keys::{RACK_ANNOTATION, ZONE_ANNOTATION};
 
 /// Everything a job needs besides its worker pods (created once, before the pods).
 pub struct SupportObjects {
