@@ -10,12 +10,11 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use ringmaster_crds::keys::{GANG, GANG_SIZE, GPU_INDICES};
+use ringmaster_crds::keys::{GANG, GANG_SIZE, GPU_INDICES, RACK_ANNOTATION, ZONE_ANNOTATION};
 use ringmaster_e2e::{
     POOL, Pool, ServedProcess, bind, client, delete_namespace, kubectl, kubectl_apply as apply,
     namespace, wait_until,
 };
-use ringmaster_operator::scheduler::bind::{RACK_ANNOTATION, ZONE_ANNOTATION};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);

@@ -43,6 +43,14 @@ pub struct Ddp {
     params: Vec<NamedVar>,
     buckets: Vec<Bucket>,
     cfg: DdpConfig,
+    /// Gradient bytes all-reduced and the seconds the all-reduces took, since last taken.
+    traffic: Traffic,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Traffic {
+    bytes: u64,
+    seconds: f64,
 }
 
 impl Ddp {
@@ -61,6 +69,7 @@ impl Ddp {
             params,
             buckets,
             cfg,
+            traffic: Traffic::default(),
         };
         let layout = ddp.describe(&all);
         agree(ddp.comm.as_mut(), &layout)?;
@@ -80,6 +89,14 @@ impl Ddp {
     /// checkpoint, metrics).
     pub fn communicator(&mut self) -> &mut dyn Communicator {
         self.comm.as_mut()
+    }
+
+    /// Bus bandwidth (nccl-tests definition: algorithm bandwidth x 2(n-1)/n, GB/s) of
+    /// the gradient all-reduces since the last call; None before any.
+    pub fn take_bus_bandwidth(&mut self) -> Option<f64> {
+        let Traffic { bytes, seconds } = std::mem::take(&mut self.traffic);
+        let n = self.comm.world_size() as f64;
+        (bytes > 0 && seconds > 0.0).then(|| bytes as f64 / seconds * 2.0 * (n - 1.0) / n / 1e9)
     }
 
     /// Variable names per bucket, in reduction order.
@@ -130,6 +147,7 @@ impl Ddp {
             comm,
             params,
             buckets,
+            traffic,
             ..
         } = self;
         if comm.world_size() == 1 {
@@ -150,9 +168,11 @@ impl Ddp {
             let (outbox, from_comm) = mpsc::channel();
             s.spawn(move || {
                 for (k, mut buf) in inbox {
+                    let started = std::time::Instant::now();
                     let result = comm.all_reduce_f32(&mut buf, ReduceOp::Avg);
+                    let seconds = started.elapsed().as_secs_f64();
                     let failed = result.is_err();
-                    if outbox.send((k, buf, result)).is_err() || failed {
+                    if outbox.send((k, buf, result, seconds)).is_err() || failed {
                         break;
                     }
                 }
@@ -176,10 +196,12 @@ impl Ddp {
             }
             drop(to_comm);
             for _ in 0..sent {
-                let (k, buf, result) = from_comm
+                let (k, buf, result, seconds) = from_comm
                     .recv()
                     .map_err(|_| Error::Config("DDP communication thread stopped".into()))?;
                 result?;
+                traffic.bytes += buf.len() as u64 * 4;
+                traffic.seconds += seconds;
                 unflatten(&buckets[k], params, grads, &buf)?;
                 if k == last {
                     any_non_finite = buf[buckets[k].len - 1] != 0.0;

@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -27,4 +27,16 @@ pub enum Error {
     RankMismatch { rank: usize, detail: String },
     #[error("{0}")]
     Config(String),
+}
+
+/// Maps an I/O error to `Error::Io` naming what was being done and the path.
+pub(crate) fn io_error<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }

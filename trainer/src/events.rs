@@ -54,6 +54,9 @@ pub enum Event {
         loss: f64,
         lr: f64,
         samples_per_s: f64,
+        /// Bus bandwidth of this step's gradient all-reduces, GB/s (None with one rank).
+        #[serde(default)]
+        allreduce_gbps: Option<f64>,
     },
     Eval {
         epoch: u64,

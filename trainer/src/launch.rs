@@ -5,6 +5,7 @@
 //! launcher exits non-zero naming it and its last words.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -65,6 +66,8 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         ("MASTER_ADDR", "127.0.0.1".to_string()),
         ("MASTER_PORT", port),
         ("RINGMASTER_TOKEN", token),
+        // Every local rank runs here: the ring log names this host.
+        ("RINGMASTER_NODE_NAME", host_name()),
     ];
     let group = RankGroup {
         config: &resolved,
@@ -74,6 +77,12 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     };
     let (children, rx) = group.spawn()?;
     supervise(children, rx, Mode::Terminal { output: &output })
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 /// `ringmaster train` in a pod with LOCAL_WORLD_SIZE > 1 (processesPerWorker): starts
@@ -119,7 +128,19 @@ impl RankGroup<'_> {
         let (tx, rx) = channel();
         let mut children = Vec::with_capacity(self.ranks);
         for local in 0..self.ranks {
-            let mut child = Command::new(&exe)
+            let mut command = Command::new(&exe);
+            // A launcher killed outright (SIGKILL, or a SIGTERM before its handler runs)
+            // must not leave its ranks training on: the kernel stops them with it.
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let mut child = command
                 .args(["train", "--config"])
                 .arg(self.config)
                 .envs(self.rendezvous.iter().map(|(k, v)| (*k, v.as_str())))
@@ -353,6 +374,7 @@ impl View {
                 step,
                 loss,
                 samples_per_s,
+                allreduce_gbps,
                 ..
             } => {
                 self.losses.push((step, loss));
@@ -360,7 +382,11 @@ impl View {
                 let within = step.saturating_sub(epoch * self.steps_per_epoch);
                 let bar = self.bar_for(epoch);
                 bar.set_position(within);
-                bar.set_message(format!("loss {loss:.4}  {samples_per_s:.1} samples/s"));
+                let ring =
+                    allreduce_gbps.map_or(String::new(), |g| format!("  all-reduce {g:.2} GB/s"));
+                bar.set_message(format!(
+                    "loss {loss:.4}  {samples_per_s:.1} samples/s{ring}"
+                ));
             }
             Event::Eval {
                 epoch,
@@ -406,9 +432,13 @@ impl View {
             output.join("best").display(),
             output.join("metrics.jsonl").display(),
         );
-        let plot = output.join("curves.svg");
-        if std::fs::write(&plot, crate::plot::svg(&self.losses, &self.evals)).is_ok() {
-            eprintln!("| curves | {} |", plot.display());
+        let (svg, png) = (output.join("curves.svg"), output.join("curves.png"));
+        let wrote_svg = std::fs::write(&svg, crate::plot::svg(&self.losses, &self.evals)).is_ok();
+        let wrote_png = crate::plot::png(&self.losses, &self.evals)
+            .save(&png)
+            .is_ok();
+        if wrote_svg && wrote_png {
+            eprintln!("| curves | {} (and .svg) |", png.display());
         }
     }
 }

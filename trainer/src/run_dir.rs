@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use crate::error::{Error, Result};
+use crate::error::{Result, io_error};
 
 const CHECKSUMS: &str = "checksums.json";
 const POSITION: &str = "position.json";
@@ -33,22 +33,21 @@ pub struct RunDir {
     root: PathBuf,
 }
 
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 impl RunDir {
     /// Creates the directory (and checks it is writable) before any training starts.
     pub fn create(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root.join("checkpoints"))
-            .map_err(io("creating the output directory", root))?;
+            .map_err(io_error("creating the output directory", root))?;
         let probe = root.join(".write-test");
-        std::fs::write(&probe, b"ok").map_err(io("writing into the output directory", root))?;
+        std::fs::write(&probe, b"ok")
+            .map_err(io_error("writing into the output directory", root))?;
         let _ = std::fs::remove_file(probe);
+        // A run killed between the two renames of `replace_best` left the previous best
+        // model aside: put it back.
+        let (best, old) = (root.join("best"), root.join(".best.old"));
+        if !best.exists() && old.is_dir() {
+            std::fs::rename(&old, &best).map_err(io_error("restoring", &best))?;
+        }
         Ok(Self {
             root: root.to_path_buf(),
         })
@@ -76,13 +75,13 @@ impl RunDir {
         let name = format!("step-{step:09}");
         let tmp = checkpoints.join(format!(".{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io("creating", &tmp))?;
+        std::fs::create_dir_all(&tmp).map_err(io_error("creating", &tmp))?;
         write(&tmp)?;
         let position_json = serde_json::to_vec_pretty(position).expect("position serialises");
-        std::fs::write(tmp.join(POSITION), position_json).map_err(io("writing", &tmp))?;
+        std::fs::write(tmp.join(POSITION), position_json).map_err(io_error("writing", &tmp))?;
         let mut sums = BTreeMap::new();
-        for entry in std::fs::read_dir(&tmp).map_err(io("listing", &tmp))? {
-            let path = entry.map_err(io("listing", &tmp))?.path();
+        for entry in std::fs::read_dir(&tmp).map_err(io_error("listing", &tmp))? {
+            let path = entry.map_err(io_error("listing", &tmp))?.path();
             let file = path
                 .file_name()
                 .unwrap_or_default()
@@ -93,12 +92,13 @@ impl RunDir {
         }
         let sums_path = tmp.join(CHECKSUMS);
         let json = serde_json::to_vec_pretty(&sums).expect("checksums serialise");
-        let mut f = std::fs::File::create(&sums_path).map_err(io("writing", &sums_path))?;
-        f.write_all(&json).map_err(io("writing", &sums_path))?;
-        f.sync_all().map_err(io("syncing", &sums_path))?;
+        let mut f = std::fs::File::create(&sums_path).map_err(io_error("writing", &sums_path))?;
+        f.write_all(&json)
+            .map_err(io_error("writing", &sums_path))?;
+        f.sync_all().map_err(io_error("syncing", &sums_path))?;
         let dest = checkpoints.join(&name);
         let _ = std::fs::remove_dir_all(&dest);
-        std::fs::rename(&tmp, &dest).map_err(io("renaming into place", &dest))?;
+        std::fs::rename(&tmp, &dest).map_err(io_error("renaming into place", &dest))?;
         sync(&checkpoints)?;
         for old in self.checkpoints().into_iter().rev().skip(keep.max(1)) {
             let _ = std::fs::remove_dir_all(old);
@@ -143,23 +143,23 @@ impl RunDir {
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(io("opening", &path))?;
-        writeln!(f, "{value}").map_err(io("appending to", &path))
+            .map_err(io_error("opening", &path))?;
+        writeln!(f, "{value}").map_err(io_error("appending to", &path))
     }
 
     /// Replaces `best/` with what `write` puts into a fresh directory.
     pub fn replace_best(&self, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let tmp = self.root.join(".best.tmp");
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io("creating", &tmp))?;
+        std::fs::create_dir_all(&tmp).map_err(io_error("creating", &tmp))?;
         write(&tmp)?;
         let best = self.best_dir();
         let old = self.root.join(".best.old");
         let _ = std::fs::remove_dir_all(&old);
         if best.exists() {
-            std::fs::rename(&best, &old).map_err(io("moving aside", &best))?;
+            std::fs::rename(&best, &old).map_err(io_error("moving aside", &best))?;
         }
-        std::fs::rename(&tmp, &best).map_err(io("renaming into place", &best))?;
+        std::fs::rename(&tmp, &best).map_err(io_error("renaming into place", &best))?;
         let _ = std::fs::remove_dir_all(&old);
         Ok(())
     }
@@ -180,7 +180,7 @@ fn verify(dir: &Path) -> std::result::Result<Position, String> {
 }
 
 fn sha256(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(io("reading", path))?;
+    let bytes = std::fs::read(path).map_err(io_error("reading", path))?;
     Ok(Sha256::digest(&bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -190,7 +190,7 @@ fn sha256(path: &Path) -> Result<String> {
 fn sync(path: &Path) -> Result<()> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
-        .map_err(io("syncing", path))
+        .map_err(io_error("syncing", path))
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! Where pretrained weights come from: `hf://org/name[@revision]` in the standard Hugging
 //! Face cache layout (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
 //! `~/.cache/huggingface/hub`: `models--org--name/refs/<revision>` names a snapshot under
-//! `snapshots/<commit>/`), a model directory, or the output directory of an earlier run
-//! (its `best/` model).
+//! `snapshots/<commit>/`), downloaded into that cache by the `hf-hub` crate when it is
+//! missing (from `$HF_ENDPOINT`, default huggingface.co; never with `HF_HUB_OFFLINE=1`),
+//! a model directory, or the output directory of an earlier run (its `best/` model).
 
 use std::path::{Path, PathBuf};
 
@@ -11,26 +12,105 @@ use crate::error::{Error, Result};
 /// The file every model directory holds (BERT adds `config.json` and `tokenizer.json`).
 const WEIGHTS: &str = "model.safetensors";
 
-/// The directory holding `model.safetensors` (and `config.json`, `tokenizer.json`).
-pub fn resolve(source: &str) -> Result<PathBuf> {
-    match source.strip_prefix("hf://") {
-        Some(id) => from_hub_cache(id, &hub_cache()),
-        None => from_directory(Path::new(source)),
+/// Files a Hub model repository may hold that a model directory uses; the first two
+/// are required.
+const HUB_FILES: [&str; 6] = [
+    "config.json",
+    WEIGHTS,
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// The Hugging Face Hub as the environment describes it.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    /// The cache directory (`models--org--name/...` inside).
+    pub cache: PathBuf,
+    /// Download endpoint (`$HF_ENDPOINT`); None: huggingface.co.
+    pub endpoint: Option<String>,
+    /// `HF_HUB_OFFLINE`: only the cache is read.
+    pub offline: bool,
+}
+
+impl Hub {
+    pub fn from_env() -> Self {
+        let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        let cache = env("HF_HUB_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+            env("HF_HOME").map_or_else(
+                || {
+                    env("XDG_CACHE_HOME")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| {
+                            PathBuf::from(env("HOME").unwrap_or_default()).join(".cache")
+                        })
+                        .join("huggingface/hub")
+                },
+                |home| PathBuf::from(home).join("hub"),
+            )
+        });
+        let offline = env("HF_HUB_OFFLINE").is_some_and(|v| {
+            matches!(
+                v.to_string_lossy().trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        });
+        Self {
+            cache,
+            endpoint: env("HF_ENDPOINT").map(|e| e.to_string_lossy().into_owned()),
+            offline,
+        }
     }
 }
 
-fn hub_cache() -> PathBuf {
-    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(dir) = env("HF_HUB_CACHE") {
-        return PathBuf::from(dir);
+/// The directory holding `model.safetensors` (and `config.json`, `tokenizer.json`).
+pub fn resolve(source: &str) -> Result<PathBuf> {
+    resolve_with(source, &Hub::from_env())
+}
+
+/// `resolve` against an explicit Hub (tests point it at a local endpoint).
+pub fn resolve_with(source: &str, hub: &Hub) -> Result<PathBuf> {
+    let Some(id) = source.strip_prefix("hf://") else {
+        return from_directory(Path::new(source));
+    };
+    match from_hub_cache(id, &hub.cache) {
+        Ok(dir) => Ok(dir),
+        Err(missing) if hub.offline => Err(Error::Config(format!(
+            "{missing} (HF_HUB_OFFLINE is set: nothing is downloaded)"
+        ))),
+        Err(missing) => download(id, hub)
+            .map_err(|why| Error::Config(format!("{missing}; downloading it failed: {why}"))),
     }
-    if let Some(home) = env("HF_HOME") {
-        return PathBuf::from(home).join("hub");
+}
+
+/// Downloads the model's files into the cache (`hf-hub`, the layout the Python
+/// `huggingface_hub` writes) and returns the snapshot directory.
+fn download(id: &str, hub: &Hub) -> std::result::Result<PathBuf, String> {
+    let (repo, revision) = id.split_once('@').unwrap_or((id, "main"));
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_cache_dir(hub.cache.clone())
+        .with_progress(false);
+    if let Some(endpoint) = &hub.endpoint {
+        builder = builder.with_endpoint(endpoint.clone());
     }
-    let home = env("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env("HOME").unwrap_or_default()).join(".cache"));
-    home.join("huggingface/hub")
+    let api = builder.build().map_err(|e| e.to_string())?;
+    let remote = api.repo(hf_hub::Repo::with_revision(
+        repo.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    ));
+    tracing::info!(model = %id, "downloading into {}", hub.cache.display());
+    let mut snapshot = None;
+    for (i, file) in HUB_FILES.iter().enumerate() {
+        match remote.get(file) {
+            Ok(path) => snapshot = path.parent().map(Path::to_path_buf),
+            // Optional files: not every repository has them.
+            Err(_) if i >= 2 => {}
+            Err(e) => return Err(format!("{file}: {e}")),
+        }
+    }
+    snapshot.ok_or_else(|| "no file downloaded".to_string())
 }
 
 fn from_hub_cache(id: &str, cache: &Path) -> Result<PathBuf> {
@@ -44,7 +124,7 @@ fn from_hub_cache(id: &str, cache: &Path) -> Result<PathBuf> {
     let how = format!(
         "put it there with `huggingface-cli download {repo}` (or `hf download {repo}`) on a \
          machine with network access and copy {}, or set HF_HOME / HF_HUB_CACHE to a cache \
-         that has it (nn/scripts/fetch-assets.sh installs sentence-transformers/all-MiniLM-L6-v2)",
+         that has it (examples/fetch-data.sh installs sentence-transformers/all-MiniLM-L6-v2)",
         root.display()
     );
     // A revision is a ref name (refs/<revision> holds the commit) or a commit itself.
@@ -55,8 +135,8 @@ fn from_hub_cache(id: &str, cache: &Path) -> Result<PathBuf> {
     let snapshot = root.join("snapshots").join(&commit);
     if !snapshot.is_dir() {
         return Err(Error::Config(format!(
-            "model source hf://{id} is not in the Hugging Face cache {} (revision {revision}; \
-             offline, nothing is downloaded): {how}",
+            "model source hf://{id} is not in the Hugging Face cache {} (revision {revision}): \
+             {how}",
             cache.display()
         )));
     }

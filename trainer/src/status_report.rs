@@ -107,12 +107,16 @@ fn apply(p: &mut Progress, event: &Event) -> bool {
             step,
             loss,
             samples_per_s,
+            allreduce_gbps,
             ..
         } => {
             p.epoch = *epoch as u32 + 1;
             p.step = *step;
             p.loss = Some(*loss);
             p.samples_per_second = Some(*samples_per_s);
+            if allreduce_gbps.is_some() {
+                p.allreduce_bus_bandwidth_gbps = *allreduce_gbps;
+            }
             false
         }
         Event::Eval { report, .. } => {

@@ -77,6 +77,24 @@ struct Task {
     class_weights: Option<Tensor>,
 }
 
+/// One rank's run: what it trains, where it writes, and whom it tells.
+struct Run<'a> {
+    task: Task,
+    dir: RunDir,
+    job: &'a JobFile,
+    me: Rank,
+    /// Rank 0 reports; the others stay quiet.
+    sink: Option<Sink>,
+}
+
+impl Run<'_> {
+    fn tell(&self, event: Event) {
+        if let Some(sink) = &self.sink {
+            sink.send(event);
+        }
+    }
+}
+
 /// Reads the data and loads the model (and teacher): every input error surfaces here,
 /// before training starts.
 fn prepare(job: &JobFile) -> Result<Task> {
@@ -154,7 +172,7 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
     let started = Instant::now();
     let spec = &job.job.spec;
     let t = &spec.training;
-    let run = RunDir::create(&job.output_dir())?;
+    let dir = RunDir::create(&job.output_dir())?;
     let task = prepare(job)?;
     let train = task.train.clone();
 
@@ -170,21 +188,21 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
         best_metric: None,
     };
     let mut resumed_at_step = None;
-    if let Some((dir, saved)) = run.newest_valid_checkpoint() {
-        checkpoint::load(&dir, &task.model.vars, &mut stepper)?;
-        info!(checkpoint = %dir.display(), step = stepper.step(), "resumed");
+    if let Some((checkpoint_dir, saved)) = dir.newest_valid_checkpoint() {
+        checkpoint::load(&checkpoint_dir, &task.model.vars, &mut stepper)?;
+        info!(checkpoint = %checkpoint_dir.display(), step = stepper.step(), "resumed");
         position = saved;
         resumed_at_step = Some(stepper.step());
     }
-    let leader = me.rank == 0;
-    // Rank 0 reports; the others stay quiet.
-    let sink = leader.then(Sink::new);
-    let tell = |event: Event| {
-        if let Some(sink) = &sink {
-            sink.send(event);
-        }
+    let run = Run {
+        task,
+        dir,
+        job,
+        me,
+        sink: (me.rank == 0).then(Sink::new),
     };
-    tell(Event::Start {
+    let task = &run.task;
+    run.tell(Event::Start {
         epochs: u64::from(t.epochs),
         steps_per_epoch,
         total_steps,
@@ -199,7 +217,7 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
         .and_then(|ddp| ddp.communicator().ring_description())
     {
         info!(%order, "all-reduce ring");
-        tell(Event::Ring { order });
+        run.tell(Event::Ring { order });
     }
 
     let batch_size = t.batch_size as usize;
@@ -239,37 +257,29 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
         let mut last_update = Instant::now();
         for batch in batches {
             let batch = batch?;
-            let loss = training_loss(&task, &batch, job)?;
+            let loss = training_loss(task, &batch, job)?;
             let loss_value = f64::from(loss.to_scalar::<f32>()?);
             batch_index += 1;
             if let StepOutcome::Updated { step, lr, .. } = stepper.backward(&loss)? {
                 let took = last_update.elapsed().as_secs_f64();
                 last_update = Instant::now();
-                tell(Event::Step {
+                run.tell(Event::Step {
                     epoch,
                     step,
                     loss: loss_value,
                     lr,
                     samples_per_s: global_batch * accumulation as f64 / took.max(1e-9),
+                    allreduce_gbps: stepper.ddp_mut().and_then(Ddp::take_bus_bandwidth),
                 });
                 position.epoch = epoch;
                 position.batch = batch_index;
                 let checkpoint_every = t.checkpoint_interval_steps;
-                if leader && checkpoint_every > 0 && step.is_multiple_of(checkpoint_every) {
-                    tell(save_checkpoint(&run, &task, &stepper, &position, job)?);
+                if checkpoint_every > 0 && step.is_multiple_of(checkpoint_every) {
+                    run.save_checkpoint(&mut stepper, &position)?;
                 }
                 let eval_every = t.eval_interval_steps;
                 if eval_every > 0 && step.is_multiple_of(eval_every) {
-                    evaluate_and_keep(
-                        &task,
-                        &run,
-                        job,
-                        me,
-                        epoch,
-                        &mut stepper,
-                        &mut position,
-                        &tell,
-                    )?;
+                    run.evaluate_and_keep(epoch, &mut stepper, &mut position)?;
                     evaluated_at = Some(step);
                     last_update = Instant::now();
                 }
@@ -278,26 +288,17 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
         position.epoch = epoch + 1;
         position.batch = 0;
         if evaluated_at != Some(stepper.step()) {
-            evaluate_and_keep(
-                &task,
-                &run,
-                job,
-                me,
-                epoch,
-                &mut stepper,
-                &mut position,
-                &tell,
-            )?;
+            run.evaluate_and_keep(epoch, &mut stepper, &mut position)?;
             evaluated_at = Some(stepper.step());
         }
-        if leader && !stepper.mid_step() {
-            tell(save_checkpoint(&run, &task, &stepper, &position, job)?);
+        if !stepper.mid_step() {
+            run.save_checkpoint(&mut stepper, &position)?;
         }
     }
-    tell(Event::Done {
+    run.tell(Event::Done {
         steps: stepper.step(),
         best: position.best_metric,
-        output: run.root().display().to_string(),
+        output: run.dir.root().display().to_string(),
         seconds: started.elapsed().as_secs_f64(),
     });
     Ok(())
@@ -337,43 +338,69 @@ fn improves(report: &EvalReport, metric: BestMetric, best: &mut Option<f64>) -> 
     better
 }
 
-/// Evaluates on every rank; rank 0 records the result and keeps the model in `best/`
-/// when it improves on the spec's metric (without validation data, the latest is kept).
-fn evaluate_and_keep(
-    task: &Task,
-    run: &RunDir,
-    job: &JobFile,
-    me: Rank,
-    epoch: u64,
-    stepper: &mut Stepper,
-    position: &mut Position,
-    tell: &impl Fn(Event),
-) -> Result<()> {
-    let report = evaluate(task, me, stepper)?;
-    let step = stepper.step();
-    let best = if task.validation.is_empty() {
-        true
-    } else {
-        improves(
-            &report,
-            job.job.spec.output.best_metric,
-            &mut position.best_metric,
-        )
-    };
-    if me.rank == 0 {
-        let line = serde_json::json!({"epoch": epoch + 1, "step": step, "validation": &report});
-        run.append_metrics(&line)?;
-        if best {
-            run.replace_best(|dir| export_best(dir, task, job, &report))?;
+impl Run<'_> {
+    /// Evaluates on every rank; rank 0 records the result and keeps the model in `best/`
+    /// when it improves on the spec's metric (without validation data, the latest is
+    /// kept).
+    fn evaluate_and_keep(
+        &self,
+        epoch: u64,
+        stepper: &mut Stepper,
+        position: &mut Position,
+    ) -> Result<()> {
+        let (task, job) = (&self.task, self.job);
+        let report = evaluate(task, self.me, stepper)?;
+        let step = stepper.step();
+        let best = if task.validation.is_empty() {
+            true
+        } else {
+            improves(
+                &report,
+                job.job.spec.output.best_metric,
+                &mut position.best_metric,
+            )
+        };
+        if self.me.rank == 0 {
+            let line = serde_json::json!({"epoch": epoch + 1, "step": step, "validation": &report});
+            self.dir.append_metrics(&line)?;
+            if best {
+                self.dir
+                    .replace_best(|dir| export_best(dir, task, job, &report))?;
+            }
+            self.tell(Event::Eval {
+                epoch,
+                step,
+                best,
+                report,
+            });
         }
-        tell(Event::Eval {
-            epoch,
-            step,
-            best,
-            report,
-        });
+        Ok(())
     }
-    Ok(())
+
+    /// Writes a checkpoint (between optimizer steps only: micro-batches of an unfinished
+    /// step would be lost). Every rank calls it: BatchNorm statistics are averaged
+    /// across ranks first; rank 0 writes and announces it.
+    fn save_checkpoint(&self, stepper: &mut Stepper, position: &Position) -> Result<()> {
+        if let Some(ddp) = stepper.ddp_mut() {
+            ddp.average_buffers(&self.task.model.vars)?;
+        }
+        if self.me.rank != 0 {
+            return Ok(());
+        }
+        let spec = &self.job.job.spec;
+        let keep = spec.output.keep_checkpoints as usize;
+        let rng = TrainRng::new(spec.training.seed);
+        let dir = self
+            .dir
+            .save_checkpoint(stepper.step(), position, keep, |dir| {
+                checkpoint::save(dir, &self.task.model.vars, stepper, position.epoch, &rng)
+            })?;
+        self.tell(Event::Checkpoint {
+            step: stepper.step(),
+            path: dir.display().to_string(),
+        });
+        Ok(())
+    }
 }
 
 fn stepper(job: &JobFile, vars: &ModelVars, total_steps: u64, me: Rank) -> Result<Stepper> {
@@ -418,6 +445,10 @@ fn stepper(job: &JobFile, vars: &ModelVars, total_steps: u64, me: Rank) -> Resul
 /// Every rank evaluates its share of the validation set (no padding, so each example
 /// counts once); the confusion matrices and loss sums are summed across ranks.
 fn evaluate(task: &Task, me: Rank, stepper: &mut Stepper) -> Result<EvalReport> {
+    // Every rank evaluates with the same BatchNorm statistics.
+    if let Some(ddp) = stepper.ddp_mut() {
+        ddp.average_buffers(&task.model.vars)?;
+    }
     let mine: Vec<usize> = (me.rank..task.validation.len()).step_by(me.world).collect();
     let classes = task.labels.len();
     let mut confusion = Confusion::new(classes);
@@ -440,26 +471,6 @@ fn evaluate(task: &Task, me: Rank, stepper: &mut Stepper) -> Result<EvalReport> 
         confusion = Confusion::from_flat(classes, &flat);
     }
     Ok(confusion.report(&task.labels))
-}
-
-/// Writes a checkpoint (between optimizer steps only: micro-batches of an unfinished
-/// step would be lost) and returns the event announcing it.
-fn save_checkpoint(
-    run: &RunDir,
-    task: &Task,
-    stepper: &Stepper,
-    position: &Position,
-    job: &JobFile,
-) -> Result<Event> {
-    let keep = job.job.spec.output.keep_checkpoints as usize;
-    let rng = TrainRng::new(job.job.spec.training.seed);
-    let dir = run.save_checkpoint(stepper.step(), position, keep, |dir| {
-        checkpoint::save(dir, &task.model.vars, stepper, position.epoch, &rng)
-    })?;
-    Ok(Event::Checkpoint {
-        step: stepper.step(),
-        path: dir.display().to_string(),
-    })
 }
 
 /// The model as a servable directory (`Model::export`) with its model card.

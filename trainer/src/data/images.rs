@@ -13,7 +13,7 @@ use ringmaster_crds::{DataFormat, DataSpec};
 use super::augment::{Pixels, Transform};
 use super::batches::{Batch, Examples, Input};
 use super::{Labelled, hold_out};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, io_error};
 use crate::rng::TrainRng;
 
 const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
@@ -83,14 +83,6 @@ fn read(
         )));
     }
     Ok((items, labels))
-}
-
-fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -42,7 +42,6 @@ pub(super) fn load(
     };
     let vars = ModelVars::new(NamePatterns::parse(&frozen)?, default_buffer_patterns());
     let vb = vars.var_builder(DType::F32, &Device::Cpu);
-    let nn_error = |e: ringmaster_nn::Error| Error::Config(e.to_string());
     if let Some(depth) = random_depth(source) {
         if purpose == Purpose::Teach {
             return Err(Error::Config(
@@ -50,7 +49,7 @@ pub(super) fn load(
                     .into(),
             ));
         }
-        let config = ResNetConfig::new(depth?, num_classes).map_err(nn_error)?;
+        let config = ResNetConfig::new(depth?, num_classes)?;
         let network = ResNet::new(&config, vb)?;
         return Ok(Model {
             network: Network::ResNet(Box::new(network)),
@@ -64,8 +63,7 @@ pub(super) fn load(
         &source_dir.join("model.safetensors"),
         num_classes,
         &Device::Cpu,
-    )
-    .map_err(nn_error)?;
+    )?;
     if purpose == Purpose::Teach {
         if !checkpoint.has_head() {
             return Err(Error::Config(format!(
@@ -76,7 +74,7 @@ pub(super) fn load(
         check_teacher_labels(&source_dir, labels)?;
     }
     let network = ResNet::new(&checkpoint.config, vb)?;
-    checkpoint.fill(vars.varmap()).map_err(nn_error)?;
+    checkpoint.fill(vars.varmap())?;
     Ok(Model {
         network: Network::ResNet(Box::new(network)),
         vars,
