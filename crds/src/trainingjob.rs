@@ -42,6 +42,9 @@ use crate::common::Architecture;
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.model.architecture == 'bert' ? self.data.format in ['csv', 'tsv', 'jsonl'] : self.data.format in ['imagefolder', 'idx']").message("spec.data.format must be csv, tsv or jsonl for bert and imagefolder or idx for resnet").field_path(".data.format"))]
 #[x_kube(validation = Rule::new("!has(self.data.augmentation) || self.model.architecture == 'resnet'").message("spec.data.augmentation applies only to image models (spec.model.architecture: resnet)").field_path(".data.augmentation"))]
+#[x_kube(validation = Rule::new("!has(self.model.layers) || self.model.architecture == 'bert'").message("spec.model.layers (a BERT student's layer count) applies only to bert").field_path(".model.layers"))]
+#[x_kube(validation = Rule::new("!self.model.source.startsWith('random:') || (self.model.architecture == 'resnet' && self.model.source.matches('^random:resnet-?(18|34|50|101|152)$'))").message("spec.model.source random:resnetN (18, 34, 50, 101 or 152) initialises a resnet from scratch; bert starts from pretrained weights").field_path(".model.source"))]
+#[x_kube(validation = Rule::new("!has(self.training.distillation) || !self.training.distillation.teacher.startsWith('random:')").message("spec.training.distillation.teacher needs trained weights, not random:").field_path(".training.distillation.teacher"))]
 pub struct TrainingJobSpec {
     /// The model to fine-tune.
     pub model: ModelSpec,
@@ -97,9 +100,10 @@ fn default_image() -> String {
 pub struct ModelSpec {
     /// Model family: `bert` (text classification) or `resnet` (image classification).
     pub architecture: Architecture,
-    /// Pretrained weights: `hf://org/name[@revision]` (Hugging Face layout, resolved from
-    /// the local cache or `HF_HOME`), or a directory path (local or on a mounted PVC)
-    /// holding `model.safetensors` + `config.json`.
+    /// Pretrained weights: `hf://org/name[@revision]` (Hugging Face layout, from the local
+    /// cache or `HF_HOME`, downloaded when missing), a directory path (local or on a
+    /// mounted PVC) holding `model.safetensors` (+ `config.json`), an earlier run's output
+    /// directory, or `random:resnet18` (34, 50, 101, 152) to train a ResNet from scratch.
     #[x_kube(validation = Rule::new("self.startsWith('hf://') ? self.matches('^hf://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+(@[A-Za-z0-9._/-]+)?$') : size(self) > 0").message("spec.model.source must be hf://org/name[@revision] or a path"))]
     #[schemars(length(min = 1, max = 1024))]
     pub source: String,

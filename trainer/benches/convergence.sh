@@ -22,16 +22,8 @@ ringmaster="$repo/target/release/ringmaster"
 examples="$repo/examples"
 
 # The baseline's split as two TSV files.
-python3 - "$repo/../shared/bench-baselines/reference/spam_split.json" \
-  "$examples/data/spam_collection.tsv" "$out" <<'PY'
-import json, sys
-split = json.load(open(sys.argv[1]))
-rows = [l.rstrip("\n").rstrip("\r") for l in open(sys.argv[2], encoding="utf-8")]
-rows = [r for r in rows if r]
-for name in ("train", "val"):
-    with open(f"{sys.argv[3]}/spam-{name}.tsv", "w", encoding="utf-8") as f:
-        f.writelines(rows[i] + "\n" for i in split[name])
-PY
+python3 "$(dirname "$0")/spam_split.py" "$repo/../shared/bench-baselines/reference/spam_split.json" \
+  "$examples/data/spam_collection.tsv" "$out/spam-train.tsv" "$out/spam-val.tsv"
 spam=(--set "data.train=$out/spam-train.tsv" --set "data.validation=$out/spam-val.tsv")
 
 run() { # name, then launch arguments

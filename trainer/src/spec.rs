@@ -221,6 +221,16 @@ pub fn check(job: &TrainingJob) -> std::result::Result<(), String> {
     if s.model.layers == Some(0) {
         return Err("spec.model.layers must be at least 1".into());
     }
+    if s.model.layers.is_some() && s.model.architecture != Architecture::Bert {
+        return Err("spec.model.layers (a BERT student's layer count) applies only to bert".into());
+    }
+    if s.model.source.starts_with("random:") && s.model.architecture != Architecture::Resnet {
+        return Err(
+            "spec.model.source random:resnetN initialises a resnet from scratch; bert starts \
+             from pretrained weights"
+                .into(),
+        );
+    }
     let text = matches!(
         s.data.format,
         DataFormat::Csv | DataFormat::Tsv | DataFormat::Jsonl
@@ -288,6 +298,12 @@ mod tests {
                 "temperature",
             ),
             ("data.format=idx", "spec.data.format"),
+            ("model.layers=0", "spec.model.layers"),
+            ("model.source=random:resnet18", "spec.model.source random:"),
+            (
+                "data.augmentation={maxRotationDegrees: 90}",
+                "maxRotationDegrees",
+            ),
             ("training.epochs=oops", "epochs"),
             ("training", "FIELD=VALUE"),
         ] {

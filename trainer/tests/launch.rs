@@ -142,6 +142,8 @@ fn two_ranks_fine_tune_minilm_on_spam_export_the_best_model_and_resume() {
         "{card}"
     );
     assert!(dir.path().join("out/curves.svg").is_file());
+    let curves = image::open(dir.path().join("out/curves.png")).expect("curves.png decodes");
+    assert_eq!((curves.width(), curves.height()), (840, 260));
     let checkpoints: Vec<_> = std::fs::read_dir(dir.path().join("out/checkpoints"))
         .unwrap()
         .filter_map(|e| e.ok())
