@@ -244,13 +244,12 @@ impl Examples for TextExamples {
 
     /// Texts have no augmentation: `_augment` is unused.
     fn batch(&self, indices: &[usize], _augment: Option<TrainRng>) -> Result<Batch> {
-        let texts: Vec<&str> = indices
+        // One text at a time: `encode_batch` fans out on rayon's pool, where the model's
+        // own kernels run, and this thread is meant to use only the time they leave.
+        let encodings = indices
             .iter()
-            .map(|&i| self.examples[i].text.as_str())
-            .collect();
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts, true)
+            .map(|&i| self.tokenizer.encode(self.examples[i].text.as_str(), true))
+            .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| Error::Config(format!("tokenising a batch: {e}")))?;
         let longest = encodings
             .iter()
