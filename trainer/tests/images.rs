@@ -160,20 +160,20 @@ fn image_folder(root: &Path, per_class: u32) {
 #[test]
 fn image_folder_png_and_jpeg_with_augmentation_and_oversampling() {
     let dir = tempfile::tempdir().unwrap();
-    image_folder(&dir.path().join("pictures"), 24);
+    image_folder(&dir.path().join("pictures"), 64);
     let job = write_job(
         dir.path(),
         "pictures",
         "  model: {architecture: resnet, source: 'random:resnet18', labels: [bright, dark]}\n  \
          data: {train: pictures, format: imagefolder, validationSplit: 0.25, imageSize: 16, \
                 augmentation: {minCropScale: 0.5, horizontalFlip: true, colorJitter: 0.1, maxRotationDegrees: 15}}\n  \
-         training: {epochs: 3, batchSize: 8, optimizer: sgd, learningRate: 0.05, classBalance: oversample}\n  \
+         training: {epochs: 4, batchSize: 8, optimizer: sgd, learningRate: 0.05, classBalance: oversample}\n  \
          distribution: {workers: 2}\n  output: {path: out}\n",
     );
     let log = launch(&job);
     let lines = evaluations(&dir.path().join("out"));
-    assert_eq!(lines.len(), 3, "{log}");
-    assert_eq!(lines[0]["validation"]["examples"], 12);
+    assert_eq!(lines.len(), 4, "{log}");
+    assert_eq!(lines[0]["validation"]["examples"], 32);
     let best = lines.iter().map(accuracy).fold(0.0, f64::max);
     assert!(best >= 0.75, "bright vs dark: best accuracy {best}:\n{log}");
 }

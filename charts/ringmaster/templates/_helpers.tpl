@@ -1,5 +1,10 @@
-{{- define "ringmaster.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- /* One image per binary (images/build.sh): <repository>-operator and <repository>-scheduler. */ -}}
+{{- define "ringmaster.operatorImage" -}}
+{{ .Values.image.repository }}-operator:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{- define "ringmaster.schedulerImage" -}}
+{{ .Values.image.repository }}-scheduler:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
 {{- define "ringmaster.labels" -}}
