@@ -109,6 +109,9 @@ pub struct ModelVars {
     varmap: VarMap,
     frozen: NamePatterns,
     buffers: NamePatterns,
+    /// Random initialisation drawn from (seed, variable name) instead of candle's
+    /// unseeded generator, so the same seed starts the same model.
+    seed: Option<u64>,
 }
 
 impl ModelVars {
@@ -117,7 +120,14 @@ impl ModelVars {
             varmap: VarMap::new(),
             frozen,
             buffers,
+            seed: None,
         }
+    }
+
+    /// Draws every random initialisation from `seed` and the variable's name.
+    pub fn seeded(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
     }
 
     pub fn varmap(&self) -> &VarMap {
@@ -177,6 +187,19 @@ impl SimpleBackend for ModelVars {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
+        if let Some(seed) = self.seed
+            && !self.contains_tensor(name)
+            && let Some(values) = seeded_init(&shape, init, seed, name)
+        {
+            let var = Var::from_tensor(
+                &Tensor::from_vec(values, shape.clone(), device)?.to_dtype(dtype)?,
+            )?;
+            self.varmap
+                .data()
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?
+                .insert(name.to_string(), var);
+        }
         let t = self.varmap.get(shape, name, init, dtype, device)?;
         Ok(match self.role(name) {
             Role::Trainable => t,
@@ -195,6 +218,46 @@ impl SimpleBackend for ModelVars {
             .map(|d| d.contains_key(name))
             .unwrap_or(false)
     }
+}
+
+/// candle's random initialisations (`Init::var`), drawn from a stream seeded by `seed`
+/// and the variable's name; None for constants, which need no randomness.
+fn seeded_init(shape: &Shape, init: Init, seed: u64, name: &str) -> Option<Vec<f32>> {
+    use candle_nn::init::NormalOrUniform;
+    let (uniform, a, b) = match init {
+        Init::Const(_) => return None,
+        Init::Uniform { lo, up } => (true, lo, up),
+        Init::Randn { mean, stdev } => (false, mean, stdev),
+        Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
+            let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+            match dist {
+                NormalOrUniform::Uniform => (true, -(3f64.sqrt()) * std, 3f64.sqrt() * std),
+                NormalOrUniform::Normal => (false, 0.0, std),
+            }
+        }
+    };
+    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut rng = crate::rng::TrainRng::new(seed ^ name_hash);
+    let mut unit = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    Some(
+        (0..shape.elem_count())
+            .map(|_| {
+                let v = if uniform {
+                    a + (b - a) * unit()
+                } else {
+                    // Box-Muller: one normal from two uniforms.
+                    a + b * (-2.0 * unit().ln()).sqrt() * (std::f64::consts::TAU * unit()).cos()
+                };
+                v as f32
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -235,6 +298,35 @@ mod tests {
         ] {
             assert!(!no_decay(name, 2), "{name} should decay");
         }
+    }
+
+    #[test]
+    fn seeded_initialisation_repeats_and_keeps_the_distribution() -> Result<()> {
+        let draw = |seed| -> Result<Vec<f32>> {
+            let vars =
+                ModelVars::new(NamePatterns::default(), default_buffer_patterns()).seeded(seed);
+            let vb = vars.var_builder(DType::F32, &Device::Cpu);
+            let w = vb.get_with_hints(
+                (64, 64),
+                "w",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?;
+            Ok(w.flatten_all()?.to_vec1()?)
+        };
+        let first = draw(7)?;
+        assert_eq!(first, draw(7)?, "same seed, same weights");
+        assert_ne!(first, draw(8)?);
+        let n = first.len() as f32;
+        let mean = first.iter().sum::<f32>() / n;
+        let std = (first.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n).sqrt();
+        assert!(
+            mean.abs() < 0.002 && (std - 0.02).abs() < 0.001,
+            "{mean} {std}"
+        );
+        Ok(())
     }
 
     #[test]

@@ -309,3 +309,28 @@ fn killed_while_writing_a_checkpoint_and_a_damaged_newest_one_resume_from_an_int
         "461 training images, 16 a step: {lines:?}"
     );
 }
+
+#[test]
+fn the_same_seed_gives_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = tiny_idx(dir.path(), 256);
+    let run = |name: &str, seed: u64| {
+        let job = write_job(
+            dir.path(),
+            name,
+            &format!(
+                "  model: {{architecture: resnet, source: 'random:resnet18', numClasses: 2}}\n  \
+                 data: {{train: {images:?}, format: idx, validationSplit: 0.25, imageSize: 16, \
+                         augmentation: {{minCropScale: 0.5, maxRotationDegrees: 10}}}}\n  \
+                 training: {{epochs: 1, batchSize: 16, optimizer: sgd, learningRate: 0.05, seed: {seed}}}\n  \
+                 output: {{path: {name}}}\n"
+            ),
+        );
+        let (ok, _, log) = train(&job);
+        assert!(ok, "{log}");
+        evaluations(&dir.path().join(name))[0]["validation"].clone()
+    };
+    let first = run("a", 3);
+    assert_eq!(first, run("b", 3), "initialisation, order and augmentation follow the seed");
+    assert_ne!(first["loss"], run("c", 4)["loss"]);
+}

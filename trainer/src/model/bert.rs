@@ -57,7 +57,8 @@ pub(super) fn load(
                 .collect()
         }
     };
-    let vars = ModelVars::new(NamePatterns::parse(&frozen)?, default_buffer_patterns());
+    let vars = ModelVars::new(NamePatterns::parse(&frozen)?, default_buffer_patterns())
+        .seeded(spec.training.seed);
     let pooling = match spec.model.pooling {
         Pooling::Cls => bert::Pooling::Cls,
         Pooling::Mean => bert::Pooling::Mean,

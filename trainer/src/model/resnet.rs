@@ -40,7 +40,8 @@ pub(super) fn load(
         Purpose::Teach => vec!["*".into()],
         Purpose::Train => spec.model.freeze.clone(),
     };
-    let vars = ModelVars::new(NamePatterns::parse(&frozen)?, default_buffer_patterns());
+    let vars = ModelVars::new(NamePatterns::parse(&frozen)?, default_buffer_patterns())
+        .seeded(spec.training.seed);
     let vb = vars.var_builder(DType::F32, &Device::Cpu);
     if let Some(depth) = random_depth(source) {
         if purpose == Purpose::Teach {
