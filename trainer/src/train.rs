@@ -194,6 +194,14 @@ pub fn run(job: &JobFile, me: Rank) -> Result<()> {
         position = saved;
         resumed_at_step = Some(stepper.step());
     }
+    // Dropout masks follow the seed, differ between ranks (as each rank's data does), and
+    // a resumed run continues with fresh masks rather than replaying the first steps'.
+    ringmaster_nn::ops::dropout::seed_dropout(
+        TrainRng::new(
+            t.seed ^ (me.rank as u64).wrapping_mul(0x9E37_79B9) ^ stepper.step().rotate_left(32),
+        )
+        .next_u64(),
+    );
     let run = Run {
         task,
         dir,

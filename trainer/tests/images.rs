@@ -331,6 +331,10 @@ fn the_same_seed_gives_the_same_run() {
         evaluations(&dir.path().join(name))[0]["validation"].clone()
     };
     let first = run("a", 3);
-    assert_eq!(first, run("b", 3), "initialisation, order and augmentation follow the seed");
+    assert_eq!(
+        first,
+        run("b", 3),
+        "initialisation, order and augmentation follow the seed"
+    );
     assert_ne!(first["loss"], run("c", 4)["loss"]);
 }
