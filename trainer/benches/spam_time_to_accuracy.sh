@@ -11,6 +11,7 @@
 #   BASELINES: a writable copy of ../shared/bench-baselines with its venv/ (torch,
 #   transformers); assets/ is linked from nn/scripts/fetch-assets.sh's directory.
 # Run it on a quiet machine: wait_quiet.py in BASELINES is called before each side.
+# SEED (default 0) seeds both sides (initialisation, order, dropout; the split is fixed).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 baselines=$(cd "${1:?usage: $0 BASELINES (a writable copy of ../shared/bench-baselines with venv/)}" && pwd)
@@ -35,7 +36,7 @@ spec:
   model: {architecture: bert, source: hf://sentence-transformers/all-MiniLM-L6-v2, labels: [ham, spam]}
   data: {train: train.tsv, validation: val.tsv, format: tsv, header: false, labelField: "0", textField: "1"}
   training: {epochs: 1, batchSize: 32, learningRate: 5.0e-5, weightDecay: 0.01, schedule: constant,
-             maxGradNorm: 0, maxSequenceLength: 64, seed: 0}
+             maxGradNorm: 0, maxSequenceLength: 64, seed: ${SEED:-0}}
   output: {path: out}
 YAML
 cargo build --release --quiet -p ringmaster-trainer --manifest-path "$repo/Cargo.toml"
@@ -47,7 +48,7 @@ accuracy() { "$python" -c 'import json,sys; v=[json.loads(x) for x in open(sys.a
 
 quiet
 start=$(date +%s.%N)
-(cd "$baselines" && "$python" spam_finetune.py --threads 2 --epochs 1 --seed 0 --split-out "$work/torch-split.json") >"$work/torch.log" 2>&1
+(cd "$baselines" && "$python" spam_finetune.py --threads 2 --epochs 1 --seed "${SEED:-0}" --split-out "$work/torch-split.json") >"$work/torch.log" 2>&1
 torch_s=$(echo "$(date +%s.%N) - $start" | bc)
 torch_acc=$(grep -o 'val acc [0-9.]*' "$work/torch.log" | tail -1 | awk '{print $3}')
 torch_f1=$(grep -o 'macro-F1 [0-9.]*' "$work/torch.log" | tail -1 | awk '{print $2}')
