@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # Builds the pinned control-plane binaries from their Go modules into a per-version
 # cache, so only the first run on a machine pays for the build.
-#   e2e/build-binaries.sh [--with-scheduler]
+#   e2e/build-binaries.sh [--with-scheduler] [--real-node]
+# --real-node adds kubelet, kube-proxy (same Kubernetes version) and CoreDNS.
 # Prints the cache directory holding the binaries on its last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
 cache=${RINGMASTER_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ringmaster-e2e}
-with_scheduler=false
-[[ "${1:-}" == "--with-scheduler" ]] && with_scheduler=true
+with_scheduler=false real_node=false
+for arg; do
+  case $arg in
+    --with-scheduler) with_scheduler=true ;;
+    --real-node) real_node=true ;;
+    *) echo "unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
 
 log() { printf '[build] %s\n' "$*" >&2; }
 fail() { printf '[build] FAILED: %s\n' "$*" >&2; exit 1; }
@@ -88,6 +95,15 @@ build_kwok() {
     || fail "go install kwok"
 }
 
+build_coredns() {
+  local dir=$cache/coredns-$COREDNS_VERSION
+  [[ -x $dir/coredns ]] && return
+  log "building CoreDNS $COREDNS_VERSION (first run only)"
+  mkdir -p "$dir"
+  GOBIN=$dir CGO_ENABLED=0 go install -trimpath -ldflags='-s -w' "github.com/coredns/coredns@$COREDNS_VERSION" \
+    || fail "go install coredns"
+}
+
 command -v go >/dev/null || fail "Go is not installed (needs Go >= 1.26)"
 build_etcd
 build_kwok
@@ -96,10 +112,16 @@ build_k8s kube-apiserver
 build_k8s kube-controller-manager
 build_k8s kubectl
 $with_scheduler && build_k8s kube-scheduler
+if $real_node; then
+  build_k8s kubelet
+  build_k8s kube-proxy
+  build_coredns
+  ln -sfn "$cache/coredns-$COREDNS_VERSION/coredns" "$cache/coredns"
+fi
 ln -sfn "$etcd_dir/etcd" "$cache/etcd"
 ln -sfn "$kwok_dir/kwok" "$cache/kwok"
 ln -sfn "$cache/helm-$HELM_VERSION/helm" "$cache/helm"
-for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+for b in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
   [[ -x $k8s_dir/$b ]] && ln -sfn "$k8s_dir/$b" "$cache/$b"
 done
 echo "$cache"

@@ -3,7 +3,10 @@
 # kube-controller-manager (garbage collection, service accounts) and kwok (fake GPU nodes
 # whose pods run through stages a test controls).
 #
-#   e2e/cluster.sh up [--nodes N]   build (first run only), start, install CRDs, add nodes
+#   e2e/cluster.sh up [--nodes N] [--real-node]
+#                                   build (first run only), start, install CRDs, add nodes;
+#                                   --real-node adds a real kubelet + containerd node, DNS,
+#                                   kube-proxy and kube-scheduler (root; see e2e/node.sh)
 #   e2e/cluster.sh down             stop everything and remove the state directory
 #   e2e/cluster.sh env              print the exports (KUBECONFIG, PATH with the pinned kubectl)
 #   e2e/cluster.sh nodes N [GPUS]   add kwok nodes (named kwok-gpu-<i>) with GPUS GPUs each
@@ -16,38 +19,15 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 state=${RINGMASTER_E2E_DIR:-$repo/.e2e}
 kubeconfig=$state/kubeconfig
+real_node=false
 
-log() { printf '[cluster] %s\n' "$*" >&2; }
-# The pinned kubectl built beside the control plane (same version, no client skew).
-kubectl() { "${RINGMASTER_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ringmaster-e2e}/kubectl" "$@"; }
-fail() {
-  printf '[cluster] FAILED at step "%s": %s\n' "$1" "$2" >&2
-  [[ -n "${3:-}" && -f "$3" ]] && { echo "--- last lines of $3:" >&2; tail -n 25 "$3" >&2; }
-  exit 1
-}
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# Waits until a command succeeds, or fails the step with the component's log.
-wait_for() {
-  local step=$1 logfile=$2 timeout=$3; shift 3
-  local deadline=$((SECONDS + timeout))
-  until "$@" >/dev/null 2>&1; do
-    if ((SECONDS > deadline)); then fail "$step" "not healthy after ${timeout}s" "$logfile"; fi
-    sleep 0.3
-  done
-}
-
-start() {
-  local name=$1; shift
-  "$@" >"$state/logs/$name.log" 2>&1 &
-  echo $! >"$state/pids/$name"
-}
-
-alive() { [[ -f $state/pids/$1 ]] && kill -0 "$(cat "$state/pids/$1")" 2>/dev/null; }
+log_tag=cluster
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 
 gen_certs() {
-  local d=$state/pki
+  local d=$state/pki extra_san=""
+  $real_node && extra_san=", IP:$(host_ip)"
   mkdir -p "$d"
   (
     cd "$d"
@@ -58,7 +38,7 @@ gen_certs() {
 distinguished_name = dn
 [dn]
 [ext]
-subjectAltName = IP:127.0.0.1, IP:10.0.0.1, DNS:localhost, DNS:kubernetes, DNS:kubernetes.default, DNS:kubernetes.default.svc
+subjectAltName = IP:127.0.0.1, IP:10.0.0.1, DNS:localhost, DNS:kubernetes, DNS:kubernetes.default, DNS:kubernetes.default.svc$extra_san
 extendedKeyUsage = serverAuth
 [client]
 extendedKeyUsage = clientAuth
@@ -66,38 +46,12 @@ CNF
     openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout apiserver.key -out apiserver.csr
     openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
       -extfile san.cnf -extensions ext -out apiserver.crt
-    client() { # name CN O
-      openssl req -newkey rsa:2048 -nodes -subj "/CN=$2/O=$3" -keyout "$1.key" -out "$1.csr"
-      # With extensions, so the certificate is X.509 v3 (rustls rejects v1).
-      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
-        -extfile san.cnf -extensions client -out "$1.crt"
-    }
-    client admin ringmaster-e2e-admin system:masters
-    client controller-manager system:kube-controller-manager system:kube-controller-manager
     openssl genrsa -out sa.key 2048
     openssl rsa -in sa.key -pubout -out sa.pub
   ) >"$state/logs/pki.log" 2>&1 || fail certificates "openssl failed" "$state/logs/pki.log"
-}
-
-write_kubeconfig() { # file user-cert-name
-  cat >"$1" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: ringmaster-e2e
-  cluster:
-    server: https://127.0.0.1:$(cat "$state/apiserver-port")
-    certificate-authority: $state/pki/ca.crt
-users:
-- name: $2
-  user:
-    client-certificate: $state/pki/$2.crt
-    client-key: $state/pki/$2.key
-contexts:
-- name: ringmaster-e2e
-  context: {cluster: ringmaster-e2e, user: $2, namespace: default}
-current-context: ringmaster-e2e
-KC
+  client_cert admin ringmaster-e2e-admin system:masters
+  client_cert controller-manager system:kube-controller-manager
+  client_cert scheduler system:kube-scheduler
 }
 
 add_nodes() { # count gpus
@@ -136,16 +90,30 @@ NODE
 
 up() {
   local nodes=8
-  [[ "${1:-}" == "--nodes" ]] && nodes=$2
+  while (($#)); do
+    case $1 in
+      --nodes) nodes=$2; shift 2 ;;
+      --real-node) real_node=true; shift ;;
+      *) fail arguments "unknown argument $1" ;;
+    esac
+  done
   if alive kube-apiserver; then log "already up ($state)"; return; fi
   local t0=$SECONDS
-  local bin
-  bin=$("$here/build-binaries.sh" | tail -n 1) || fail build "building the control-plane binaries failed (see above)"
+  local bin build_args=()
+  $real_node && build_args=(--real-node --with-scheduler)
+  bin=$("$here/build-binaries.sh" "${build_args[@]}" | tail -n 1) || fail build "building the control-plane binaries failed (see above)"
   rm -rf "$state" && mkdir -p "$state/logs" "$state/pids"
   gen_certs
   local etcd_port etcd_peer api_port kcm_port
   etcd_port=$(free_port); etcd_peer=$(free_port); api_port=$(free_port); kcm_port=$(free_port)
   echo "$api_port" >"$state/apiserver-port"
+  # Pods reach the API server through the kubernetes Service (10.0.0.1), whose endpoint is
+  # this host's address: with a real node it listens there, and the kubelet's client
+  # certificate authorises logs and exec.
+  local api_network=(--bind-address=127.0.0.1 --advertise-address=127.0.0.1 --endpoint-reconciler-type=none)
+  $real_node && api_network=(--bind-address=0.0.0.0 --advertise-address="$(host_ip)" --endpoint-reconciler-type=lease
+    --kubelet-client-certificate="$state/pki/admin.crt" --kubelet-client-key="$state/pki/admin.key"
+    --kubelet-preferred-address-types=InternalIP,Hostname)
 
   start etcd "$bin/etcd" --data-dir="$state/etcd" --unsafe-no-fsync=true \
     --listen-client-urls="http://127.0.0.1:$etcd_port" --advertise-client-urls="http://127.0.0.1:$etcd_port" \
@@ -155,24 +123,28 @@ up() {
 
   # Raised rate limits: scale benchmarks create thousands of objects in seconds.
   start kube-apiserver "$bin/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
+    "${api_network[@]}" --secure-port="$api_port" \
     --cert-dir="$state/pki" --tls-cert-file="$state/pki/apiserver.crt" --tls-private-key-file="$state/pki/apiserver.key" \
     --client-ca-file="$state/pki/ca.crt" --authorization-mode=Node,RBAC --allow-privileged=true \
     --service-cluster-ip-range=10.0.0.0/24 --service-account-issuer="https://127.0.0.1:$api_port" \
     --service-account-key-file="$state/pki/sa.pub" --service-account-signing-key-file="$state/pki/sa.key" \
     --max-requests-inflight=2000 --max-mutating-requests-inflight=1000 --enable-priority-and-fairness=false \
-    --endpoint-reconciler-type=none --profiling=false
+    --profiling=false
   wait_for kube-apiserver "$state/logs/kube-apiserver.log" 90 \
     curl -fsS --cacert "$state/pki/ca.crt" --cert "$state/pki/admin.crt" --key "$state/pki/admin.key" \
     "https://127.0.0.1:$api_port/readyz"
   write_kubeconfig "$kubeconfig" admin
   write_kubeconfig "$state/controller-manager.kubeconfig" controller-manager
+  write_kubeconfig "$state/scheduler.kubeconfig" scheduler
 
+  # Kwok nodes have no volumes; the real node's hostPath volumes need claims bound.
+  local no_volumes=-persistentvolume-binder,
+  $real_node && no_volumes=
   start kube-controller-manager "$bin/kube-controller-manager" --kubeconfig="$state/controller-manager.kubeconfig" \
     --authentication-kubeconfig="$state/controller-manager.kubeconfig" --authorization-kubeconfig="$state/controller-manager.kubeconfig" \
     --service-account-private-key-file="$state/pki/sa.key" --root-ca-file="$state/pki/ca.crt" \
     --use-service-account-credentials=true --leader-elect=false --bind-address=127.0.0.1 --secure-port="$kcm_port" \
-    --controllers='*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route,-persistentvolume-binder,-attachdetach,-persistentvolume-expander,-ephemeral-volume' \
+    --controllers="*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route,${no_volumes}-attachdetach,-persistentvolume-expander,-ephemeral-volume" \
     --kube-api-qps=500 --kube-api-burst=1000 --concurrent-gc-syncs=50
   wait_for kube-controller-manager "$state/logs/kube-controller-manager.log" 60 \
     curl -fsSk "https://127.0.0.1:$kcm_port/healthz"
@@ -190,26 +162,30 @@ up() {
     crd/trainingjobs.ringmaster.dev crd/inferenceservices.ringmaster.dev >/dev/null || fail crds "CRDs not Established"
   wait_for serviceaccount "$state/logs/kube-controller-manager.log" 60 \
     kubectl --kubeconfig "$kubeconfig" get serviceaccount default -n default
-  add_nodes "$nodes" 8
+  ((nodes > 0)) && add_nodes "$nodes" 8
+  if $real_node; then
+    # The default scheduler, for pods that do not name ringmaster-scheduler (the chart's).
+    start kube-scheduler "$bin/kube-scheduler" --kubeconfig="$state/scheduler.kubeconfig" \
+      --authentication-kubeconfig="$state/scheduler.kubeconfig" --authorization-kubeconfig="$state/scheduler.kubeconfig" \
+      --leader-elect=false --bind-address=127.0.0.1 --secure-port="$(free_port)"
+    RINGMASTER_E2E_DIR=$state "$here/node.sh" up
+  fi
   log "up in $((SECONDS - t0))s: export KUBECONFIG=$kubeconfig"
 }
 
 down() {
-  local name pid
-  for name in kwok kube-controller-manager kube-scheduler kube-apiserver etcd; do
-    [[ -f $state/pids/$name ]] || continue
-    pid=$(cat "$state/pids/$name")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
+  local name
+  # Controllers first, so nothing recreates the real node's pods while it drains.
+  for name in kwok kube-controller-manager kube-scheduler; do stop "$name"; done
+  RINGMASTER_E2E_DIR=$state "$here/node.sh" down
+  for name in kube-apiserver etcd; do stop "$name"; done
   rm -rf "$state"
   log "down"
 }
 
 status() {
   local name
-  for name in etcd kube-apiserver kube-controller-manager kwok; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok containerd kubelet kube-proxy coredns; do
     if alive "$name"; then echo "$name: running (pid $(cat "$state/pids/$name"))"; else echo "$name: stopped"; fi
   done
   [[ -f $kubeconfig ]] && kubectl --kubeconfig "$kubeconfig" get --raw=/readyz >/dev/null 2>&1 && echo "apiserver: ready"

