@@ -270,6 +270,11 @@ up() {
   bin=$(cache_dir)
   [[ -x $bin/kubelet && -x $bin/kube-proxy && -x $bin/coredns ]] ||
     fail setup "kubelet, kube-proxy or coredns not built: run e2e/build-binaries.sh --real-node"
+  # The bridge, the iptables chains and the cgroups are host-wide: two nodes would
+  # tear down each other's.
+  if ip link show "$bridge" >/dev/null 2>&1 || pgrep -f "kubelet.*--hostname-override" >/dev/null; then
+    fail setup "another real node runs on this host (kubelet process or bridge $bridge): stop it first (e2e/cluster.sh down with its RINGMASTER_E2E_DIR)"
+  fi
   local t0=$SECONDS
   packages
   mkdir -p "$d"/{containerd,cni/conf,cni/data,kubelet,pod-logs,volume-plugins,images}

