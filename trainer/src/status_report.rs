@@ -110,17 +110,19 @@ fn apply(p: &mut Progress, event: &Event) -> bool {
             allreduce_gbps,
             ..
         } => {
+            // The first step of a process is written at once: it says training started.
+            let first = p.step == 0;
             p.epoch = *epoch as u32 + 1;
             p.step = *step;
-            p.loss = Some(*loss);
-            p.samples_per_second = Some(*samples_per_s);
-            if allreduce_gbps.is_some() {
-                p.allreduce_bus_bandwidth_gbps = *allreduce_gbps;
+            p.loss = Some(round_to(*loss, 4));
+            p.samples_per_second = Some(round_to(*samples_per_s, 1));
+            if let Some(gbps) = allreduce_gbps {
+                p.allreduce_bus_bandwidth_gbps = Some(round_to(*gbps, 3));
             }
-            false
+            first
         }
         Event::Eval { report, .. } => {
-            p.validation_accuracy = Some(report.accuracy);
+            p.validation_accuracy = Some(round_to(report.accuracy, 4));
             true
         }
         Event::Checkpoint { .. } => false,
@@ -132,5 +134,37 @@ fn apply(p: &mut Progress, event: &Event) -> bool {
             p.best_checkpoint = Some(format!("{output}/best"));
             true
         }
+    }
+}
+
+/// `kubectl get tj` prints numbers as stored: 0.2967, not 0.2967173755168915.
+fn round_to(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(step: u64, loss: f64) -> Event {
+        Event::Step {
+            epoch: 0,
+            step,
+            loss,
+            lr: 1e-4,
+            samples_per_s: 12.345_678,
+            allreduce_gbps: Some(0.123_456_7),
+        }
+    }
+
+    #[test]
+    fn first_step_is_written_at_once_and_numbers_are_short() {
+        let mut p = Progress::default();
+        assert!(apply(&mut p, &step(1, 0.296_717_375_516_891_5)));
+        assert_eq!(p.loss, Some(0.2967));
+        assert_eq!(p.samples_per_second, Some(12.3));
+        assert_eq!(p.allreduce_bus_bandwidth_gbps, Some(0.123));
+        assert!(!apply(&mut p, &step(2, 0.25)), "later steps wait for the interval");
     }
 }
