@@ -9,7 +9,7 @@
 #   4. a worker's container killed mid-run: whole-gang restart, resumed from a checkpoint;
 #   5. the operator's leader killed mid-run: no duplicate pods, the job completes;
 #   6. a job deleted mid-run: its pods, containers and processes are gone;
-#   7. examples/resnet-mnist-pvc.yaml (shortened) trains on the image data;
+#   7. examples/resnet-mnist-pvc.yaml (shortened) trains on the image data, beyond chance;
 #   8. after `down`: nothing left on the host (e2e/node/leftovers.sh).
 # Prints "ok - ..." per check and a timing summary; exits non-zero on the first failure,
 # after printing the job's status, pods and the trainer logs.
@@ -223,13 +223,15 @@ t0=$(now)
 overlay examples/resnet-mnist-pvc.yaml "
 s = j['spec']
 s['data']['train'] = '/models/mnist-1k-images-idx3-ubyte.gz'
-s['training']['epochs'] = 1
+s['training']['epochs'] = 3
 s['resources'] = {'requests': {'cpu': '500m', 'memory': '1Gi'}, 'limits': {'cpu': '1', 'memory': '3Gi'}}
 s['template'] = {'nodeSelector': {'ringmaster.dev/real-node': 'true'}}"
 wait_until 600 "resnet-mnist Succeeded" phase_is resnet-mnist Succeeded
 [[ -f $outputs/resnet-mnist/best/model.safetensors ]] || die "no ResNet model in the output volume"
 resnet_s=$(secs "$t0" "$(now)")
-ok "resnet-mnist Succeeded in ${resnet_s}s, accuracy $(jp tj/resnet-mnist '{.status.progress.validationAccuracy}')"
+accuracy=$(jp tj/resnet-mnist '{.status.progress.validationAccuracy}')
+python3 -c "import sys; sys.exit(float('${accuracy:-0}') < 0.3)" || die "resnet-mnist learned nothing: accuracy $accuracy (chance 0.1)"
+ok "resnet-mnist Succeeded in ${resnet_s}s, accuracy $accuracy"
 current_job=""
 
 echo "timings: helm install to ready ${chart_s}s; bert-spam: apply to gang bound ${bound_s}s, to first step ${first_step_s}s, to Succeeded ${bert_s}s; resnet-mnist: ${resnet_s}s"

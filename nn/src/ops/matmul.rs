@@ -9,9 +9,9 @@ use super::float::Real;
 /// A read-only `rows x cols` view: element (r, c) is at `ptr + r * row_stride + c * col_stride`.
 #[derive(Clone, Copy)]
 pub(crate) struct Matrix<T> {
-    ptr: *const T,
-    row_stride: isize,
-    col_stride: isize,
+    pub(super) ptr: *const T,
+    pub(super) row_stride: isize,
+    pub(super) col_stride: isize,
 }
 
 impl<T> Matrix<T> {
@@ -31,6 +31,16 @@ impl<T> Matrix<T> {
             ptr: data.as_ptr(),
             row_stride: row_stride as isize,
             col_stride: col_stride as isize,
+        }
+    }
+
+    /// The same view read as another element type of the same size.
+    #[cfg(feature = "openblas")]
+    fn cast<U>(self) -> Matrix<U> {
+        Matrix {
+            ptr: self.ptr.cast(),
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
         }
     }
 }
@@ -122,6 +132,30 @@ unsafe fn gemm_call<T: Real>(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
+    #[cfg(feature = "openblas")]
+    if T::DTYPE == candle_core::DType::F32 {
+        let (lhs, rhs) = (lhs.cast::<f32>(), rhs.cast::<f32>());
+        if super::blas::supports((m, n, k), &lhs, &rhs) {
+            let dst = dst.cast::<f32>();
+            // SAFETY: forwarded from the caller; T is f32.
+            unsafe {
+                match parallelism {
+                    Parallelism::None => {
+                        super::blas::sgemm(dst, dst_row_stride, (m, n, k), lhs, rhs, accumulate)
+                    }
+                    _ => super::blas::sgemm_threaded(
+                        dst,
+                        dst_row_stride,
+                        (m, n, k),
+                        lhs,
+                        rhs,
+                        accumulate,
+                    ),
+                }
+            }
+            return;
+        }
+    }
     // SAFETY: forwarded from the caller.
     unsafe {
         gemm::gemm(
