@@ -9,7 +9,10 @@ Two layers: the base (libraries, certificates, users; shared by images built fro
 same libraries) and the binary. Every tar entry has a fixed owner, mode and time, entries
 are sorted and gzip carries no timestamp, so the same inputs give the same digest.
 
-  images/oci.py BINARY NAME:TAG OUT_DIR [--env KEY=VALUE]...
+  images/oci.py BINARY NAME:TAG OUT_DIR [--env KEY=VALUE]... [--library PATH]...
+
+--library: a shared library the binary opens at run time (dlopen, which ldd cannot see),
+with the libraries it needs, in a layer of its own between the base and the binary.
 
 Prints the manifest digest and the image size (compressed layers).
 """
@@ -131,6 +134,16 @@ def without_debug_info(binary):
             return f.read()
 
 
+def library_layer(libraries, base):
+    """Run-time libraries and what they need, less what the base layer has."""
+    layer = Layer()
+    for lib in sorted(set(libraries)):
+        for path in [lib] + shared_libraries(lib):
+            if path not in base:
+                layer.host_file(path)
+    return layer
+
+
 def app_layer(binary, name):
     layer = Layer()
     layer.file(f"usr/local/bin/{name}", without_debug_info(binary), 0o755)
@@ -153,13 +166,18 @@ def canonical(value):
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def build(binary, reference, out, env):
+def build(binary, reference, out, env, libraries=()):
     name = os.path.basename(binary)
     if os.path.exists(out):
         shutil.rmtree(out)
     blobs = Blobs(out)
     layers, diff_ids = [], []
-    for layer in (base_layer(shared_libraries(binary)), app_layer(binary, name)):
+    base = shared_libraries(binary)
+    stack = [base_layer(base)]
+    if libraries:
+        stack.append(library_layer(libraries, base))
+    stack.append(app_layer(binary, name))
+    for layer in stack:
         tar = layer.tar()
         diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
         compressed = gzip.compress(tar, compresslevel=6, mtime=0)
@@ -221,8 +239,9 @@ def main():
     ap.add_argument("reference", help="image name, e.g. ghcr.io/ringmaster-dev/ringmaster:0.1.0")
     ap.add_argument("out", help="directory for the OCI layout (replaced)")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the image config")
+    ap.add_argument("--library", action="append", default=[], help="a library the binary loads at run time")
     args = ap.parse_args()
-    build(args.binary, args.reference, args.out, args.env)
+    build(args.binary, args.reference, args.out, args.env, args.library)
 
 
 if __name__ == "__main__":

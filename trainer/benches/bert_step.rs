@@ -326,6 +326,8 @@ fn torch_modes(args: &Args) -> String {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: first thing in main, before any thread starts.
+    unsafe { ringmaster_nn::ops::blas::prefer_native_kernels() };
     let args = Args::parse();
     retain_freed_memory();
     rayon::ThreadPoolBuilder::new()

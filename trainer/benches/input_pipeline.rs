@@ -115,6 +115,8 @@ fn report(name: &str, runs: Vec<(f64, f64)>) {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: first thing in main, before any thread starts.
+    unsafe { ringmaster_nn::ops::blas::prefer_native_kernels() };
     let args = Args::parse();
     ringmaster_trainer::cpu::flush_denormals();
     println!("| workload | ms/step, loader | ms/step, pre-built | ratio |\n|---|---|---|---|");

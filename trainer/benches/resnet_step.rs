@@ -173,6 +173,8 @@ fn torch_results(dir: &PathBuf, args: &Args) -> Result<HashMap<(usize, usize), [
 }
 
 fn main() -> Result<()> {
+    // SAFETY: first thing in main, before any thread starts.
+    unsafe { ringmaster_nn::ops::blas::prefer_native_kernels() };
     let args = Args::parse();
     retain_freed_memory();
     // Before any thread pool exists: gemm and candle's own kernels read these.

@@ -165,6 +165,9 @@ mod tests {
         assert_eq!(p.loss, Some(0.2967));
         assert_eq!(p.samples_per_second, Some(12.3));
         assert_eq!(p.allreduce_bus_bandwidth_gbps, Some(0.123));
-        assert!(!apply(&mut p, &step(2, 0.25)), "later steps wait for the interval");
+        assert!(
+            !apply(&mut p, &step(2, 0.25)),
+            "later steps wait for the interval"
+        );
     }
 }

@@ -1,11 +1,15 @@
-//! f32 products through OpenBLAS (feature `openblas`): its AVX-512 kernels run about twice
-//! the `gemm` crate's GFLOP/s on the MiniLM and ResNet shapes. OpenBLAS runs
-//! single-threaded in the calling thread; the threaded product splits the output across
-//! rayon's threads itself, so OpenBLAS never starts a pool that spins against rayon's.
+//! f32 products through OpenBLAS when the system has it: its AVX-512 kernels run about
+//! 2.7x the `gemm` crate's GFLOP/s on the MiniLM and ResNet shapes (145 against 55 per
+//! core here). Loaded at run time, so builds and images without it still work (the `gemm`
+//! crate does the products then). OpenBLAS runs single-threaded in the calling thread;
+//! the threaded product splits the output across rayon's threads itself, so OpenBLAS never
+//! starts a pool that spins against rayon's. `RINGMASTER_GEMM=gemm` turns it off,
+//! `RINGMASTER_GEMM=openblas` uses it whatever kernel it picked.
 
-use std::ffi::c_int;
-use std::sync::Once;
+use std::ffi::{CStr, c_char, c_int};
+use std::sync::OnceLock;
 
+use libloading::Library;
 use rayon::prelude::*;
 
 use super::matmul::Matrix;
@@ -14,30 +18,115 @@ const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
 const TRANS: c_int = 112;
 
-#[link(name = "openblas")]
-unsafe extern "C" {
-    fn cblas_sgemm(
-        order: c_int,
-        trans_a: c_int,
-        trans_b: c_int,
-        m: c_int,
-        n: c_int,
-        k: c_int,
-        alpha: f32,
-        a: *const f32,
-        lda: c_int,
-        b: *const f32,
-        ldb: c_int,
-        beta: f32,
-        c: *mut f32,
-        ldc: c_int,
-    );
-    fn openblas_set_num_threads(threads: c_int);
+type Sgemm = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+
+/// OpenBLAS kernels at least as wide as AVX2; older ones are slower than the gemm crate.
+const VECTOR_CORES: [&str; 6] = [
+    "haswell",
+    "zen",
+    "skylakex",
+    "cooperlake",
+    "sapphirerapids",
+    "skylake",
+];
+
+pub(crate) struct OpenBlas {
+    sgemm: Sgemm,
+    /// Keeps `sgemm` loaded.
+    _library: Library,
+}
+
+/// The loaded library, or None (not installed, turned off, or an old kernel).
+pub(crate) fn openblas() -> Option<&'static OpenBlas> {
+    static OPENBLAS: OnceLock<Option<OpenBlas>> = OnceLock::new();
+    OPENBLAS.get_or_init(load).as_ref()
+}
+
+fn load() -> Option<OpenBlas> {
+    let choice = std::env::var("RINGMASTER_GEMM").unwrap_or_default();
+    if choice == "gemm" {
+        return None;
+    }
+    let (blas, core) = match open() {
+        Ok(opened) => opened,
+        Err(e) => {
+            tracing::debug!(error = %e, "no OpenBLAS: f32 products through the gemm crate");
+            return None;
+        }
+    };
+    if choice != "openblas" && !VECTOR_CORES.iter().any(|c| core.contains(c)) {
+        tracing::info!(
+            core,
+            "OpenBLAS picked a kernel older than AVX2 (an unknown CPU model?): f32 products \
+             through the gemm crate; OPENBLAS_CORETYPE=SkylakeX (or Haswell) picks a fast one"
+        );
+        return None;
+    }
+    tracing::debug!(core, "f32 products through OpenBLAS");
+    Some(blas)
+}
+
+/// The library, single-threaded, and the name of the kernel it picked.
+fn open() -> Result<(OpenBlas, String), libloading::Error> {
+    // SAFETY: OpenBLAS's initialisers only read the CPU and the environment; the symbols
+    // have these C signatures in every OpenBLAS release.
+    unsafe {
+        let library = Library::new("libopenblas.so.0")?;
+        let sgemm = *library.get::<Sgemm>(b"cblas_sgemm\0")?;
+        let set_threads =
+            *library.get::<unsafe extern "C" fn(c_int)>(b"openblas_set_num_threads\0")?;
+        let corename =
+            *library.get::<unsafe extern "C" fn() -> *const c_char>(b"openblas_get_corename\0")?;
+        set_threads(1);
+        let core = CStr::from_ptr(corename()).to_string_lossy().to_lowercase();
+        Ok((
+            OpenBlas {
+                sgemm,
+                _library: library,
+            },
+            core,
+        ))
+    }
+}
+
+/// Points OpenBLAS at its AVX-512 kernels on CPUs that have them, unless the user chose a
+/// kernel: OpenBLAS 0.3.21 (Debian 12) does not know recent Xeon models and falls back to
+/// its slowest kernel on them. It reads the choice when it loads, so this must run first.
+///
+/// # Safety
+/// Sets an environment variable: call it before any other thread starts (first thing in
+/// `main`).
+pub unsafe fn prefer_native_kernels() {
+    #[cfg(target_arch = "x86_64")]
+    if std::env::var_os("OPENBLAS_CORETYPE").is_none() && std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the caller guarantees no other thread runs.
+        unsafe { std::env::set_var("OPENBLAS_CORETYPE", "SkylakeX") };
+    }
 }
 
 /// How BLAS reads a `rows x cols` view: transposed or not, and its leading dimension.
 /// None when neither stride is 1 (BLAS needs one unit stride).
-fn layout(rows: usize, cols: usize, row_stride: isize, col_stride: isize) -> Option<(c_int, c_int)> {
+fn layout(
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+) -> Option<(c_int, c_int)> {
     if col_stride == 1 && (rows <= 1 || row_stride >= cols.max(1) as isize) {
         Some((NO_TRANS, row_stride.max(cols.max(1) as isize) as c_int))
     } else if row_stride == 1 && (cols <= 1 || col_stride >= rows.max(1) as isize) {
@@ -64,6 +153,7 @@ pub(crate) fn supports(
 /// As `matmul_into`: `dst` valid for m rows of n elements `dst_row_stride` apart, `lhs`
 /// and `rhs` covering m x k and k x n elements; [`supports`] holds.
 pub(crate) unsafe fn sgemm(
+    blas: &OpenBlas,
     dst: *mut f32,
     dst_row_stride: usize,
     (m, n, k): (usize, usize, usize),
@@ -71,15 +161,12 @@ pub(crate) unsafe fn sgemm(
     rhs: Matrix<f32>,
     accumulate: bool,
 ) {
-    static SINGLE_THREADED: Once = Once::new();
-    // SAFETY: a plain setter, called once before any product.
-    SINGLE_THREADED.call_once(|| unsafe { openblas_set_num_threads(1) });
     let (trans_a, lda) = layout(m, k, lhs.row_stride, lhs.col_stride).expect("supports() checked");
     let (trans_b, ldb) = layout(k, n, rhs.row_stride, rhs.col_stride).expect("supports() checked");
     let beta = if accumulate { 1.0 } else { 0.0 };
     // SAFETY: shapes and leading dimensions describe memory the caller vouches for.
     unsafe {
-        cblas_sgemm(
+        (blas.sgemm)(
             ROW_MAJOR,
             trans_a,
             trans_b,
@@ -105,12 +192,20 @@ struct Shared<T>(T);
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
 
+impl<T: Copy> Shared<T> {
+    /// By method, so closures capture the wrapper (Sync), not its field.
+    fn get(self) -> T {
+        self.0
+    }
+}
+
 /// [`sgemm`] on all of rayon's threads: the larger of the output's two dimensions is cut
 /// into one block per thread (each thread packs its share of the operands itself).
 ///
 /// # Safety
 /// As [`sgemm`].
 pub(crate) unsafe fn sgemm_threaded(
+    blas: &OpenBlas,
     dst: *mut f32,
     dst_row_stride: usize,
     (m, n, k): (usize, usize, usize),
@@ -122,7 +217,7 @@ pub(crate) unsafe fn sgemm_threaded(
     // Below ~1 MFLOP per thread, splitting costs more than it saves.
     if threads == 1 || m * n * k < threads * (1 << 20) {
         // SAFETY: forwarded from the caller.
-        return unsafe { sgemm(dst, dst_row_stride, (m, n, k), lhs, rhs, accumulate) };
+        return unsafe { sgemm(blas, dst, dst_row_stride, (m, n, k), lhs, rhs, accumulate) };
     }
     let split_rows = m >= n;
     let len = if split_rows { m } else { n };
@@ -130,19 +225,157 @@ pub(crate) unsafe fn sgemm_threaded(
     let (dst, lhs, rhs) = (Shared(dst), Shared(lhs), Shared(rhs));
     (0..len.div_ceil(block)).into_par_iter().for_each(|i| {
         let (start, size) = (i * block, block.min(len - i * block));
-        let (dst, mut lhs, mut rhs) = (dst, lhs.0, rhs.0);
+        let (dst, mut lhs, mut rhs) = (dst.get(), lhs.get(), rhs.get());
         // SAFETY: the block's rows (or columns) of dst, lhs and rhs lie inside the
         // caller's m x n, m x k and k x n regions.
         unsafe {
             if split_rows {
                 lhs.ptr = lhs.ptr.offset(start as isize * lhs.row_stride);
-                let out = dst.0.add(start * dst_row_stride);
-                sgemm(out, dst_row_stride, (size, n, k), lhs, rhs, accumulate);
+                let out = dst.add(start * dst_row_stride);
+                sgemm(
+                    blas,
+                    out,
+                    dst_row_stride,
+                    (size, n, k),
+                    lhs,
+                    rhs,
+                    accumulate,
+                );
             } else {
                 rhs.ptr = rhs.ptr.offset(start as isize * rhs.col_stride);
-                let out = dst.0.add(start);
-                sgemm(out, dst_row_stride, (m, size, k), lhs, rhs, accumulate);
+                let out = dst.add(start);
+                sgemm(
+                    blas,
+                    out,
+                    dst_row_stride,
+                    (m, size, k),
+                    lhs,
+                    rhs,
+                    accumulate,
+                );
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        (0..len as u64)
+            .map(|i| {
+                ((i.wrapping_mul(2_654_435_761).wrapping_add(seed) % 2001) as f32 - 1000.0) / 1000.0
+            })
+            .collect()
+    }
+
+    fn reference(m: usize, n: usize, k: usize, a: &Matrix<f32>, b: &Matrix<f32>) -> Vec<f64> {
+        let at = |mat: &Matrix<f32>, r: usize, c: usize| unsafe {
+            *mat.ptr
+                .offset(r as isize * mat.row_stride + c as isize * mat.col_stride)
+                as f64
+        };
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|p| at(a, i, p) * at(b, p, j)).sum();
+            }
+        }
+        out
+    }
+
+    /// Every layout the kernels use (plain, transposed, a head's columns inside packed
+    /// QKV rows), accumulating or not, on one thread and split by rows and by columns,
+    /// equals a float64 reference.
+    #[test]
+    fn openblas_products_equal_the_reference() {
+        let (blas, core) = open().expect(
+            "libopenblas.so.0 must be installed (Debian: libopenblas0; .ci/run installs it)",
+        );
+        eprintln!("OpenBLAS kernel: {core}");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        // The last two are large enough to be split: by rows, then by columns.
+        for &(m, n, k) in &[
+            (37, 29, 41),
+            (300, 7, 64),
+            (5, 400, 96),
+            (64, 64, 1),
+            (512, 96, 64),
+            (40, 1024, 128),
+        ] {
+            let a_data = values(m * k * 3, 1);
+            let b_data = values(k * n * 2, 2);
+            let lhs_layouts = [
+                Matrix::row_major(&a_data, k),
+                Matrix::transposed(&a_data, m),
+                Matrix::strided(&a_data, 3 * k, 1), // a head inside packed rows
+            ];
+            let rhs_layouts = [
+                Matrix::row_major(&b_data, n),
+                Matrix::transposed(&b_data, k),
+                Matrix::strided(&b_data, 2 * n, 1),
+            ];
+            for lhs in lhs_layouts {
+                for rhs in rhs_layouts {
+                    assert!(supports((m, n, k), &lhs, &rhs));
+                    let want = reference(m, n, k, &lhs, &rhs);
+                    for accumulate in [false, true] {
+                        for threaded in [false, true] {
+                            let mut dst = vec![0.5f32; m * n];
+                            unsafe {
+                                if threaded {
+                                    let (out, lhs, rhs) =
+                                        (Shared(dst.as_mut_ptr()), Shared(lhs), Shared(rhs));
+                                    pool.install(|| {
+                                        sgemm_threaded(
+                                            &blas,
+                                            out.get(),
+                                            n,
+                                            (m, n, k),
+                                            lhs.get(),
+                                            rhs.get(),
+                                            accumulate,
+                                        )
+                                    });
+                                } else {
+                                    sgemm(
+                                        &blas,
+                                        dst.as_mut_ptr(),
+                                        n,
+                                        (m, n, k),
+                                        lhs,
+                                        rhs,
+                                        accumulate,
+                                    );
+                                }
+                            }
+                            for (got, want) in dst.iter().zip(&want) {
+                                let want = want + if accumulate { 0.5 } else { 0.0 };
+                                assert!(
+                                    (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                    "{m}x{n}x{k} accumulate={accumulate} threaded={threaded}: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn operands_without_a_unit_stride_are_left_to_the_gemm_crate() {
+        let data = values(64, 3);
+        let every_other = Matrix::strided(&data, 8, 2);
+        assert!(!supports(
+            (4, 4, 4),
+            &every_other,
+            &Matrix::row_major(&data, 4)
+        ));
+    }
 }

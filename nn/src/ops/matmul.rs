@@ -35,7 +35,6 @@ impl<T> Matrix<T> {
     }
 
     /// The same view read as another element type of the same size.
-    #[cfg(feature = "openblas")]
     fn cast<U>(self) -> Matrix<U> {
         Matrix {
             ptr: self.ptr.cast(),
@@ -132,21 +131,24 @@ unsafe fn gemm_call<T: Real>(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
-    #[cfg(feature = "openblas")]
-    if T::DTYPE == candle_core::DType::F32 {
+    if T::DTYPE == candle_core::DType::F32
+        && let Some(blas) = super::blas::openblas()
+    {
         let (lhs, rhs) = (lhs.cast::<f32>(), rhs.cast::<f32>());
         if super::blas::supports((m, n, k), &lhs, &rhs) {
             let dst = dst.cast::<f32>();
+            let shape = (m, n, k);
             // SAFETY: forwarded from the caller; T is f32.
             unsafe {
                 match parallelism {
                     Parallelism::None => {
-                        super::blas::sgemm(dst, dst_row_stride, (m, n, k), lhs, rhs, accumulate)
+                        super::blas::sgemm(blas, dst, dst_row_stride, shape, lhs, rhs, accumulate)
                     }
                     _ => super::blas::sgemm_threaded(
+                        blas,
                         dst,
                         dst_row_stride,
-                        (m, n, k),
+                        shape,
                         lhs,
                         rhs,
                         accumulate,

@@ -2,8 +2,7 @@
 
 pub mod attention;
 pub mod batch_norm;
-#[cfg(feature = "openblas")]
-mod blas;
+pub mod blas;
 pub mod conv2d;
 pub mod dropout;
 mod float;
