@@ -9,14 +9,19 @@
 //!
 //! cargo bench -p ringmaster-trainer --bench bert_step -- [--batches 32,8] [--seq 128]
 //!     [--threads 2] [--steps 10] [--warmup 3] [--infer-steps 10] [--modes train,infer,ops]
-//!     [--torch DIR --python /tmp/venv-torch/bin/python]
+//!     [--torch DIR --python /tmp/venv-torch/bin/python [--runs 3]]
 //!
 //! `--torch DIR` runs `DIR/minilm_bench.py` (a writable copy of shared/bench-baselines
 //! with `assets` linked to the output of `nn/scripts/fetch-assets.sh`) with the same
-//! batches, sequence length and threads after the candle runs and prints the ratios.
+//! batches, sequence length and threads, `--runs` times, each side after the machine is
+//! quiet and the two taking turns going first, and prints the median ratios over the
+//! undisturbed runs (`support/protocol.rs`).
 
 use clap::Parser;
-use std::path::PathBuf;
+
+#[path = "support/protocol.rs"]
+mod protocol;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -60,6 +65,9 @@ struct Args {
     /// A copy of shared/bench-baselines: run minilm_bench.py there in the same run.
     #[arg(long)]
     torch: Option<PathBuf>,
+    /// Side-by-side runs (with --torch), alternating which side goes first.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
     #[arg(long, default_value = "python3")]
     python: String,
     /// Passed by `cargo bench` to every harness = false target.
@@ -257,14 +265,16 @@ fn bench_ops(b: usize, seq: usize) -> Result<()> {
     Ok(())
 }
 
-/// minilm_bench.py's result lines: (mode, batch, samples/s, the line itself).
-fn torch_results(dir: &PathBuf, args: &Args) -> Result<Vec<(String, usize, f64, String)>> {
+/// minilm_bench.py's records as (config, samples/s, foreign work); its own lines go to
+/// stdout.
+fn torch_results(dir: &Path, args: &Args) -> Result<Vec<(String, f64, protocol::Foreign)>> {
     let batches = args
         .batches
         .iter()
         .map(|b| b.to_string())
         .collect::<Vec<_>>()
         .join(",");
+    let json = std::env::temp_dir().join(format!("bert_step_torch_{}.jsonl", std::process::id()));
     let output = Command::new(&args.python)
         .arg(dir.join("minilm_bench.py"))
         .args([
@@ -274,8 +284,6 @@ fn torch_results(dir: &PathBuf, args: &Args) -> Result<Vec<(String, usize, f64, 
             &batches,
             "--infer-batches",
             &batches,
-        ])
-        .args([
             "--seq",
             &args.seq.to_string(),
             "--steps",
@@ -285,6 +293,8 @@ fn torch_results(dir: &PathBuf, args: &Args) -> Result<Vec<(String, usize, f64, 
         ])
         .args(["--infer-steps", &args.infer_steps.to_string()])
         .args(["--modes", &torch_modes(args)])
+        .arg("--json")
+        .arg(&json)
         .current_dir(dir)
         .output()
         .map_err(|e| candle_core::Error::Msg(format!("cannot run {}: {e}", args.python)))?;
@@ -296,22 +306,32 @@ fn torch_results(dir: &PathBuf, args: &Args) -> Result<Vec<(String, usize, f64, 
             String::from_utf8_lossy(&output.stderr)
         )
     }
-    // "train threads=2 batch=32: 13.52 samples/s | step ... = fwd 1040 + bwd 930 + opt 80 ms | ..."
-    Ok(stdout
-        .lines()
-        .filter_map(|line| {
-            let (mode, rest) = line.split_once(" threads=")?;
-            let batch = rest
-                .split_once("batch=")?
-                .1
-                .split(':')
-                .next()?
-                .parse()
-                .ok()?;
-            let rate = rest.split_once(": ")?.1.split(' ').next()?.parse().ok()?;
-            Some((mode.to_string(), batch, rate, line.to_string()))
+    for line in stdout.lines().filter(|l| l.contains("samples/s")) {
+        println!("torch {line}");
+    }
+    let text = std::fs::read_to_string(&json).map_err(|e| {
+        candle_core::Error::Msg(format!("minilm_bench.py wrote no {}: {e}", json.display()))
+    })?;
+    let _ = std::fs::remove_file(&json);
+    text.lines()
+        .map(|line| {
+            let r: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                candle_core::Error::Msg(format!("minilm_bench.py wrote `{line}`: {e}"))
+            })?;
+            let mode = r["bench"]
+                .as_str()
+                .unwrap_or("")
+                .trim_start_matches("minilm_");
+            Ok((
+                format!("{mode} b{}", r["batch"].as_u64().unwrap_or(0)),
+                r["samples_per_s"].as_f64().unwrap_or(f64::NAN),
+                protocol::Foreign {
+                    cpu_s: r["foreign_cpu_s"].as_f64().unwrap_or(f64::NAN),
+                    steal_s: r["steal_s"].as_f64().unwrap_or(f64::NAN),
+                },
+            ))
         })
-        .collect())
+        .collect()
 }
 
 /// The modes minilm_bench.py shares with this benchmark.
@@ -323,6 +343,43 @@ fn torch_modes(args: &Args) -> String {
         .filter(|m| ["train", "infer"].contains(m))
         .collect();
     shared.join(",")
+}
+
+/// Our side of one run: (config, samples/s) per training and inference batch.
+fn measure_ours(args: &Args) -> Result<Vec<(String, f64)>> {
+    let mut ours = vec![];
+    let mode = |m: &str| args.modes.iter().any(|x| x == m);
+    for &b in args.batches.iter().filter(|_| mode("train")) {
+        let t = bench_train(b, args)?;
+        println!(
+            "ours train batch={b}: {:.2} samples/s | step {:.0} ms = fwd {:.0} + bwd {:.0} + opt {:.0} ms",
+            b as f64 / t.step,
+            t.step * 1e3,
+            t.forward * 1e3,
+            t.backward * 1e3,
+            t.optimizer * 1e3
+        );
+        ours.push((format!("train b{b}"), b as f64 / t.step));
+    }
+    for &b in args.batches.iter().filter(|_| mode("infer")) {
+        let infer = bench_infer(b, args)?;
+        println!(
+            "ours infer batch={b}: {:.2} samples/s | batch {:.0} ms",
+            b as f64 / infer,
+            infer * 1e3
+        );
+        ours.push((format!("infer b{b}"), b as f64 / infer));
+    }
+    Ok(ours)
+}
+
+/// PyTorch's lowest quiet figure in bench-baselines/README.md, where it gives one.
+fn reference_floor(config: &str) -> Option<f64> {
+    match config {
+        "train b32" => Some(13.0),
+        "infer b32" => Some(67.0),
+        _ => None,
+    }
 }
 
 fn main() -> Result<()> {
@@ -338,59 +395,49 @@ fn main() -> Result<()> {
         "# candle BERT (MiniLM-L6-H384), seq {}, {} threads, dropout on, ringmaster AdamW",
         args.seq, args.threads
     );
-    let mut ours = vec![];
-    let mode = |m: &str| args.modes.iter().any(|x| x == m);
-    for &b in &args.batches {
-        if !mode("train") {
-            continue;
-        }
-        let t = bench_train(b, &args)?;
-        println!(
-            "train batch={b}: {:.2} samples/s | step {:.0} ms = fwd {:.0} + bwd {:.0} + opt {:.0} ms",
-            b as f64 / t.step,
-            t.step * 1e3,
-            t.forward * 1e3,
-            t.backward * 1e3,
-            t.optimizer * 1e3
-        );
-        ours.push(("train".to_string(), b, b as f64 / t.step));
-    }
-    for &b in &args.batches {
-        if !mode("infer") {
-            continue;
-        }
-        let infer = bench_infer(b, &args)?;
-        println!(
-            "infer batch={b}: {:.2} samples/s | batch {:.0} ms",
-            b as f64 / infer,
-            infer * 1e3
-        );
-        ours.push(("infer".to_string(), b, b as f64 / infer));
-    }
-    if mode("ops") {
+    if args.modes.iter().any(|m| m == "ops") {
         bench_ops(*args.batches.first().unwrap_or(&32), args.seq)?;
     }
-    if let Some(dir) = args
+    let Some(dir) = args
         .torch
-        .as_ref()
+        .as_deref()
         .filter(|_| !torch_modes(&args).is_empty())
-    {
-        println!("\n# PyTorch, same run:");
-        let torch = torch_results(dir, &args)?;
-        for (_, _, _, line) in &torch {
-            println!("{line}");
+    else {
+        measure_ours(&args)?;
+        return Ok(());
+    };
+    let mut samples = vec![];
+    for run in 0..args.runs {
+        println!("\n# run {} of {}", run + 1, args.runs);
+        let mut ours = None;
+        let mut theirs = None;
+        // Take turns going first: whatever the first side leaves behind (heat, page cache,
+        // memory) falls on each side equally often.
+        for ours_now in [run % 2 == 0, run % 2 == 1] {
+            protocol::wait_quiet(dir, &args.python);
+            if ours_now {
+                let foreign = protocol::ForeignCpu::start();
+                let rates = measure_ours(&args)?;
+                ours = Some((rates, foreign.stop()));
+            } else {
+                theirs = Some(torch_results(dir, &args)?);
+            }
         }
-        println!("\n| mode | batch | candle samples/s | PyTorch samples/s | candle / PyTorch |");
-        println!("|---|---|---|---|---|");
-        for (mode, b, rate) in &ours {
-            if let Some((_, _, theirs, _)) = torch.iter().find(|(m, tb, _, _)| m == mode && tb == b)
+        let ((ours, our_foreign), theirs) = (ours.expect("measured"), theirs.expect("measured"));
+        for (config, rate) in ours {
+            if let Some((_, their_rate, their_foreign)) =
+                theirs.iter().find(|(c, _, _)| *c == config)
             {
-                println!(
-                    "| {mode} | {b} | {rate:.2} | {theirs:.2} | {:.2}x |",
-                    rate / theirs
-                );
+                samples.push(protocol::Sample {
+                    config,
+                    ours: rate,
+                    theirs: *their_rate,
+                    our_foreign,
+                    their_foreign: *their_foreign,
+                });
             }
         }
     }
+    protocol::report(&samples, reference_floor);
     Ok(())
 }

@@ -7,14 +7,19 @@
 //!
 //! cargo bench -p ringmaster-trainer --bench resnet_step -- [--configs 224:32,32:128]
 //!     [--threads 2] [--steps 10] [--warmup 3]
-//!     [--torch /tmp/bench-baselines --python /tmp/venv-torch/bin/python]
+//!     [--torch /tmp/bench-baselines --python /tmp/venv-torch/bin/python [--runs 3]]
 //!
 //! `--torch DIR` runs `DIR/resnet_bench.py` (a writable copy of shared/bench-baselines)
-//! with the same configs and threads after the candle runs and prints the ratios.
+//! with the same configs and threads, `--runs` times, each side after the machine is quiet
+//! and the two taking turns going first, and prints the median ratios over the undisturbed
+//! runs (`support/protocol.rs`).
 
 use clap::Parser;
+
+#[path = "support/protocol.rs"]
+mod protocol;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -40,6 +45,9 @@ struct Args {
     /// A copy of shared/bench-baselines: run resnet_bench.py there in the same run.
     #[arg(long)]
     torch: Option<PathBuf>,
+    /// Side-by-side runs (with --torch), alternating which side goes first.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
     #[arg(long, default_value = "python3")]
     python: String,
     /// Passed by `cargo bench` to every harness = false target.
@@ -117,8 +125,9 @@ fn bench(hw: usize, batch: usize, args: &Args) -> Result<Timings> {
     Ok(t)
 }
 
-/// One `resnet_bench.py` record per config: (samples/s, forward, backward, optimizer).
-fn torch_results(dir: &PathBuf, args: &Args) -> Result<HashMap<(usize, usize), [f64; 4]>> {
+/// One `resnet_bench.py` record per config: (samples/s, forward, backward, optimizer,
+/// foreign CPU seconds, stolen seconds).
+fn torch_results(dir: &Path, args: &Args) -> Result<HashMap<(usize, usize), [f64; 6]>> {
     let json = std::env::temp_dir().join(format!("resnet_step_torch_{}.jsonl", std::process::id()));
     let configs: Vec<String> = args
         .configs
@@ -166,30 +175,25 @@ fn torch_results(dir: &PathBuf, args: &Args) -> Result<HashMap<(usize, usize), [
                     f("forward_s"),
                     f("backward_s"),
                     f("optimizer_s"),
+                    f("foreign_cpu_s"),
+                    f("steal_s"),
                 ],
             ))
         })
         .collect()
 }
 
-fn main() -> Result<()> {
-    // SAFETY: first thing in main, before any thread starts.
-    unsafe { ringmaster_nn::ops::blas::prefer_native_kernels() };
-    let args = Args::parse();
-    retain_freed_memory();
-    // Before any thread pool exists: gemm and candle's own kernels read these.
-    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
-        if std::env::var_os(var).is_none() {
-            // SAFETY: no other thread runs yet.
-            unsafe { std::env::set_var(var, args.threads.to_string()) };
-        }
-    }
+/// Per (image size, batch): samples/s, then forward, backward and optimizer seconds.
+type Rows = Vec<((usize, usize), [f64; 4])>;
+
+/// Our side of one run.
+fn measure_ours(args: &Args) -> Result<Rows> {
     let mut rows = Vec::new();
     for &(hw, batch) in &args.configs {
-        let t = bench(hw, batch, &args)?;
+        let t = bench(hw, batch, args)?;
         let sps = batch as f64 / median(&t.step);
         println!(
-            "candle ResNet-18 train {hw}x{hw} batch {batch}, {} threads: {sps:.2} samples/s | step {:.0} ms = fwd {:.0} + bwd {:.0} + opt {:.0} ms | {:.2} CPU s/step",
+            "ours ResNet-18 train {hw}x{hw} batch {batch}, {} threads: {sps:.2} samples/s | step {:.0} ms = fwd {:.0} + bwd {:.0} + opt {:.0} ms | {:.2} CPU s/step",
             args.threads,
             median(&t.step) * 1e3,
             median(&t.forward) * 1e3,
@@ -207,21 +211,58 @@ fn main() -> Result<()> {
             ],
         ));
     }
-    if let Some(dir) = &args.torch {
-        let torch = torch_results(dir, &args)?;
-        println!(
-            "\n| config | candle samples/s | torch samples/s | ratio | fwd c/t (ms) | bwd c/t (ms) | opt c/t (ms) |"
-        );
-        println!("|---|---|---|---|---|---|---|");
-        for ((hw, batch), c) in rows {
-            let Some(t) = torch.get(&(hw, batch)) else {
+    Ok(rows)
+}
+
+/// PyTorch's lowest quiet figure in bench-baselines/README.md.
+fn reference_floor(config: &str) -> Option<f64> {
+    match config {
+        "224x224 b32" => Some(12.0),
+        "32x32 b128" => Some(534.0),
+        _ => None,
+    }
+}
+
+fn main() -> Result<()> {
+    // SAFETY: first thing in main, before any thread starts.
+    unsafe { ringmaster_nn::ops::blas::prefer_native_kernels() };
+    let args = Args::parse();
+    retain_freed_memory();
+    // Before any thread pool exists: gemm and candle's own kernels read these.
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: no other thread runs yet.
+            unsafe { std::env::set_var(var, args.threads.to_string()) };
+        }
+    }
+    let Some(dir) = args.torch.as_deref() else {
+        measure_ours(&args)?;
+        return Ok(());
+    };
+    let mut samples = vec![];
+    for run in 0..args.runs {
+        println!("\n# run {} of {}", run + 1, args.runs);
+        let (mut ours, mut theirs) = (None, None);
+        // Take turns going first (see support/protocol.rs).
+        for ours_now in [run % 2 == 0, run % 2 == 1] {
+            protocol::wait_quiet(dir, &args.python);
+            if ours_now {
+                let foreign = protocol::ForeignCpu::start();
+                let rows = measure_ours(&args)?;
+                ours = Some((rows, foreign.stop()));
+            } else {
+                theirs = Some(torch_results(dir, &args)?);
+            }
+        }
+        let ((ours, our_foreign), theirs) = (ours.expect("measured"), theirs.expect("measured"));
+        println!("| config | fwd ours/torch (ms) | bwd ours/torch (ms) | opt ours/torch (ms) |");
+        println!("|---|---|---|---|");
+        for ((hw, batch), c) in ours {
+            let Some(t) = theirs.get(&(hw, batch)) else {
                 continue;
             };
             println!(
-                "| {hw}x{hw} b{batch} | {:.2} | {:.2} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} |",
-                c[0],
-                t[0],
-                c[0] / t[0],
+                "| {hw}x{hw} b{batch} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} |",
                 c[1] * 1e3,
                 t[1] * 1e3,
                 c[2] * 1e3,
@@ -229,7 +270,18 @@ fn main() -> Result<()> {
                 c[3] * 1e3,
                 t[3] * 1e3
             );
+            samples.push(protocol::Sample {
+                config: format!("{hw}x{hw} b{batch}"),
+                ours: c[0],
+                theirs: t[0],
+                our_foreign,
+                their_foreign: protocol::Foreign {
+                    cpu_s: t[4],
+                    steal_s: t[5],
+                },
+            });
         }
     }
+    protocol::report(&samples, reference_floor);
     Ok(())
 }
