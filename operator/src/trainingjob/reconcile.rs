@@ -248,6 +248,9 @@ async fn apply_actions(ctx: &Context, job: &JobRef<'_>, plan: &Plan) -> Result<(
 /// ConfigMap, Service, ServiceAccount, Role, RoleBinding (server-side applied, so a
 /// restarted operator converges to the same objects) and the rendezvous token Secret
 /// (created once: a new token on every reconcile would lock running ranks out).
+/// Quick retries of a RoleBinding whose fresh Role the API server has not cached yet.
+const ROLE_CACHE_RETRIES: u32 = 5;
+
 async fn ensure_support_objects(ctx: &Context, job: &JobRef<'_>) -> Result<()> {
     let objects = desired::support_objects(job);
     let (c, ns) = (&ctx.client, job.namespace);
@@ -265,9 +268,22 @@ async fn ensure_support_objects(ctx: &Context, job: &JobRef<'_>) -> Result<()> {
     // The Role strictly before its RoleBinding: for anyone but a cluster admin, the API
     // server's escalation check resolves the Role a binding names and answers NotFound
     // while it does not exist (and try_join would cancel the Role's own apply with it).
+    // It resolves it from its RBAC cache, which can lag the Role's creation by a moment.
     let rbac = async {
         apply(Api::namespaced(c.clone(), ns), &objects.role).await?;
-        apply(Api::namespaced(c.clone(), ns), &objects.role_binding).await
+        let mut retries = 0;
+        loop {
+            match apply(Api::namespaced(c.clone(), ns), &objects.role_binding).await {
+                Err(Error::Write {
+                    source: kube::Error::Api(status),
+                    ..
+                }) if status.code == 404 && retries < ROLE_CACHE_RETRIES => {
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                done => return done,
+            }
+        }
     };
     futures::try_join!(
         apply(Api::namespaced(c.clone(), ns), &objects.config_map),
