@@ -239,27 +239,20 @@ persistent_volumes() {
   chmod 0777 "$d/volumes/outputs"
   "$repo/examples/fetch-data.sh" --into "$d/volumes/models" 2>"$state/logs/fetch-data.log" ||
     fail volumes "examples/fetch-data.sh --into failed" "$state/logs/fetch-data.log"
-  kubectl --kubeconfig "$kubeconfig" apply -f - >/dev/null <<YAML || fail volumes "PersistentVolumes rejected"
+  local volume
+  for volume in models:ReadOnlyMany outputs:ReadWriteOnce; do
+    kubectl --kubeconfig "$kubeconfig" apply -f - >/dev/null <<YAML || fail volumes "PersistentVolume ${volume%%:*} rejected"
 apiVersion: v1
 kind: PersistentVolume
-metadata: {name: ringmaster-models-$node}
+metadata: {name: ringmaster-${volume%%:*}-$node}
 spec:
   capacity: {storage: 10Gi}
-  accessModes: [ReadOnlyMany]
+  accessModes: [${volume##*:}]
   storageClassName: ""
-  claimRef: {namespace: default, name: ringmaster-models}
-  hostPath: {path: $d/volumes/models, type: Directory}
----
-apiVersion: v1
-kind: PersistentVolume
-metadata: {name: ringmaster-outputs-$node}
-spec:
-  capacity: {storage: 10Gi}
-  accessModes: [ReadWriteOnce]
-  storageClassName: ""
-  claimRef: {namespace: default, name: ringmaster-outputs}
-  hostPath: {path: $d/volumes/outputs, type: Directory}
+  claimRef: {namespace: default, name: ringmaster-${volume%%:*}}
+  hostPath: {path: $d/volumes/${volume%%:*}, type: Directory}
 YAML
+  done
   kubectl --kubeconfig "$kubeconfig" apply -f "$repo/examples/volumes.yaml" >/dev/null ||
     fail volumes "examples/volumes.yaml rejected"
 }

@@ -4,8 +4,7 @@
 //! so every other test would pass while, under the chart, no job could start (as happened
 //! when the RoleBinding was applied before its Role; found on the real node).
 
-use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -13,7 +12,8 @@ use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, ListParams, PostParams};
 use ringmaster_crds::TrainingJob;
 use ringmaster_e2e::{
-    client, delete_namespace, helm, kubeconfig, kubectl, namespace, repo_root, wait_until,
+    client, delete_namespace, helm, kubeconfig, kubectl, kubectl_apply, namespace, repo_root,
+    wait_until,
 };
 
 /// The operator process; killed when the test ends, passing or not.
@@ -55,21 +55,7 @@ fn install_operator_rbac(ns: &str) {
         "the chart's operator RBAC:\n{}",
         rbac.join("\n---")
     );
-    let mut apply = kubectl()
-        .args(["apply", "-n", ns, "-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    apply
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rbac.join("\n---\n").as_bytes())
-        .unwrap();
-    assert!(
-        apply.wait().unwrap().success(),
-        "kubectl apply of the chart's RBAC"
-    );
+    kubectl_apply(&rbac.join("\n---\n"));
 }
 
 /// A kubeconfig that authenticates as the chart's operator ServiceAccount.
