@@ -23,8 +23,7 @@ fail() { printf '[build] FAILED: %s\n' "$*" >&2; exit 1; }
 
 k8s_dir=$cache/kubernetes-$K8S_VERSION
 etcd_dir=$cache/etcd-$ETCD_VERSION
-kwok_dir=$cache/kwok-$KWOK_VERSION
-mkdir -p "$k8s_dir" "$etcd_dir" "$kwok_dir"
+mkdir -p "$k8s_dir" "$etcd_dir"
 
 # A wrapper module: k8s.io/kubernetes replaces its staging modules with local paths,
 # which `go install` refuses; pin each staging module to its published v0.Y.Z tag.
@@ -79,35 +78,21 @@ build_etcd() {
   mv "$etcd_dir/etcd.tmp" "$etcd_dir/etcd"
 }
 
-build_helm() {
-  local dir=$cache/helm-$HELM_VERSION
-  [[ -x $dir/helm ]] && return
-  log "building helm $HELM_VERSION (first run only)"
+# go_install NAME VERSION PACKAGE: `go install PACKAGE@VERSION` into $cache/NAME-VERSION.
+go_install() {
+  local name=$1 version=$2 package=$3
+  local dir=$cache/$name-$version
+  [[ -x $dir/$name ]] && return
+  log "building $name $version (first run only)"
   mkdir -p "$dir"
-  GOBIN=$dir CGO_ENABLED=0 go install -trimpath -ldflags='-s -w' "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
-    || fail "go install helm"
-}
-
-build_kwok() {
-  [[ -x $kwok_dir/kwok ]] && return
-  log "building kwok $KWOK_VERSION (first run only)"
-  GOBIN=$kwok_dir CGO_ENABLED=0 go install -trimpath -ldflags='-s -w' "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
-    || fail "go install kwok"
-}
-
-build_coredns() {
-  local dir=$cache/coredns-$COREDNS_VERSION
-  [[ -x $dir/coredns ]] && return
-  log "building CoreDNS $COREDNS_VERSION (first run only)"
-  mkdir -p "$dir"
-  GOBIN=$dir CGO_ENABLED=0 go install -trimpath -ldflags='-s -w' "github.com/coredns/coredns@$COREDNS_VERSION" \
-    || fail "go install coredns"
+  GOBIN=$dir CGO_ENABLED=0 go install -trimpath -ldflags='-s -w' "$package@$version" \
+    || fail "go install $package@$version"
 }
 
 command -v go >/dev/null || fail "Go is not installed (needs Go >= 1.26)"
 build_etcd
-build_kwok
-build_helm
+go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
+go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 build_k8s kube-apiserver
 build_k8s kube-controller-manager
 build_k8s kubectl
@@ -115,11 +100,11 @@ $with_scheduler && build_k8s kube-scheduler
 if $real_node; then
   build_k8s kubelet
   build_k8s kube-proxy
-  build_coredns
+  go_install coredns "$COREDNS_VERSION" github.com/coredns/coredns
   ln -sfn "$cache/coredns-$COREDNS_VERSION/coredns" "$cache/coredns"
 fi
 ln -sfn "$etcd_dir/etcd" "$cache/etcd"
-ln -sfn "$kwok_dir/kwok" "$cache/kwok"
+ln -sfn "$cache/kwok-$KWOK_VERSION/kwok" "$cache/kwok"
 ln -sfn "$cache/helm-$HELM_VERSION/helm" "$cache/helm"
 for b in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
   [[ -x $k8s_dir/$b ]] && ln -sfn "$k8s_dir/$b" "$cache/$b"

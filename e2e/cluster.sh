@@ -185,7 +185,9 @@ down() {
 
 status() {
   local name
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok containerd kubelet kube-proxy coredns; do
+  local names=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+  [[ -d $state/node ]] && names+=(containerd kubelet kube-proxy coredns)
+  for name in "${names[@]}"; do
     if alive "$name"; then echo "$name: running (pid $(cat "$state/pids/$name"))"; else echo "$name: stopped"; fi
   done
   [[ -f $kubeconfig ]] && kubectl --kubeconfig "$kubeconfig" get --raw=/readyz >/dev/null 2>&1 && echo "apiserver: ready"

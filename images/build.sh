@@ -14,12 +14,12 @@ cargo build --release --locked --manifest-path "$repo/Cargo.toml" \
   -p ringmaster-trainer -p ringmaster-operator >&2
 # The trainer opens OpenBLAS at run time when it is there (its f32 products run ~2.7x
 # faster on it): ship it in the trainer's image.
-openblas=/usr/lib/x86_64-linux-gnu/libopenblas.so.0
+openblas=$(ldconfig -p | awk '/libopenblas\.so\.0 /{print $NF; exit}')
 trainer_extras=()
-if [[ -e $openblas ]]; then
+if [[ -n $openblas ]]; then
   trainer_extras=(--library "$openblas")
 else
-  echo "no $openblas (Debian: libopenblas0): the trainer image does its products without it" >&2
+  echo "no libopenblas.so.0 (Debian: libopenblas0): the trainer image does its products without it" >&2
 fi
 python3 "$repo/images/oci.py" "$repo/target/release/ringmaster" "$registry/ringmaster:$tag" \
   "$repo/target/images/ringmaster" "${trainer_extras[@]}"

@@ -4,9 +4,10 @@
 
 The image holds exactly what the binary needs: the binary (less its DWARF debug info) at
 /usr/local/bin/<name>, the shared libraries `ldd` names (and the dynamic loader) at their
-paths, CA certificates, a non-root user (65532, "ringmaster") in /etc/passwd and /etc/group, and a writable /tmp.
-Two layers: the base (libraries, certificates, users; shared by images built from the
-same libraries) and the binary. Every tar entry has a fixed owner, mode and time, entries
+paths, CA certificates, a non-root user (65532, "ringmaster") in /etc/passwd and
+/etc/group, and a writable /tmp. Two layers: the base (libraries, certificates, users;
+shared by images built from the same libraries) and the binary, with a third between
+them for --library. Every tar entry has a fixed owner, mode and time, entries
 are sorted and gzip carries no timestamp, so the same inputs give the same digest.
 
   images/oci.py BINARY NAME:TAG OUT_DIR [--env KEY=VALUE]... [--library PATH]...

@@ -406,24 +406,15 @@ fn main() -> Result<()> {
         measure_ours(&args)?;
         return Ok(());
     };
+    let runs = protocol::take_turns(
+        args.runs,
+        dir,
+        &args.python,
+        || measure_ours(&args),
+        || torch_results(dir, &args),
+    )?;
     let mut samples = vec![];
-    for run in 0..args.runs {
-        println!("\n# run {} of {}", run + 1, args.runs);
-        let mut ours = None;
-        let mut theirs = None;
-        // Take turns going first: whatever the first side leaves behind (heat, page cache,
-        // memory) falls on each side equally often.
-        for ours_now in [run % 2 == 0, run % 2 == 1] {
-            protocol::wait_quiet(dir, &args.python);
-            if ours_now {
-                let foreign = protocol::ForeignCpu::start();
-                let rates = measure_ours(&args)?;
-                ours = Some((rates, foreign.stop()));
-            } else {
-                theirs = Some(torch_results(dir, &args)?);
-            }
-        }
-        let ((ours, our_foreign), theirs) = (ours.expect("measured"), theirs.expect("measured"));
+    for (ours, our_foreign, theirs) in runs {
         for (config, rate) in ours {
             if let Some((_, their_rate, their_foreign)) =
                 theirs.iter().find(|(c, _, _)| *c == config)

@@ -239,22 +239,15 @@ fn main() -> Result<()> {
         measure_ours(&args)?;
         return Ok(());
     };
+    let runs = protocol::take_turns(
+        args.runs,
+        dir,
+        &args.python,
+        || measure_ours(&args),
+        || torch_results(dir, &args),
+    )?;
     let mut samples = vec![];
-    for run in 0..args.runs {
-        println!("\n# run {} of {}", run + 1, args.runs);
-        let (mut ours, mut theirs) = (None, None);
-        // Take turns going first (see support/protocol.rs).
-        for ours_now in [run % 2 == 0, run % 2 == 1] {
-            protocol::wait_quiet(dir, &args.python);
-            if ours_now {
-                let foreign = protocol::ForeignCpu::start();
-                let rows = measure_ours(&args)?;
-                ours = Some((rows, foreign.stop()));
-            } else {
-                theirs = Some(torch_results(dir, &args)?);
-            }
-        }
-        let ((ours, our_foreign), theirs) = (ours.expect("measured"), theirs.expect("measured"));
+    for (ours, our_foreign, theirs) in runs {
         println!("| config | fwd ours/torch (ms) | bwd ours/torch (ms) | opt ours/torch (ms) |");
         println!("|---|---|---|---|");
         for ((hw, batch), c) in ours {

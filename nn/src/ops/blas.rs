@@ -225,35 +225,18 @@ pub(crate) unsafe fn sgemm_threaded(
     let (dst, lhs, rhs) = (Shared(dst), Shared(lhs), Shared(rhs));
     (0..len.div_ceil(block)).into_par_iter().for_each(|i| {
         let (start, size) = (i * block, block.min(len - i * block));
-        let (dst, mut lhs, mut rhs) = (dst.get(), lhs.get(), rhs.get());
+        let (mut lhs, mut rhs) = (lhs.get(), rhs.get());
         // SAFETY: the block's rows (or columns) of dst, lhs and rhs lie inside the
         // caller's m x n, m x k and k x n regions.
         unsafe {
-            if split_rows {
+            let (out, shape) = if split_rows {
                 lhs.ptr = lhs.ptr.offset(start as isize * lhs.row_stride);
-                let out = dst.add(start * dst_row_stride);
-                sgemm(
-                    blas,
-                    out,
-                    dst_row_stride,
-                    (size, n, k),
-                    lhs,
-                    rhs,
-                    accumulate,
-                );
+                (dst.get().add(start * dst_row_stride), (size, n, k))
             } else {
                 rhs.ptr = rhs.ptr.offset(start as isize * rhs.col_stride);
-                let out = dst.add(start);
-                sgemm(
-                    blas,
-                    out,
-                    dst_row_stride,
-                    (m, size, k),
-                    lhs,
-                    rhs,
-                    accumulate,
-                );
-            }
+                (dst.get().add(start), (m, size, k))
+            };
+            sgemm(blas, out, dst_row_stride, shape, lhs, rhs, accumulate);
         }
     });
 }

@@ -136,25 +136,22 @@ unsafe fn gemm_call<T: Real>(
     {
         let (lhs, rhs) = (lhs.cast::<f32>(), rhs.cast::<f32>());
         if super::blas::supports((m, n, k), &lhs, &rhs) {
-            let dst = dst.cast::<f32>();
-            let shape = (m, n, k);
+            let product = match parallelism {
+                Parallelism::None => super::blas::sgemm,
+                _ => super::blas::sgemm_threaded,
+            };
             // SAFETY: forwarded from the caller; T is f32.
             unsafe {
-                match parallelism {
-                    Parallelism::None => {
-                        super::blas::sgemm(blas, dst, dst_row_stride, shape, lhs, rhs, accumulate)
-                    }
-                    _ => super::blas::sgemm_threaded(
-                        blas,
-                        dst,
-                        dst_row_stride,
-                        shape,
-                        lhs,
-                        rhs,
-                        accumulate,
-                    ),
-                }
-            }
+                product(
+                    blas,
+                    dst.cast(),
+                    dst_row_stride,
+                    (m, n, k),
+                    lhs,
+                    rhs,
+                    accumulate,
+                )
+            };
             return;
         }
     }

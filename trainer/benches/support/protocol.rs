@@ -29,7 +29,7 @@ pub struct Foreign {
 }
 
 /// Blocks until the machine is quiet (at most 15 minutes), so neither side measures load.
-pub fn wait_quiet(baselines: &Path, python: &str) {
+fn wait_quiet(baselines: &Path, python: &str) {
     let status = Command::new(python)
         .current_dir(baselines)
         .args(["wait_quiet.py", "--window", "10", "--timeout", "900"])
@@ -43,7 +43,7 @@ pub fn wait_quiet(baselines: &Path, python: &str) {
 
 /// CPU time used by other processes between `start` and `stop` (all busy time of the
 /// machine less this process's own) and the time the hypervisor stole (from /proc).
-pub struct ForeignCpu {
+struct ForeignCpu {
     busy: u64,
     own: u64,
     steal: u64,
@@ -76,12 +76,12 @@ fn ticks() -> (u64, u64, u64) {
 }
 
 impl ForeignCpu {
-    pub fn start() -> Self {
+    fn start() -> Self {
         let (busy, own, steal) = ticks();
         Self { busy, own, steal }
     }
 
-    pub fn stop(&self) -> Foreign {
+    fn stop(&self) -> Foreign {
         let (busy, own, steal) = ticks();
         let foreign = (busy - self.busy).saturating_sub(own - self.own);
         Foreign {
@@ -89,6 +89,37 @@ impl ForeignCpu {
             steal_s: (steal - self.steal) as f64 / 100.0,
         }
     }
+}
+
+/// `runs` side-by-side runs: each side after the machine is quiet, ours watched for
+/// foreign work (PyTorch's baselines watch themselves), the two taking turns going first
+/// so that whatever the first leaves behind (heat, page cache, memory) falls on each side
+/// equally often. Per run: our result, the foreign work during it, PyTorch's result.
+pub fn take_turns<O, T, E>(
+    runs: usize,
+    baselines: &Path,
+    python: &str,
+    mut ours: impl FnMut() -> Result<O, E>,
+    mut theirs: impl FnMut() -> Result<T, E>,
+) -> Result<Vec<(O, Foreign, T)>, E> {
+    let mut results = vec![];
+    for run in 0..runs {
+        println!("\n# run {} of {runs}", run + 1);
+        let (mut our_side, mut their_side) = (None, None);
+        for ours_now in [run % 2 == 0, run % 2 == 1] {
+            wait_quiet(baselines, python);
+            if ours_now {
+                let foreign = ForeignCpu::start();
+                let result = ours()?;
+                our_side = Some((result, foreign.stop()));
+            } else {
+                their_side = Some(theirs()?);
+            }
+        }
+        let ((ours, foreign), theirs) = (our_side.expect("ran"), their_side.expect("ran"));
+        results.push((ours, foreign, theirs));
+    }
+    Ok(results)
 }
 
 fn median(values: &mut [f64]) -> f64 {
