@@ -24,6 +24,7 @@ mod plot;
 pub mod rng;
 pub mod run_dir;
 pub mod selftest;
+pub mod serve;
 pub mod source;
 pub mod spec;
 mod status_report;

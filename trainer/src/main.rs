@@ -36,6 +36,11 @@ enum Command {
         #[arg(long = "set", value_name = "FIELD=VALUE")]
         overrides: Vec<String>,
     },
+    /// Serve a fine-tuned classifier over HTTP with dynamic batching: the Open Inference
+    /// Protocol v2, KServe v1 and `POST /predict {"text": ...}`; `/metrics`; readiness
+    /// after the model is loaded. Example, after `ringmaster launch` wrote runs/bert-spam:
+    /// `ringmaster serve --model runs/bert-spam --name spam --port 8080`
+    Serve(ringmaster_trainer::serve::ServeArgs),
     /// Measure this machine.
     #[command(subcommand)]
     Bench(Bench),
@@ -116,6 +121,7 @@ fn main() -> ExitCode {
     ringmaster_trainer::allocator::retain_freed_memory();
     let result = match Cli::parse().command {
         Command::Launch(args) => ringmaster_trainer::launch::run(&args).map_err(|e| e.to_string()),
+        Command::Serve(args) => ringmaster_trainer::serve::run(&args).map_err(|e| e.to_string()),
         Command::Train { config, overrides } => {
             train(&config, &overrides).map_err(|e| e.to_string())
         }

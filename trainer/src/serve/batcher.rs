@@ -1,0 +1,136 @@
+//! Dynamic batching: one thread owns the model; requests queue for it and are gathered
+//! until `max_batch` inputs, `max_delay` after the first, or until every admitted request
+//! is in the batch. One forward pass answers them all, each with its own rows.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError, channel};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::classifier::{Classifier, Instance};
+use super::metrics::{Metrics, Pending};
+
+/// Per-input class probabilities, or why the forward pass failed.
+pub type Answer = Result<Vec<Vec<f32>>, String>;
+
+struct Job {
+    instances: Vec<Instance>,
+    reply: oneshot::Sender<Answer>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    pub max_batch: usize,
+    pub max_delay: Duration,
+}
+
+/// The queue in front of the model thread; the thread ends when the last clone drops.
+#[derive(Clone)]
+pub struct Batcher {
+    jobs: Sender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+impl Batcher {
+    pub fn start(
+        classifier: Arc<Classifier>,
+        policy: BatchPolicy,
+        metrics: Arc<Metrics>,
+        pending: Arc<Pending>,
+    ) -> Self {
+        let (jobs, queue) = channel();
+        let thread_metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("ringmaster-model".into())
+            .spawn(move || run(&classifier, policy, &queue, &thread_metrics, &pending))
+            .expect("spawning the model thread");
+        Self { jobs, metrics }
+    }
+
+    /// Queues `instances`; the receiver yields their probabilities in order.
+    pub fn submit(&self, instances: Vec<Instance>) -> oneshot::Receiver<Answer> {
+        let (reply, answer) = oneshot::channel();
+        self.metrics.queue_depth.inc_by(instances.len() as i64);
+        let job = Job { instances, reply };
+        if let Err(refused) = self.jobs.send(job) {
+            let job = refused.0;
+            self.metrics.queue_depth.dec_by(job.instances.len() as i64);
+            let _ = job.reply.send(Err("the model thread has stopped".into()));
+        }
+        answer
+    }
+}
+
+fn run(
+    classifier: &Classifier,
+    policy: BatchPolicy,
+    queue: &Receiver<Job>,
+    metrics: &Metrics,
+    pending: &Pending,
+) {
+    while let Ok(first) = queue.recv() {
+        let jobs = gather(first, policy, queue, pending);
+        let taken: usize = jobs.iter().map(|j| j.instances.len()).sum();
+        metrics.queue_depth.dec_by(taken as i64);
+        // A request that timed out has dropped its receiver: skip its inputs.
+        let live: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        answer(classifier, live, policy.max_batch, metrics);
+    }
+}
+
+fn gather(first: Job, policy: BatchPolicy, queue: &Receiver<Job>, pending: &Pending) -> Vec<Job> {
+    let deadline = Instant::now() + policy.max_delay;
+    let mut size = first.instances.len();
+    let mut jobs = vec![first];
+    while size < policy.max_batch {
+        let next = match queue.try_recv() {
+            Ok(job) => Some(job),
+            Err(TryRecvError::Disconnected) => None,
+            Err(TryRecvError::Empty) if pending.get() <= jobs.len() => None,
+            Err(TryRecvError::Empty) => {
+                match queue.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+                }
+            }
+        };
+        let Some(job) = next else { break };
+        size += job.instances.len();
+        jobs.push(job);
+    }
+    jobs
+}
+
+/// Runs the inputs of `jobs` in forward passes of at most `max_batch` and replies to each
+/// job with its own rows.
+fn answer(classifier: &Classifier, jobs: Vec<Job>, max_batch: usize, metrics: &Metrics) {
+    let inputs: Vec<&Instance> = jobs.iter().flat_map(|j| &j.instances).collect();
+    let mut rows: Answer = Ok(Vec::with_capacity(inputs.len()));
+    for chunk in inputs.chunks(max_batch.max(1)) {
+        let started = Instant::now();
+        match classifier.classify(chunk) {
+            Ok(probabilities) => {
+                if let Ok(rows) = rows.as_mut() {
+                    rows.extend(probabilities);
+                }
+            }
+            Err(e) => rows = Err(e.to_string()),
+        }
+        metrics.batch_size.observe(chunk.len() as f64);
+        metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+        if rows.is_err() {
+            break;
+        }
+    }
+    let mut offset = 0;
+    for job in jobs {
+        let n = job.instances.len();
+        let reply = match &rows {
+            Ok(rows) => Ok(rows[offset..offset + n].to_vec()),
+            Err(e) => Err(e.clone()),
+        };
+        offset += n;
+        let _ = job.reply.send(reply);
+    }
+}
