@@ -82,6 +82,13 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Config(format!("cannot listen on {addr}: {source}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| Error::Config(format!("cannot listen on {addr}: {source}")))?;
+    eprintln!(
+        "ringmaster serve: listening on http://{local} (ready once {} is loaded)",
+        args.model
+    );
     let limits = Limits {
         max_concurrency: args.max_concurrency.max(1),
         max_body_bytes: args.max_body_bytes,
@@ -135,17 +142,13 @@ fn load(args: &ServeArgs, server: &Server) -> Result<()> {
     classifier.classify(&vec![&sample; policy.max_batch])?;
     let kind = if classifier.takes_text() { "text" } else { "images" };
     eprintln!(
-        "ringmaster serve: {} ({kind}, classes {:?}, version {}) from {} loaded in {:.1} s; \
-         listening on http://{}:{}: POST /v2/models/{}/infer, /v1/models/{}:predict, /predict",
-        args.name,
+        "ringmaster serve: ready: {name} ({kind}, classes {:?}, version {}) from {} in {:.1} s; \
+         POST /v2/models/{name}/infer, /v1/models/{name}:predict or /predict",
         classifier.labels,
         classifier.version,
         dir.display(),
         started.elapsed().as_secs_f64(),
-        args.host,
-        args.port,
-        args.name,
-        args.name,
+        name = args.name,
     );
     let batcher = Batcher::start(
         classifier.clone(),
