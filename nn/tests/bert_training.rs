@@ -197,3 +197,36 @@ fn a_sequence_longer_than_the_position_table_is_an_error() {
         "{err}"
     );
 }
+
+/// Unpadded inference: sequences packed end to end give the logits the padded batch gives.
+#[test]
+fn packed_sequences_classify_as_the_padded_batch_does() {
+    use ringmaster_nn::models::bert::Sequence;
+    for pooling in [Pooling::Cls, Pooling::Mean] {
+        let (_, model) = model(&small_config(0.1), pooling);
+        let padded = model.forward_t(&batch(), false).unwrap().logits;
+        let packed = model
+            .classify_packed(&[
+                Sequence {
+                    ids: &[1, 7, 9, 11, 13, 2],
+                    types: &[0, 0, 0, 1, 1, 1],
+                },
+                Sequence {
+                    ids: &[1, 21, 8, 2],
+                    types: &[0, 0, 1, 1],
+                },
+            ])
+            .unwrap();
+        let difference = (padded - packed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(difference < 1e-5, "{pooling:?}: packed differs by {difference}");
+        let empty = model.classify_packed(&[Sequence { ids: &[], types: &[] }]);
+        assert!(empty.unwrap_err().to_string().contains("1 to 16 tokens"));
+    }
+}

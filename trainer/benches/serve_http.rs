@@ -69,7 +69,11 @@ struct ServerRun {
     peak_rss_mib: f64,
 }
 
-const SIDES: [&str; 3] = ["ringmaster", "python unbatched", "python batched (32, 5 ms)"];
+const SIDES: [&str; 3] = [
+    "ringmaster",
+    "python unbatched",
+    "python batched (32, 5 ms)",
+];
 
 /// Lowest quiet figures of the Python servers in the baselines' README, req/s, by
 /// concurrency (1, 8, 32): below them the machine was busy.
@@ -114,7 +118,12 @@ fn main() {
     let python_cmd = |port: u16, max_batch: usize| {
         let mut command = Command::new(&args.python);
         command.arg("serve.py");
-        command.args(["--port", &port.to_string(), "--threads", &args.threads.to_string()]);
+        command.args([
+            "--port",
+            &port.to_string(),
+            "--threads",
+            &args.threads.to_string(),
+        ]);
         command.args(["--max-batch", &max_batch.to_string(), "--max-wait-ms", "5"]);
         command
     };
@@ -245,7 +254,10 @@ fn disturbance(run: &[ServerRun], level: usize, concurrency: usize) -> Option<St
             ));
         }
         if let Some(floor) = python_floor(side, concurrency).filter(|f| l.rps < *f) {
-            why.push(format!("{} {:.0} req/s below {floor:.0}", SIDES[side], l.rps));
+            why.push(format!(
+                "{} {:.0} req/s below {floor:.0}",
+                SIDES[side], l.rps
+            ));
         }
         if l.errors > 0 {
             why.push(format!("{}: {} errors", SIDES[side], l.errors));
@@ -260,8 +272,9 @@ fn report(runs: &[Vec<ServerRun>], concurrencies: &[usize]) {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (level, &c) in concurrencies.iter().enumerate() {
-        let (clean, disturbed): (Vec<&Vec<ServerRun>>, Vec<&Vec<ServerRun>>) =
-            runs.iter().partition(|run| disturbance(run, level, c).is_none());
+        let (clean, disturbed): (Vec<&Vec<ServerRun>>, Vec<&Vec<ServerRun>>) = runs
+            .iter()
+            .partition(|run| disturbance(run, level, c).is_none());
         let left_out: Vec<String> = disturbed
             .iter()
             .filter_map(|run| disturbance(run, level, c))
@@ -275,7 +288,12 @@ fn report(runs: &[Vec<ServerRun>], concurrencies: &[usize]) {
             continue;
         }
         let stat = |side: usize, f: fn(&Level) -> f64| {
-            median(clean.iter().map(|run| f(&run[side].levels[level])).collect())
+            median(
+                clean
+                    .iter()
+                    .map(|run| f(&run[side].levels[level]))
+                    .collect(),
+            )
         };
         let ratios: Vec<f64> = clean
             .iter()

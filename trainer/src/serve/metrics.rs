@@ -48,11 +48,7 @@ impl Default for Metrics {
             "Time from admission to answer of inference requests",
             latency.clone(),
         );
-        registry.register(
-            "batch_size",
-            "Inputs per forward pass",
-            batch_size.clone(),
-        );
+        registry.register("batch_size", "Inputs per forward pass", batch_size.clone());
         registry.register(
             "batch_duration_seconds",
             "Time per forward pass",
@@ -78,7 +74,6 @@ impl Default for Metrics {
             registry,
         }
     }
-
 }
 
 impl Metrics {

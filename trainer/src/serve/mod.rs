@@ -140,7 +140,11 @@ fn load(args: &ServeArgs, server: &Server) -> Result<()> {
     let sample = classifier.sample_input();
     classifier.classify(&[&sample])?;
     classifier.classify(&vec![&sample; policy.max_batch])?;
-    let kind = if classifier.takes_text() { "text" } else { "images" };
+    let kind = if classifier.takes_text() {
+        "text"
+    } else {
+        "images"
+    };
     eprintln!(
         "ringmaster serve: ready: {name} ({kind}, classes {:?}, version {}) from {} in {:.1} s; \
          POST /v2/models/{name}/infer, /v1/models/{name}:predict or /predict",

@@ -71,13 +71,12 @@ pub struct Prediction {
 impl Prediction {
     /// The arg-max of `probabilities` named by `labels`.
     pub fn new(probabilities: Vec<f32>, labels: &[String]) -> Self {
-        let (best, score) = probabilities
-            .iter()
-            .copied()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |acc, (i, p)| {
+        let (best, score) = probabilities.iter().copied().enumerate().fold(
+            (0, f32::NEG_INFINITY),
+            |acc, (i, p)| {
                 if p > acc.1 { (i, p) } else { acc }
-            });
+            },
+        );
         Self {
             label: labels[best].clone(),
             score,
@@ -88,7 +87,9 @@ impl Prediction {
 
 fn parse_object(body: &[u8]) -> Decoded<Map<String, Value>> {
     if body.is_empty() {
-        return Err(BadRequest::new("the request body is empty; send a JSON object"));
+        return Err(BadRequest::new(
+            "the request body is empty; send a JSON object",
+        ));
     }
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
@@ -166,7 +167,10 @@ pub fn decode_v2(body: &[u8], text_model: bool) -> Decoded<V2Request> {
     let tensor = input
         .as_object()
         .ok_or_else(|| BadRequest::new("inputs[0] must be an object"))?;
-    let name = tensor.get("name").and_then(Value::as_str).unwrap_or("input");
+    let name = tensor
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("input");
     let datatype = tensor
         .get("datatype")
         .and_then(Value::as_str)
@@ -327,7 +331,9 @@ fn floats(values: &[&Value], name: &str) -> Decoded<Vec<f32>> {
                 .map(|f| f as f32)
                 .filter(|f| f.is_finite())
                 .ok_or_else(|| {
-                    BadRequest::new(format!("{name}[{i}] is {v}; FP32 data must be finite numbers"))
+                    BadRequest::new(format!(
+                        "{name}[{i}] is {v}; FP32 data must be finite numbers"
+                    ))
                 })
         })
         .collect()
@@ -340,7 +346,12 @@ fn decode_base64(text: &str, what: &str) -> Decoded<Vec<u8>> {
 }
 
 /// `{"model_name", "model_version", "id"?, "outputs": [label BYTES [N], probabilities FP32 [N, C]]}`.
-pub fn encode_v2(model: &str, version: &str, id: Option<&str>, predictions: &[Prediction]) -> Value {
+pub fn encode_v2(
+    model: &str,
+    version: &str,
+    id: Option<&str>,
+    predictions: &[Prediction],
+) -> Value {
     let classes = predictions.first().map_or(0, |p| p.probabilities.len());
     let mut response = json!({
         "model_name": model,
@@ -528,7 +539,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(request.id.as_deref(), Some("r1"));
-        assert_eq!(request.payload, Payload::Texts(vec!["a".into(), "b".into()]));
+        assert_eq!(
+            request.payload,
+            Payload::Texts(vec!["a".into(), "b".into()])
+        );
         let nested = v2(
             json!({"inputs": [{"name": "x", "shape": [1, 2, 2, 1], "datatype": "UINT8", "data": [[[[1], [2]], [[3], [4]]]]}]}),
             false,
@@ -590,23 +604,52 @@ mod tests {
             let error = v2(body.clone(), text).unwrap_err();
             assert!(error.0.contains(expected), "{body}: {error:?}");
         }
-        assert!(decode_v2(b"{not json", true).unwrap_err().0.contains("not valid JSON"));
-        assert!(decode_v2(b"[1]", true).unwrap_err().0.contains("not an array"));
+        assert!(
+            decode_v2(b"{not json", true)
+                .unwrap_err()
+                .0
+                .contains("not valid JSON")
+        );
+        assert!(
+            decode_v2(b"[1]", true)
+                .unwrap_err()
+                .0
+                .contains("not an array")
+        );
     }
 
     #[test]
     fn v1_and_plain_forms() {
         let texts = decode_v1(br#"{"instances": ["a", {"text": "b"}]}"#, true).unwrap();
         assert_eq!(texts, Payload::Texts(vec!["a".into(), "b".into()]));
-        let image = decode_v1(br#"{"instances": [{"image_bytes": {"b64": "AAEC"}}]}"#, false).unwrap();
+        let image = decode_v1(
+            br#"{"instances": [{"image_bytes": {"b64": "AAEC"}}]}"#,
+            false,
+        )
+        .unwrap();
         assert_eq!(image, Payload::Images(vec![Image::Encoded(vec![0, 1, 2])]));
-        assert!(decode_v1(br#"{"instances": []}"#, true).unwrap_err().0.contains("empty"));
-        assert!(decode_v1(br#"{"instances": [1]}"#, true).unwrap_err().0.contains("instances[0]"));
+        assert!(
+            decode_v1(br#"{"instances": []}"#, true)
+                .unwrap_err()
+                .0
+                .contains("empty")
+        );
+        assert!(
+            decode_v1(br#"{"instances": [1]}"#, true)
+                .unwrap_err()
+                .0
+                .contains("instances[0]")
+        );
         assert_eq!(
             decode_plain(br#"{"text": "hi"}"#, true).unwrap(),
             PlainRequest::One("hi".into())
         );
-        assert!(decode_plain(br#"{"txt": "hi"}"#, true).unwrap_err().0.contains("\"text\""));
+        assert!(
+            decode_plain(br#"{"txt": "hi"}"#, true)
+                .unwrap_err()
+                .0
+                .contains("\"text\"")
+        );
     }
 
     #[test]

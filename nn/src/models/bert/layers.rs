@@ -4,6 +4,8 @@ use crate::ops::{
     attention::attention, layer_norm::layer_norm, linear::linear,
     residual_norm::residual_layer_norm,
 };
+use std::sync::OnceLock;
+
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -84,6 +86,8 @@ pub(crate) struct SelfAttention {
     value: Dense,
     heads: usize,
     dropout: f64,
+    /// (weight, bias) of the three projections side by side, for `forward_packed`.
+    fused_for_inference: OnceLock<(Tensor, Tensor)>,
 }
 
 impl SelfAttention {
@@ -100,7 +104,33 @@ impl SelfAttention {
             value: Dense::new(vb.pp("value"), hidden, hidden, init_std)?,
             heads,
             dropout,
+            fused_for_inference: OnceLock::new(),
         })
+    }
+
+    /// Inference over sequences packed end to end, `lengths` rows each: one product for
+    /// all tokens, attention within each sequence. The concatenated weights are built on
+    /// first use and kept, so the weights must not change afterwards.
+    pub fn forward_packed(&self, x: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (weight, bias) = match self.fused_for_inference.get() {
+            Some(fused) => fused,
+            None => {
+                let parts = [&self.query, &self.key, &self.value];
+                let fused = (
+                    Tensor::cat(&parts.map(|d| &d.weight), 0)?,
+                    Tensor::cat(&parts.map(|d| &d.bias), 0)?,
+                );
+                self.fused_for_inference.get_or_init(|| fused)
+            }
+        };
+        let qkv = linear(x, weight, bias)?;
+        let mut offset = 0;
+        let mut contexts = Vec::with_capacity(lengths.len());
+        for &len in lengths {
+            contexts.push(attention(&qkv.narrow(0, offset, len)?, 1, self.heads, None, 0.0)?);
+            offset += len;
+        }
+        Tensor::cat(&contexts, 0)
     }
 
     /// x: (batch * seq, hidden); bias: (batch, 1, 1, seq) from [`attention_bias`].

@@ -9,4 +9,6 @@ mod model;
 pub use config::{BertConfig, HiddenAct};
 pub use layers::attention_bias;
 pub use load::{check_vocabulary, load_sequence_classifier, load_tokenizer, load_weights};
-pub use model::{BertForSequenceClassification, BertInput, BertModel, ClassifierOutput, Pooling};
+pub use model::{
+    BertForSequenceClassification, BertInput, BertModel, ClassifierOutput, Pooling, Sequence,
+};

@@ -73,6 +73,49 @@ impl Embeddings {
             .broadcast_add(&self.positions.forward(&positions)?)?;
         dropout(&self.norm.forward(&x)?, self.dropout, train)
     }
+
+    /// (total tokens, hidden) for sequences packed end to end, positions restarting at 0
+    /// in each.
+    fn forward_packed(&self, sequences: &[Sequence]) -> Result<Tensor> {
+        use candle_core::Module;
+        let device = self.words.embeddings().device();
+        let total: usize = sequences.iter().map(|s| s.ids.len()).sum();
+        let (mut ids, mut types, mut positions) = (
+            Vec::with_capacity(total),
+            Vec::with_capacity(total),
+            Vec::with_capacity(total),
+        );
+        for sequence in sequences {
+            let len = sequence.ids.len();
+            if len == 0 || len > self.max_positions || sequence.types.len() != len {
+                bail!(
+                    "bert: a packed sequence needs 1 to {} tokens and one segment id per token \
+                     (got {len} tokens, {} segment ids)",
+                    self.max_positions,
+                    sequence.types.len()
+                )
+            }
+            ids.extend_from_slice(sequence.ids);
+            types.extend_from_slice(sequence.types);
+            positions.extend(0..len as u32);
+        }
+        let as_tensor = |v: Vec<u32>| Tensor::from_vec(v, total, device);
+        let x = self
+            .words
+            .forward(&as_tensor(ids)?)?
+            .add(&self.token_types.forward(&as_tensor(types)?)?)?
+            .add(&self.positions.forward(&as_tensor(positions)?)?)?;
+        self.norm.forward(&x)
+    }
+}
+
+/// One unpadded sequence for [`BertForSequenceClassification::classify_packed`].
+#[derive(Debug, Clone, Copy)]
+pub struct Sequence<'a> {
+    /// Token ids, [CLS] first.
+    pub ids: &'a [u32],
+    /// Segment ids, one per token.
+    pub types: &'a [u32],
 }
 
 struct Layer {
@@ -133,6 +176,19 @@ impl Layer {
         };
         self.output.forward(&inner, &x, train)
     }
+
+    /// Inference over packed sequences of `lengths` tokens (see `BertModel::forward_packed`).
+    fn forward_packed(&self, x: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let attended = self.attention.forward_packed(x, lengths)?;
+        let x = self.attention_output.forward(&attended, x, false)?;
+        let inner = self.intermediate.forward(&x)?;
+        let inner = match self.activation {
+            HiddenAct::Gelu => gelu_erf(&inner)?,
+            HiddenAct::GeluTanh => inner.gelu()?,
+            HiddenAct::Relu => inner.relu()?,
+        };
+        self.output.forward(&inner, &x, false)
+    }
 }
 
 /// The BERT encoder (`BertModel` without its pooler), variables under the `VarBuilder`'s
@@ -166,6 +222,19 @@ impl BertModel {
             x = layer.forward(&x, batch, bias.as_ref(), train)?;
         }
         x.reshape((batch, seq, hidden))
+    }
+
+    /// Inference over sequences of different lengths packed end to end, without padding:
+    /// the dense layers (most of the work) see only real tokens, attention runs within
+    /// each sequence. Hidden states (total tokens, hidden). Fuses the attention weights on
+    /// first use: for a model whose weights no longer change.
+    pub fn forward_packed(&self, sequences: &[Sequence]) -> Result<Tensor> {
+        let lengths: Vec<usize> = sequences.iter().map(|s| s.ids.len()).collect();
+        let mut x = self.embeddings.forward_packed(sequences)?;
+        for layer in &self.layers {
+            x = layer.forward_packed(&x, &lengths)?;
+        }
+        Ok(x)
     }
 }
 
@@ -233,5 +302,32 @@ impl BertForSequenceClassification {
             pooled,
             logits,
         })
+    }
+
+    /// Logits (sequences, num_labels) of unpadded sequences, each row equal to the row
+    /// of the same sequence classified alone (see [`BertModel::forward_packed`]).
+    pub fn classify_packed(&self, sequences: &[Sequence]) -> Result<Tensor> {
+        let hidden = self.bert.forward_packed(sequences)?;
+        let mut starts = Vec::with_capacity(sequences.len());
+        let mut offset = 0u32;
+        for sequence in sequences {
+            starts.push(offset);
+            offset += sequence.ids.len() as u32;
+        }
+        let pooled = match &self.pooler {
+            Some(dense) => {
+                let cls = Tensor::from_vec(starts, sequences.len(), hidden.device())?;
+                dense.forward(&hidden.index_select(&cls, 0)?)?.tanh()?
+            }
+            None => {
+                let means = starts
+                    .iter()
+                    .zip(sequences)
+                    .map(|(&start, s)| hidden.narrow(0, start as usize, s.ids.len())?.mean_keepdim(0))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&means, 0)?
+            }
+        };
+        self.classifier.forward(&pooled)
     }
 }
