@@ -225,8 +225,14 @@ fn packed_sequences_classify_as_the_padded_batch_does() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(difference < 1e-5, "{pooling:?}: packed differs by {difference}");
-        let empty = model.classify_packed(&[Sequence { ids: &[], types: &[] }]);
+        assert!(
+            difference < 1e-5,
+            "{pooling:?}: packed differs by {difference}"
+        );
+        let empty = model.classify_packed(&[Sequence {
+            ids: &[],
+            types: &[],
+        }]);
         assert!(empty.unwrap_err().to_string().contains("1 to 16 tokens"));
     }
 }

@@ -4,6 +4,9 @@
 //! and line. Needs RINGMASTER_ASSETS with MiniLM and the SMS spam data (e2e/test.sh runs
 //! examples/fetch-data.sh, which installs both).
 
+#[path = "support/served.rs"]
+mod served;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -141,6 +144,40 @@ fn two_ranks_fine_tune_minilm_on_spam_export_the_best_model_and_resume() {
         card.contains("| spam |") && card.contains("Confusion matrix"),
         "{card}"
     );
+    // Serving the run's output directory answers as validation measured.
+    let served = served::Served::start(&dir.path().join("out"), &[]);
+    served.wait_ready();
+    let (texts, truth): (Vec<String>, Vec<String>) =
+        std::fs::read_to_string(dir.path().join("validation.tsv"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (label, text) = l.split_once('\t').unwrap();
+                (text.to_string(), label.to_string())
+            })
+            .unzip();
+    let (code, answer) = served::call(
+        &served.url("/v1/models/clf:predict"),
+        Some(&serde_json::json!({ "instances": texts })),
+    );
+    assert_eq!(code, 200, "{answer}");
+    let served_right = answer["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&truth)
+        .filter(|(p, t)| p["label"] == t.as_str())
+        .count();
+    let best_accuracy = lines
+        .iter()
+        .map(|l| l["validation"]["accuracy"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let served_accuracy = served_right as f64 / truth.len() as f64;
+    assert!(
+        (served_accuracy - best_accuracy).abs() <= 1.5 / 64.0,
+        "served accuracy {served_accuracy}, best validation accuracy {best_accuracy}"
+    );
+    drop(served);
     assert!(dir.path().join("out/curves.svg").is_file());
     let curves = image::open(dir.path().join("out/curves.png")).expect("curves.png decodes");
     assert_eq!((curves.width(), curves.height()), (840, 260));

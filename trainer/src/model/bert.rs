@@ -120,12 +120,14 @@ pub(super) fn export(
     if let Some(layers) = spec.model.layers {
         config["num_hidden_layers"] = layers.into();
     }
-    // `ringmaster serve` pools as training did (transformers ignores the key).
+    // `ringmaster serve` pools and truncates as training did (transformers ignores the
+    // keys).
     config["pooling"] = match spec.model.pooling {
         Pooling::Cls => "cls",
         Pooling::Mean => "mean",
     }
     .into();
+    config["max_sequence_length"] = spec.training.max_sequence_length.into();
     write_json(&dir.join("config.json"), &config)?;
     for file in TOKENIZER_FILES {
         let from = source_dir.join(file);

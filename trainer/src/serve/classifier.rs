@@ -109,8 +109,12 @@ impl Classifier {
             bert::load_weights(vars.varmap(), &weights, &config_file, |name| {
                 name.starts_with("classifier.") || name.starts_with("bert.pooler.")
             })?;
-            let tokenizer =
+            let mut tokenizer =
                 bert::load_tokenizer(&dir.join("tokenizer.json"), &bert_config, &config_file)?;
+            if let Some(trained) = config["max_sequence_length"].as_u64() {
+                let longest = (trained as usize).min(bert_config.max_position_embeddings);
+                crate::data::text::truncate_to(&mut tokenizer, longest)?;
+            }
             (
                 Network::Bert(Box::new(network)),
                 Preprocess::Text(Box::new(tokenizer)),

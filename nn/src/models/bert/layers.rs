@@ -127,7 +127,13 @@ impl SelfAttention {
         let mut offset = 0;
         let mut contexts = Vec::with_capacity(lengths.len());
         for &len in lengths {
-            contexts.push(attention(&qkv.narrow(0, offset, len)?, 1, self.heads, None, 0.0)?);
+            contexts.push(attention(
+                &qkv.narrow(0, offset, len)?,
+                1,
+                self.heads,
+                None,
+                0.0,
+            )?);
             offset += len;
         }
         Tensor::cat(&contexts, 0)

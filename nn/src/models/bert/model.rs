@@ -323,7 +323,11 @@ impl BertForSequenceClassification {
                 let means = starts
                     .iter()
                     .zip(sequences)
-                    .map(|(&start, s)| hidden.narrow(0, start as usize, s.ids.len())?.mean_keepdim(0))
+                    .map(|(&start, s)| {
+                        hidden
+                            .narrow(0, start as usize, s.ids.len())?
+                            .mean_keepdim(0)
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&means, 0)?
             }
