@@ -59,8 +59,57 @@ pub fn attention(
     let dropout = (dropout_p > 0.0).then(|| DropMask::next(dropout_p));
     qkv.contiguous()?.apply_op1(Attention {
         shape,
+        packed: None,
         bias,
         dropout,
+    })
+}
+
+/// Inference attention over sequences of different lengths packed end to end (`lengths`
+/// rows each of `qkv`, no padding, no mask): one op for the whole batch, each sequence
+/// attending only to itself. Returns the context (total rows, hidden). Not
+/// differentiable.
+pub fn attention_packed(qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
+    let (rows, width) = qkv.dims2()?;
+    let total: usize = lengths.iter().sum();
+    if lengths.is_empty() || lengths.contains(&0) || total != rows {
+        bail!("attention: {rows} projection rows do not split into sequences of {lengths:?} rows")
+    }
+    let longest = lengths.iter().copied().max().unwrap_or(1);
+    if heads == 0 || width % (3 * heads) != 0 {
+        bail!("attention: projections of width {width} do not split into 3 x {heads} heads")
+    }
+    let shape = Geometry {
+        batch: lengths.len(),
+        seq: longest,
+        heads,
+        head_size: width / (3 * heads),
+    };
+    if !qkv.device().is_cpu() || !matches!(qkv.dtype(), DType::F32 | DType::F64) {
+        let mut start = 0;
+        let mut contexts = Vec::with_capacity(lengths.len());
+        for &len in lengths {
+            let one = Geometry {
+                batch: 1,
+                seq: len,
+                ..shape
+            };
+            contexts.push(composed(&qkv.narrow(0, start, len)?, one, None, 0.0)?);
+            start += len;
+        }
+        return Tensor::cat(&contexts, 0);
+    }
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(lengths.iter().scan(0, |end, &len| {
+            *end += len;
+            Some(*end)
+        }))
+        .collect();
+    qkv.contiguous()?.apply_op1_no_bwd(&Attention {
+        shape,
+        packed: Some(starts.into()),
+        bias: None,
+        dropout: None,
     })
 }
 
@@ -123,22 +172,16 @@ impl Geometry {
     fn scale(&self) -> f64 {
         (self.head_size as f64).powf(-0.5)
     }
-
-    /// Offsets in `qkv` of the first query, key and value element of (item, head).
-    fn offsets(&self, item: usize, head: usize) -> [usize; 3] {
-        let q = item * self.seq * self.width() + head * self.head_size;
-        [q, q + self.hidden(), q + 2 * self.hidden()]
-    }
-
-    /// Offset of the first element of (item, head) in the (batch * seq, hidden) context.
-    fn context_offset(&self, item: usize, head: usize) -> usize {
-        item * self.seq * self.hidden() + head * self.head_size
-    }
 }
 
 #[derive(Clone)]
 struct Attention {
+    /// With `packed`, `seq` is the longest sequence.
     shape: Geometry,
+    /// The first row of each sequence, then the row count, when sequences of different
+    /// lengths are packed end to end (inference: no bias, no dropout); None: `batch`
+    /// sequences of `seq` rows.
+    packed: Option<Arc<[usize]>>,
     /// (batch, seq) additive bias.
     bias: Option<Arc<Vec<f64>>>,
     dropout: Option<DropMask>,
@@ -161,8 +204,36 @@ impl<T> SharedMut<T> {
 }
 
 impl Attention {
-    /// The softmax probabilities of (item, head) into `probs` (seq x seq), using `scores`
-    /// as scratch.
+    /// The first row and the length of sequence `item`.
+    fn rows(&self, item: usize) -> (usize, usize) {
+        match &self.packed {
+            Some(starts) => (starts[item], starts[item + 1] - starts[item]),
+            None => (item * self.shape.seq, self.shape.seq),
+        }
+    }
+
+    fn total_rows(&self) -> usize {
+        self.packed
+            .as_ref()
+            .map_or(self.shape.batch * self.shape.seq, |starts| {
+                starts[self.shape.batch]
+            })
+    }
+
+    /// Offsets in `qkv` of the first query, key and value element of (item, head).
+    fn offsets(&self, item: usize, head: usize) -> [usize; 3] {
+        let g = self.shape;
+        let q = self.rows(item).0 * g.width() + head * g.head_size;
+        [q, q + g.hidden(), q + 2 * g.hidden()]
+    }
+
+    /// Offset of the first element of (item, head) in the (rows, hidden) context.
+    fn context_offset(&self, item: usize, head: usize) -> usize {
+        self.rows(item).0 * self.shape.hidden() + head * self.shape.head_size
+    }
+
+    /// The softmax probabilities of (item, head) into `probs` (seq x seq of this item's
+    /// length), using `scores` as scratch.
     fn probabilities<T: Real>(
         &self,
         qkv: &[T],
@@ -172,20 +243,18 @@ impl Attention {
         probs: &mut [T],
     ) {
         let g = self.shape;
-        let [q, k, _] = g.offsets(item, head);
+        let [q, k, _] = self.offsets(item, head);
+        let seq = self.rows(item).1;
         matmul(
             scores,
-            (g.seq, g.seq, g.head_size),
+            (seq, seq, g.head_size),
             Matrix::strided(&qkv[q..], g.width(), 1),
             Matrix::strided(&qkv[k..], 1, g.width()),
             false,
         );
         let bias = bias.map(|b| &b[item * g.seq..(item + 1) * g.seq]);
         let scale = T::lit(g.scale());
-        for (p, s) in probs
-            .chunks_exact_mut(g.seq)
-            .zip(scores.chunks_exact(g.seq))
-        {
+        for (p, s) in probs.chunks_exact_mut(seq).zip(scores.chunks_exact(seq)) {
             softmax_row(p, s, scale, bias);
         }
     }
@@ -228,7 +297,7 @@ impl Attention {
     fn forward<T: Real>(&self, qkv: &[T]) -> Vec<T> {
         let g = self.shape;
         let bias = self.bias_as::<T>();
-        let mut context = output_buffer(g.batch * g.seq * g.hidden());
+        let mut context = output_buffer(self.total_rows() * g.hidden());
         let out = SharedMut(context.as_mut_ptr());
         let scratch = || {
             (
@@ -238,17 +307,19 @@ impl Attention {
         };
         self.tasks()
             .for_each_init(scratch, |(scores, probs), task| {
+                let seq = self.rows(task.0).1;
+                let (scores, probs) = (&mut scores[..seq * seq], &mut probs[..seq * seq]);
                 self.probabilities(qkv, bias.as_deref(), task, scores, probs);
                 self.drop(task, probs);
-                let [_, _, v] = g.offsets(task.0, task.1);
+                let [_, _, v] = self.offsets(task.0, task.1);
                 // SAFETY: the (item, head) block of the context: seq rows of head_size
                 // elements, `hidden` apart, written by this task only.
                 unsafe {
                     matmul_into(
-                        out.at(g.context_offset(task.0, task.1)),
+                        out.at(self.context_offset(task.0, task.1)),
                         g.hidden(),
-                        (g.seq, g.head_size, g.seq),
-                        Matrix::row_major(probs, g.seq),
+                        (seq, g.head_size, seq),
+                        Matrix::row_major(probs, seq),
                         Matrix::strided(&qkv[v..], g.width(), 1),
                         false,
                     )
@@ -268,9 +339,9 @@ impl Attention {
         let scale = T::lit(g.scale());
         self.tasks()
             .for_each_init(scratch, |(scores, probs, d_probs), task| {
-                let [q, k, v] = g.offsets(task.0, task.1);
+                let [q, k, v] = self.offsets(task.0, task.1);
                 let d_ctx = Matrix::strided(
-                    &d_context[g.context_offset(task.0, task.1)..],
+                    &d_context[self.context_offset(task.0, task.1)..],
                     g.hidden(),
                     1,
                 );
@@ -330,10 +401,13 @@ impl CustomOp1 for Attention {
             layout,
             self.name()
         )?)));
-        Ok((out, Shape::from((g.batch * g.seq, g.hidden()))))
+        Ok((out, Shape::from((self.total_rows(), g.hidden()))))
     }
 
     fn bwd(&self, qkv: &Tensor, _context: &Tensor, d_context: &Tensor) -> Result<Option<Tensor>> {
+        if self.packed.is_some() {
+            bail!("attention: packed sequences are for inference and have no backward")
+        }
         Ok(Some(qkv.apply_op2_no_bwd(
             &d_context.contiguous()?,
             &AttentionBackward(self.clone()),
@@ -419,6 +493,31 @@ mod tests {
             })?;
             assert!(check.max_rel_diff < 1e-6, "dropout {p}: {check:?}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn packed_sequences_attend_each_to_itself() -> Result<()> {
+        let lengths = [3, 1, 5];
+        let qkv = Tensor::randn(0f32, 1., (9, 3 * HEADS * HEAD_SIZE), &Device::Cpu)?;
+        let packed = attention_packed(&qkv, &lengths, HEADS)?;
+        let mut start = 0;
+        for len in lengths {
+            let alone = attention(&qkv.narrow(0, start, len)?, 1, HEADS, None, 0.0)?;
+            let diff = (packed.narrow(0, start, len)? - alone)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-6,
+                "sequence at row {start}: max difference {diff}"
+            );
+            start += len;
+        }
+        let err = attention_packed(&qkv, &[3, 5], HEADS)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("do not split into sequences"), "{err}");
         Ok(())
     }
 

@@ -1,7 +1,9 @@
 //! The building blocks of a BERT layer, with Hugging Face weight names.
 
 use crate::ops::{
-    attention::attention, layer_norm::layer_norm, linear::linear,
+    attention::{attention, attention_packed},
+    layer_norm::layer_norm,
+    linear::linear,
     residual_norm::residual_layer_norm,
 };
 use std::sync::OnceLock;
@@ -123,20 +125,7 @@ impl SelfAttention {
                 self.fused_for_inference.get_or_init(|| fused)
             }
         };
-        let qkv = linear(x, weight, bias)?;
-        let mut offset = 0;
-        let mut contexts = Vec::with_capacity(lengths.len());
-        for &len in lengths {
-            contexts.push(attention(
-                &qkv.narrow(0, offset, len)?,
-                1,
-                self.heads,
-                None,
-                0.0,
-            )?);
-            offset += len;
-        }
-        Tensor::cat(&contexts, 0)
+        attention_packed(&linear(x, weight, bias)?, lengths, self.heads)
     }
 
     /// x: (batch * seq, hidden); bias: (batch, 1, 1, seq) from [`attention_bias`].
