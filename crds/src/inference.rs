@@ -126,7 +126,8 @@ pub struct TrainingJobRef {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.min <= self.max").message("spec.replicas.min must be <= spec.replicas.max"))]
 pub struct ReplicaRange {
-    /// Fewest replicas (0 allows scale to zero).
+    /// Fewest replicas. 0 runs as 1: the HorizontalPodAutoscaler scales to zero only with
+    /// the HPAScaleToZero feature gate, which clusters do not enable by default.
     #[serde(default = "default_one")]
     #[schemars(range(min = 0, max = 1000))]
     pub min: i32,
@@ -146,18 +147,25 @@ fn default_one() -> i32 {
     1
 }
 
-/// Autoscaling target.
+/// Autoscaling target, used when `replicas.min < replicas.max` (a HorizontalPodAutoscaler).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Autoscaling {
-    /// `concurrency` (in-flight requests per replica) or `rps` (requests per second per replica).
+    /// `concurrency`: in-flight requests per replica (the Pods metric
+    /// `ringmaster_serve_in_flight_requests`); `rps`: requests per second per replica (the Pods
+    /// metric `ringmaster_serve_requests_per_second`, a rate of
+    /// `ringmaster_serve_requests_total`). Both come from the replicas' `/metrics` through a
+    /// custom-metrics adapter such as prometheus-adapter, which the cluster must run. `cpu`:
+    /// CPU use in percent of the replica's CPU request (metrics-server; set
+    /// `resources.requests.cpu`).
     #[serde(default)]
     pub metric: ScalingMetric,
-    /// Target value of the metric per replica.
+    /// Target value of the metric per replica (for `cpu`, percent of the CPU request).
     #[serde(default = "default_target")]
     #[schemars(range(min = 0.1, max = 100000.0))]
     pub target: f64,
-    /// Seconds of low load before scaling down.
+    /// Seconds of low load before scaling down (the autoscaler's scale-down stabilization
+    /// window).
     #[serde(default = "default_scale_down_delay")]
     #[schemars(range(min = 0, max = 86400))]
     pub scale_down_delay_seconds: i32,
@@ -187,6 +195,7 @@ pub enum ScalingMetric {
     #[default]
     Concurrency,
     Rps,
+    Cpu,
 }
 
 /// Dynamic batching.

@@ -6,6 +6,12 @@ pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "ringmaster";
 /// The owning TrainingJob's name.
 pub const JOB_NAME: &str = "ringmaster.dev/job-name";
+/// The owning InferenceService's name, on its Deployment, Service, autoscaler and serving
+/// pods (the Deployment's and the Service's selector).
+pub const INFERENCE_SERVICE: &str = "ringmaster.dev/inference-service";
+/// Pod-template annotation of serving pods: the model they serve, so that a new model
+/// version rolls the Deployment.
+pub const MODEL_VERSION: &str = "ringmaster.dev/model-version";
 /// A worker's index in its gang (its pod is `<job>-worker-<index>`).
 pub const REPLICA_INDEX: &str = "ringmaster.dev/replica-index";
 /// Which gang restart created a pod, so pods of an older attempt are recognised.
@@ -26,6 +32,9 @@ pub const GPU_INDICES: &str = "ringmaster.dev/gpu-indices";
 pub const GPU_MILLI: &str = "ringmaster.dev/gpu-milli";
 /// Scheduling gate held on every worker pod until the whole gang exists.
 pub const GANG_GATE: &str = "ringmaster.dev/gang-complete";
+/// The ringmaster scheduler (gang placement, GPU-aware policies); training and serving pods
+/// name it.
+pub const SCHEDULER_NAME: &str = "ringmaster-scheduler";
 /// Extended resource for GPUs.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// Name of the trainer container in worker pods.

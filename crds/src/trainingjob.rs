@@ -636,7 +636,7 @@ impl Default for SchedulingSpec {
 }
 
 fn default_scheduler_name() -> String {
-    "ringmaster-scheduler".into()
+    crate::keys::SCHEDULER_NAME.into()
 }
 
 /// Node-choice policies.

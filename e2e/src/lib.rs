@@ -121,6 +121,35 @@ pub async fn bind(client: &Client, pod: &Pod, node: &str) -> kube::Result<()> {
     client.request_text(request).await.map(|_| ())
 }
 
+/// Stands in for a scheduler: binds every ungated, unbound pod in the namespace to the
+/// kwok nodes in turn, until the task is aborted.
+pub fn spawn_binder(client: Client, ns: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let nodes = nodes(&client).await;
+        let api = Api::<Pod>::namespaced(client.clone(), &ns);
+        let mut next = 0;
+        loop {
+            if let Ok(list) = api.list(&ListParams::default()).await {
+                for pod in list.items {
+                    let spec = pod.spec.as_ref().unwrap();
+                    let gated = spec
+                        .scheduling_gates
+                        .as_ref()
+                        .is_some_and(|g| !g.is_empty());
+                    if spec.node_name.is_none()
+                        && !gated
+                        && pod.metadata.deletion_timestamp.is_none()
+                    {
+                        let _ = bind(&client, &pod, &nodes[next % nodes.len()]).await;
+                        next += 1;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    })
+}
+
 /// Names of the kwok nodes, in order.
 pub async fn nodes(client: &Client) -> Vec<String> {
     let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());

@@ -10,10 +10,12 @@ pub enum Error {
         object: String,
         source: kube::Error,
     },
-    #[error("TrainingJob {0} has no name, namespace or uid (not read from the API server?)")]
+    /// Kind and name, e.g. `TrainingJob bert-spam`.
+    #[error("{0} has no name, namespace or uid (not read from the API server?)")]
     MissingMetadata(String),
-    #[error("the pod watch stopped before its first list")]
-    PodCacheClosed,
+    /// What the watch lists, e.g. `pod`.
+    #[error("the {0} watch stopped before its first list")]
+    CacheClosed(&'static str),
     #[error("leader election failed: {0}")]
     LeaderElection(#[from] kube_lease_manager::LeaseManagerError),
 }
@@ -24,7 +26,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Write { .. } => "write",
             Error::MissingMetadata(_) => "missing_metadata",
-            Error::PodCacheClosed => "pod_cache_closed",
+            Error::CacheClosed(_) => "cache_closed",
             Error::LeaderElection(_) => "leader_election",
         }
     }

@@ -1,4 +1,5 @@
-//! `ringmaster-operator`: reconciles TrainingJobs into gangs of worker pods.
+//! `ringmaster-operator`: reconciles TrainingJobs into gangs of worker pods and
+//! InferenceServices into autoscaled model servers.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,7 +8,8 @@ use clap::Parser;
 use ringmaster_operator::run::{Settings, run};
 
 /// Reconciles ringmaster.dev TrainingJobs into worker pods, a headless Service and
-/// the objects the trainer needs; restarts failed gangs; reports status and Events.
+/// the objects the trainer needs, restarting failed gangs; and InferenceServices into a
+/// Deployment, Service and autoscaler; reports status and Events.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -32,7 +34,7 @@ struct Args {
     /// First delay before a failed gang restarts, in seconds; doubles per restart (max 300).
     #[arg(long, default_value_t = 10.0)]
     restart_backoff_seconds: f64,
-    /// TrainingJobs reconciled at once.
+    /// Objects reconciled at once, per controller.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
     /// Log as JSON lines (for log collectors) instead of text.

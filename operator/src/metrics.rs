@@ -14,8 +14,15 @@ use ringmaster_crds::TrainingJob;
 
 use crate::error::Error;
 
+/// Which controller a reconcile belongs to: `trainingjob` or `inferenceservice`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
+    pub controller: &'static str,
     pub error: &'static str,
 }
 
@@ -25,11 +32,11 @@ pub struct PhaseLabels {
 }
 
 pub struct Metrics {
-    pub reconciles: Counter,
-    pub failures: Family<ErrorLabels, Counter>,
-    pub duration: Histogram,
+    reconciles: Family<ControllerLabels, Counter>,
+    failures: Family<ErrorLabels, Counter>,
+    duration: Family<ControllerLabels, Histogram>,
     pub restarts: Counter,
-    /// Reconciles whose status commit met a newer job than they had read.
+    /// Reconciles whose status commit met a newer object than they had read.
     pub stale_views: Counter,
     jobs_by_phase: Family<PhaseLabels, Gauge>,
     registry: Registry,
@@ -38,13 +45,15 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("ringmaster_operator");
-        let reconciles = Counter::default();
+        let reconciles = Family::<ControllerLabels, Counter>::default();
         let failures = Family::<ErrorLabels, Counter>::default();
-        let duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let duration = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 14))
+        });
         let restarts = Counter::default();
         let stale_views = Counter::default();
         let jobs_by_phase = Family::<PhaseLabels, Gauge>::default();
-        registry.register("reconciles", "TrainingJob reconciles", reconciles.clone());
+        registry.register("reconciles", "Reconciles by controller", reconciles.clone());
         registry.register(
             "reconcile_errors",
             "Failed reconciles by error kind",
@@ -62,7 +71,7 @@ impl Metrics {
         );
         registry.register(
             "stale_views",
-            "Reconciles that decided from an outdated job and were retried without acting",
+            "Reconciles that decided from an outdated object and were retried without acting",
             stale_views.clone(),
         );
         registry.register(
@@ -81,12 +90,21 @@ impl Metrics {
         })
     }
 
-    pub fn observe_reconcile(&self, took: Duration, error: Option<&Error>) {
-        self.reconciles.inc();
-        self.duration.observe(took.as_secs_f64());
+    pub fn observe_reconcile(
+        &self,
+        controller: &'static str,
+        took: Duration,
+        error: Option<&Error>,
+    ) {
+        let labels = ControllerLabels { controller };
+        self.reconciles.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
         if let Some(e) = error {
             self.failures
                 .get_or_create(&ErrorLabels {
+                    controller,
                     error: e.metric_label(),
                 })
                 .inc();

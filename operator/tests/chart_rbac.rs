@@ -1,16 +1,21 @@
 //! The operator under the chart's own RBAC, with a token of the chart's ServiceAccount as a
 //! pod has, not as cluster admin: a TrainingJob gets its trainer Role and RoleBinding and
-//! its whole gang. Cluster admin skips the API server's escalation check for RoleBindings,
-//! so every other test would pass while, under the chart, no job could start (as happened
-//! when the RoleBinding was applied before its Role; found on the real node).
+//! its whole gang, and an InferenceService its Deployment, Service and autoscaler (watched,
+//! applied, deleted) and its status. Cluster admin skips the API server's escalation check
+//! for RoleBindings, so every other test would pass while, under the chart, no job could
+//! start (as happened when the RoleBinding was applied before its Role; found on the real
+//! node).
 
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::rbac::v1::RoleBinding;
-use kube::api::{Api, ListParams, PostParams};
-use ringmaster_crds::TrainingJob;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use ringmaster_crds::keys::JOB_NAME;
+use ringmaster_crds::{InferenceService, TrainingJob, find_condition};
 use ringmaster_e2e::{
     client, delete_namespace, helm, kubeconfig, kubectl, kubectl_apply, namespace, repo_root,
     wait_until,
@@ -92,7 +97,7 @@ fn service_account_kubeconfig(ns: &str) -> std::path::PathBuf {
 }
 
 #[tokio::test]
-async fn operator_with_the_charts_credentials_starts_a_gang() {
+async fn operator_with_the_charts_credentials_starts_a_gang_and_serves_a_model() {
     let client = client().await;
     let ns = namespace(&client, "chart-rbac").await;
     install_operator_rbac(&ns);
@@ -130,6 +135,22 @@ spec:
         .create(&PostParams::default(), &job)
         .await
         .unwrap();
+    let isvc: InferenceService = serde_yaml::from_str(
+        r#"
+apiVersion: ringmaster.dev/v1alpha1
+kind: InferenceService
+metadata: {name: classifier}
+spec:
+  model: {architecture: bert, source: /models/minilm}
+  replicas: {min: 1, max: 3}
+"#,
+    )
+    .unwrap();
+    let services = Api::<InferenceService>::namespaced(client.clone(), &ns);
+    services
+        .create(&PostParams::default(), &isvc)
+        .await
+        .unwrap();
 
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     wait_until(
@@ -138,7 +159,10 @@ spec:
         || {
             let pods = pods.clone();
             async move {
-                let list = pods.list(&ListParams::default()).await.unwrap();
+                let list = pods
+                    .list(&ListParams::default().labels(&format!("{JOB_NAME}=rbac")))
+                    .await
+                    .unwrap();
                 list.items.len() == 2
                     && list.items.iter().all(|p| {
                         p.spec
@@ -148,6 +172,38 @@ spec:
                     })
             }
         },
+    )
+    .await;
+    let (deployments, autoscalers) = (
+        Api::<Deployment>::namespaced(client.clone(), &ns),
+        Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns),
+    );
+    let service_objects = Api::<Service>::namespaced(client.clone(), &ns);
+    wait_until(
+        Duration::from_secs(60),
+        "the service's Deployment, Service, autoscaler and status",
+        || async {
+            let status = services.get("classifier").await.unwrap().status;
+            deployments.get_opt("classifier").await.unwrap().is_some()
+                && service_objects
+                    .get_opt("classifier")
+                    .await
+                    .unwrap()
+                    .is_some()
+                && autoscalers.get_opt("classifier").await.unwrap().is_some()
+                && status.is_some_and(|s| find_condition(&s.conditions, "Ready").is_some())
+        },
+    )
+    .await;
+    let fixed = serde_json::json!({"spec": {"replicas": {"min": 2, "max": 2}}});
+    services
+        .patch("classifier", &PatchParams::default(), &Patch::Merge(fixed))
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "the autoscaler deleted",
+        || async { autoscalers.get_opt("classifier").await.unwrap().is_none() },
     )
     .await;
     // Not eventually, after failed reconciles and their 5-second requeues: at once.

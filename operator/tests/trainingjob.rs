@@ -11,7 +11,7 @@ use kube::{Api, Client, ResourceExt};
 use ringmaster_crds::keys::{ATTEMPT, GANG, GANG_SIZE, JOB_NAME};
 use ringmaster_crds::{JobPhase, TrainingJob, find_condition};
 use ringmaster_e2e::{
-    ServedProcess, bind, client, delete_namespace, kubectl, namespace, nodes, wait_until,
+    ServedProcess, client, delete_namespace, kubectl, namespace, spawn_binder, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -87,34 +87,6 @@ async fn wait_phase(client: &Client, ns: &str, name: &str, phase: JobPhase) -> T
             "{name} never reached {phase:?}; last status: {:#?}",
             last.and_then(|j| j.status)
         )
-    })
-}
-
-/// Stands in for a scheduler: binds every ungated, unbound pod in the namespace.
-fn spawn_binder(client: Client, ns: String) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let nodes = nodes(&client).await;
-        let api = Api::<Pod>::namespaced(client.clone(), &ns);
-        let mut next = 0;
-        loop {
-            if let Ok(list) = api.list(&ListParams::default()).await {
-                for pod in list.items {
-                    let spec = pod.spec.as_ref().unwrap();
-                    let gated = spec
-                        .scheduling_gates
-                        .as_ref()
-                        .is_some_and(|g| !g.is_empty());
-                    if spec.node_name.is_none()
-                        && !gated
-                        && pod.metadata.deletion_timestamp.is_none()
-                    {
-                        let _ = bind(&client, &pod, &nodes[next % nodes.len()]).await;
-                        next += 1;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(150)).await;
-        }
     })
 }
 

@@ -7,17 +7,18 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
-    PodSchedulingGate, PodSpec, ResourceRequirements, SecretKeySelector, Service, ServiceAccount,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    PodSchedulingGate, PodSpec, SecretKeySelector, Service, ServiceAccount, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use ringmaster_crds::keys::*;
 use ringmaster_crds::{PlacementPolicy, TrainingJob};
 
 use ringmaster_crds::keys::{RACK_ANNOTATION, ZONE_ANNOTATION};
+
+use crate::pod::resources_with_gpus;
 
 /// Everything a job needs besides its worker pods (created once, before the pods).
 pub struct SupportObjects {
@@ -218,19 +219,6 @@ pub fn worker_pod(job: &JobRef, index: i32, attempt: i32) -> Pod {
     });
     env.extend(overlay.env.iter().cloned());
 
-    let mut resources = spec.resources.clone().unwrap_or_default();
-    if dist.gpus_per_worker > 0 {
-        let gpus = Quantity(dist.gpus_per_worker.to_string());
-        resources
-            .limits
-            .get_or_insert_with(BTreeMap::new)
-            .insert(GPU_RESOURCE.into(), gpus.clone());
-        resources
-            .requests
-            .get_or_insert_with(BTreeMap::new)
-            .insert(GPU_RESOURCE.into(), gpus);
-    }
-
     let mut volumes = spec.volumes.clone();
     volumes.push(Volume {
         name: "ringmaster-spec".into(),
@@ -258,8 +246,7 @@ pub fn worker_pod(job: &JobRef, index: i32, attempt: i32) -> Pod {
             format!("{SPEC_MOUNT_DIR}/{SPEC_FILE}"),
         ]),
         env: Some(env),
-        resources: Some(resources)
-            .filter(|r: &ResourceRequirements| *r != ResourceRequirements::default()),
+        resources: resources_with_gpus(spec.resources.as_ref(), dist.gpus_per_worker),
         volume_mounts: Some(volume_mounts),
         ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
             name: Some("rendezvous".into()),
@@ -349,6 +336,7 @@ fn rendezvous_env(job: &JobRef, index: i32) -> Vec<EnvVar> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     fn job(yaml: &str) -> TrainingJob {
         let mut job: TrainingJob = serde_yaml::from_str(yaml).unwrap();

@@ -13,14 +13,13 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use ringmaster_crds::keys::{JOB_NAME, TOKEN_KEY};
 use ringmaster_crds::{TrainingJob, TrainingJobStatus};
-use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use super::desired::{self, JobRef};
@@ -28,9 +27,9 @@ use super::own_writes::OwnWrites;
 use super::status::{self, Plan};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-
-/// Field manager of everything the operator writes (server-side apply).
-pub const FIELD_MANAGER: &str = "ringmaster-operator";
+use crate::writes::{
+    TRAINING_MANAGER, apply, create_if_absent, ignore_not_found, publish, publish_error,
+};
 
 /// Pod creates or deletes in flight per reconcile: a 2,000-worker job must not open
 /// 2,000 requests (and their buffers) at once.
@@ -51,7 +50,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Actio
     let started = Instant::now();
     let result = reconcile_inner(job, &ctx).await;
     ctx.metrics
-        .observe_reconcile(started.elapsed(), result.as_ref().err());
+        .observe_reconcile("trainingjob", started.elapsed(), result.as_ref().err());
     result
 }
 
@@ -65,9 +64,10 @@ async fn reconcile_inner(cached: Arc<TrainingJob>, ctx: &Context) -> Result<Acti
     ctx.pods
         .wait_until_ready()
         .await
-        .map_err(|_| Error::PodCacheClosed)?;
+        .map_err(|_| Error::CacheClosed("pod"))?;
     let job = ctx.own_writes.newest(cached);
-    let job_ref = JobRef::new(&job).ok_or_else(|| Error::MissingMetadata(job.name_any()))?;
+    let job_ref = JobRef::new(&job)
+        .ok_or_else(|| Error::MissingMetadata(format!("TrainingJob {}", job.name_any())))?;
     let ns = job_ref.namespace;
 
     // Fetch: the pods come from the watch cache, so a burst of jobs costs no extra lists.
@@ -90,8 +90,8 @@ async fn reconcile_inner(cached: Arc<TrainingJob>, ctx: &Context) -> Result<Acti
             "deleting finished job after ttlSecondsAfterFinished"
         );
         publish(
-            ctx,
-            &job,
+            &ctx.recorder,
+            &*job,
             "Deleted",
             "ttlSecondsAfterFinished elapsed; deleting the job",
             false,
@@ -123,7 +123,7 @@ async fn reconcile_inner(cached: Arc<TrainingJob>, ctx: &Context) -> Result<Acti
         job.clone()
     };
     for ev in &plan.events {
-        publish(ctx, &job, ev.reason, &ev.message, ev.warning).await;
+        publish(&ctx.recorder, &*job, ev.reason, &ev.message, ev.warning).await;
     }
     if plan.status.restarts > job.status.as_ref().map_or(0, |s| s.restarts) {
         ctx.metrics.restarts.inc();
@@ -139,7 +139,7 @@ async fn reconcile_inner(cached: Arc<TrainingJob>, ctx: &Context) -> Result<Acti
         if commit_status(ctx, &committed, &failed).await?.is_none() {
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
-        publish(ctx, &job, "InvalidSpec", &cause, true).await;
+        publish(&ctx.recorder, &*job, "InvalidSpec", &cause, true).await;
         return Ok(Action::await_change());
     }
 
@@ -162,7 +162,7 @@ async fn act(ctx: &Context, job: &JobRef<'_>, plan: &Plan) -> Result<()> {
                 .map(|&index| {
                     let pod = desired::worker_pod(job, index, attempt);
                     let api = pods_api.clone();
-                    async move { create_if_absent(api, &pod).await }
+                    async move { create_if_absent(api, &pod, TRAINING_MANAGER).await }
                 })
                 .collect(),
         )
@@ -196,26 +196,11 @@ async fn commit_status(
     job: &TrainingJob,
     status: &TrainingJobStatus,
 ) -> Result<Option<TrainingJob>> {
-    let api = Api::<TrainingJob>::namespaced(
-        ctx.client.clone(),
-        job.metadata.namespace.as_deref().unwrap_or_default(),
-    );
-    let name = job.name_any();
-    let body = serde_json::json!({
-        "apiVersion": "ringmaster.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": name, "resourceVersion": job.resource_version()},
-        "status": status,
-    });
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    match api.patch_status(&name, &params, &Patch::Apply(body)).await {
-        Ok(written) => {
-            ctx.own_writes.record(job, written.clone());
-            Ok(Some(written))
-        }
-        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(None),
-        Err(e) => Err(e.into()),
+    let written = crate::writes::commit_status(&ctx.client, job, status, TRAINING_MANAGER).await?;
+    if let Some(written) = &written {
+        ctx.own_writes.record(job, written.clone());
     }
+    Ok(written)
 }
 
 async fn apply_actions(ctx: &Context, job: &JobRef<'_>, plan: &Plan) -> Result<()> {
@@ -270,10 +255,21 @@ async fn ensure_support_objects(ctx: &Context, job: &JobRef<'_>) -> Result<()> {
     // while it does not exist (and try_join would cancel the Role's own apply with it).
     // It resolves it from its RBAC cache, which can lag the Role's creation by a moment.
     let rbac = async {
-        apply(Api::namespaced(c.clone(), ns), &objects.role).await?;
+        apply(
+            Api::namespaced(c.clone(), ns),
+            &objects.role,
+            TRAINING_MANAGER,
+        )
+        .await?;
         let mut retries = 0;
         loop {
-            match apply(Api::namespaced(c.clone(), ns), &objects.role_binding).await {
+            match apply(
+                Api::namespaced(c.clone(), ns),
+                &objects.role_binding,
+                TRAINING_MANAGER,
+            )
+            .await
+            {
                 Err(Error::Write {
                     source: kube::Error::Api(status),
                     ..
@@ -286,11 +282,23 @@ async fn ensure_support_objects(ctx: &Context, job: &JobRef<'_>) -> Result<()> {
         }
     };
     futures::try_join!(
-        apply(Api::namespaced(c.clone(), ns), &objects.config_map),
-        apply(Api::namespaced(c.clone(), ns), &objects.service),
-        apply(Api::namespaced(c.clone(), ns), &objects.service_account),
+        apply(
+            Api::namespaced(c.clone(), ns),
+            &objects.config_map,
+            TRAINING_MANAGER
+        ),
+        apply(
+            Api::namespaced(c.clone(), ns),
+            &objects.service,
+            TRAINING_MANAGER
+        ),
+        apply(
+            Api::namespaced(c.clone(), ns),
+            &objects.service_account,
+            TRAINING_MANAGER
+        ),
         rbac,
-        create_if_absent(Api::namespaced(c.clone(), ns), &secret),
+        create_if_absent(Api::namespaced(c.clone(), ns), &secret, TRAINING_MANAGER),
     )?;
     Ok(())
 }
@@ -301,91 +309,9 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-async fn apply<K>(api: Api<K>, obj: &K) -> Result<()>
-where
-    K: Resource<DynamicType = ()>
-        + Serialize
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await
-    .map_err(|source| write_error(obj, source))?;
-    Ok(())
-}
-
-async fn create_if_absent<K>(api: Api<K>, obj: &K) -> Result<()>
-where
-    K: Resource<DynamicType = ()>
-        + Serialize
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned,
-{
-    let params = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    match api.create(&params, obj).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(source) => Err(write_error(obj, source)),
-    }
-}
-
-fn write_error<K: Resource<DynamicType = ()>>(obj: &K, source: kube::Error) -> Error {
-    let name = obj.meta().name.as_deref().unwrap_or_default();
-    Error::Write {
-        object: format!("{} {name}", K::kind(&())),
-        source,
-    }
-}
-
-fn ignore_not_found(e: kube::Error) -> Result<()> {
-    match e {
-        kube::Error::Api(ref s) if s.code == 404 => Ok(()),
-        e => Err(e.into()),
-    }
-}
-
-async fn publish(ctx: &Context, job: &TrainingJob, reason: &str, message: &str, warning: bool) {
-    let event = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.into(),
-        note: Some(message.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
-        warn!(error = %e, reason, "could not publish event");
-    }
-}
-
 /// What happens after a failed reconcile: an Event on the job, and a retry with backoff.
 pub fn error_policy(job: Arc<TrainingJob>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(job = %ObjectRef::from_obj(&*job), error = %error, "reconcile failed");
-    let message = error.to_string();
-    let recorder = ctx.recorder.clone();
-    let reference = job.object_ref(&());
-    tokio::spawn(async move {
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "ReconcileError".into(),
-            note: Some(message.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        let _ = recorder.publish(&event, &reference).await;
-    });
+    publish_error(&ctx.recorder, &*job, error);
     Action::requeue(Duration::from_secs(5))
 }

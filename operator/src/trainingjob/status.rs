@@ -20,6 +20,7 @@ use ringmaster_crds::keys::{ATTEMPT, REPLICA_INDEX, TRAINER_CONTAINER};
 
 use super::desired;
 use crate::scheduler::explain;
+use crate::writes::PlannedEvent;
 use ringmaster_crds::{
     CleanPodPolicy, JobPhase, RestartPolicy, TrainingJob, TrainingJobStatus, WorkerCounts,
     condition, find_condition, upsert_condition,
@@ -38,14 +39,6 @@ pub mod cond {
     pub const SUSPENDED: &str = "Suspended";
 }
 
-/// A Kubernetes Event to publish on the job.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobEvent {
-    pub reason: &'static str,
-    pub message: String,
-    pub warning: bool,
-}
-
 /// What the reconciler must do, and the status to write afterwards.
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -57,7 +50,7 @@ pub struct Plan {
     pub delete_pods: Vec<String>,
     pub delete_job: bool,
     pub requeue_after: Option<Duration>,
-    pub events: Vec<JobEvent>,
+    pub events: Vec<PlannedEvent>,
 }
 
 impl Plan {
@@ -553,7 +546,7 @@ fn handle_failure(
                 Time(now),
             ),
         );
-        p.events.push(JobEvent {
+        p.events.push(PlannedEvent {
             reason: "Restarting",
             message: msg,
             warning: true,
@@ -602,7 +595,7 @@ fn fail(p: &mut Plan, reason: &'static str, msg: String, now: Timestamp) {
             Time(now),
         ),
     );
-    p.events.push(JobEvent {
+    p.events.push(PlannedEvent {
         reason,
         message: msg,
         warning: true,
@@ -668,8 +661,8 @@ fn requeue_at(p: &mut Plan, now: Timestamp, at: Timestamp) {
     p.requeue_after = Some(p.requeue_after.map_or(wait, |d| d.min(wait)));
 }
 
-fn event(reason: &'static str, message: &str, warning: bool) -> JobEvent {
-    JobEvent {
+fn event(reason: &'static str, message: &str, warning: bool) -> PlannedEvent {
+    PlannedEvent {
         reason,
         message: message.to_string(),
         warning,
