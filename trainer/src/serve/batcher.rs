@@ -33,6 +33,7 @@ pub struct BatchPolicy {
 pub struct Batcher {
     jobs: Sender<Job>,
     metrics: Arc<Metrics>,
+    pending: Arc<Pending>,
 }
 
 impl Batcher {
@@ -43,15 +44,20 @@ impl Batcher {
         pending: Arc<Pending>,
     ) -> Self {
         let (jobs, queue) = channel();
-        let thread_metrics = metrics.clone();
+        let (thread_metrics, thread_pending) = (metrics.clone(), pending.clone());
         std::thread::Builder::new()
             .name("ringmaster-model".into())
-            .spawn(move || run(&classifier, policy, &queue, &thread_metrics, &pending))
+            .spawn(move || run(&classifier, policy, &queue, &thread_metrics, &thread_pending))
             .expect("spawning the model thread");
-        Self { jobs, metrics }
+        Self {
+            jobs,
+            metrics,
+            pending,
+        }
     }
 
-    /// Queues `instances`; the receiver yields their probabilities in order.
+    /// Queues `instances` of an admitted request (counted in `Pending` until the model
+    /// thread takes it); the receiver yields their probabilities in order.
     pub fn submit(&self, instances: Vec<Instance>) -> oneshot::Receiver<Answer> {
         let (reply, answer) = oneshot::channel();
         self.metrics.queue_depth.inc_by(instances.len() as i64);
@@ -59,6 +65,7 @@ impl Batcher {
         if let Err(refused) = self.jobs.send(job) {
             let job = refused.0;
             self.metrics.queue_depth.dec_by(job.instances.len() as i64);
+            self.pending.add(-1);
             let _ = job.reply.send(Err("the model thread has stopped".into()));
         }
         answer
@@ -74,6 +81,7 @@ fn run(
 ) {
     let mut previous_jobs = 1;
     while let Ok(first) = queue.recv() {
+        pending.add(-1);
         let jobs = gather(first, policy, queue, pending, previous_jobs);
         previous_jobs = jobs.len();
         let taken: usize = jobs.iter().map(|j| j.instances.len()).sum();
@@ -85,7 +93,7 @@ fn run(
 }
 
 /// Takes queued jobs into the batch; when the queue is empty, waits (until `max_delay`
-/// after the first) only while more requests are expected: admitted ones not yet queued,
+/// after the first) only while more requests are expected: admitted ones not yet taken,
 /// or as many as the previous batch answered (closed-loop clients come back together, a
 /// moment after their answers; without this a batch of 8 decays into batches of 1 and 7).
 fn gather(
@@ -102,7 +110,7 @@ fn gather(
         let until_deadline = deadline.saturating_duration_since(Instant::now());
         // Admitted requests are certain to come; returning clients only probably, so
         // they get one short gap each: the model idles while the batch waits.
-        let wait = if pending.get() > jobs.len() {
+        let wait = if pending.get() > 0 {
             until_deadline
         } else if previous_jobs > jobs.len() {
             until_deadline.min(RETURN_GAP)
@@ -119,6 +127,7 @@ fn gather(
             },
         };
         let Some(job) = next else { break };
+        pending.add(-1);
         size += job.instances.len();
         jobs.push(job);
     }

@@ -224,10 +224,11 @@ async fn metrics(State(s): State<Arc<Server>>) -> Response {
         .into_response()
 }
 
-/// An admitted inference request: counted in flight until dropped.
+/// An admitted inference request: counted in flight until dropped, and pending until
+/// queued for the batcher (which then counts it out as it takes it).
 struct Admission<'a> {
     server: &'a Server,
-    answered: bool,
+    queued: bool,
 }
 
 impl<'a> Admission<'a> {
@@ -246,21 +247,16 @@ impl<'a> Admission<'a> {
         server.pending.add(1);
         Ok(Self {
             server,
-            answered: false,
+            queued: false,
         })
-    }
-
-    fn mark_answered(&mut self) {
-        if !self.answered {
-            self.answered = true;
-            self.server.pending.add(-1);
-        }
     }
 }
 
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
-        self.mark_answered();
+        if !self.queued {
+            self.server.pending.add(-1);
+        }
         self.server.metrics.in_flight.dec();
     }
 }
@@ -308,6 +304,7 @@ async fn predict(
     let payload = decode(&bytes, classifier.takes_text())?;
     let instances = classifier.prepare(&payload)?;
     let answer = model.batcher.submit(instances);
+    admission.queued = true;
     let timeout = s.limits.request_timeout;
     let rows = match tokio::time::timeout(timeout, answer).await {
         Err(_) => {
@@ -333,7 +330,6 @@ async fn predict(
         }
         Ok(Ok(Ok(rows))) => rows,
     };
-    admission.mark_answered();
     let predictions = rows
         .into_iter()
         .map(|p| Prediction::new(p, &classifier.labels))

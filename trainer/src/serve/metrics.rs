@@ -85,9 +85,8 @@ impl Metrics {
     }
 }
 
-/// Requests admitted and not yet answered by the batcher: when every one of them is
-/// already in the batch being gathered, nobody else can join it and waiting longer only
-/// adds latency.
+/// Requests admitted and not yet taken into a batch: while there are any, the batch
+/// being gathered waits for them (they are being read or tokenised).
 #[derive(Default)]
 pub struct Pending(AtomicI64);
 
