@@ -131,6 +131,25 @@ unsafe fn gemm_call<T: Real>(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
+    if T::DTYPE == candle_core::DType::F32 {
+        let (lhs, rhs) = (lhs.cast::<f32>(), rhs.cast::<f32>());
+        if super::few_rows::applies(m, &lhs, &rhs) {
+            let threaded = !matches!(parallelism, Parallelism::None);
+            // SAFETY: forwarded from the caller; T is f32.
+            unsafe {
+                super::few_rows::product(
+                    dst.cast(),
+                    dst_row_stride,
+                    (m, n, k),
+                    lhs,
+                    rhs,
+                    accumulate,
+                    threaded,
+                )
+            };
+            return;
+        }
+    }
     if T::DTYPE == candle_core::DType::F32
         && let Some(blas) = super::blas::openblas()
     {

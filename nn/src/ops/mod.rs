@@ -5,6 +5,7 @@ pub mod batch_norm;
 pub mod blas;
 pub mod conv2d;
 pub mod dropout;
+mod few_rows;
 mod float;
 pub mod gelu;
 pub mod layer_norm;

@@ -122,7 +122,7 @@ pub fn take_turns<O, T, E>(
     Ok(results)
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     if n % 2 == 1 {

@@ -3,7 +3,7 @@
 //! expected. One forward pass answers them all, each with its own rows.
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError, channel};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -47,7 +47,15 @@ impl Batcher {
         let (thread_metrics, thread_pending) = (metrics.clone(), pending.clone());
         std::thread::Builder::new()
             .name("ringmaster-model".into())
-            .spawn(move || run(&classifier, policy, &queue, &thread_metrics, &thread_pending))
+            .spawn(move || {
+                run(
+                    &classifier,
+                    policy,
+                    &queue,
+                    &thread_metrics,
+                    &thread_pending,
+                )
+            })
             .expect("spawning the model thread");
         Self {
             jobs,
@@ -121,10 +129,7 @@ fn gather(
             Ok(job) => Some(job),
             Err(TryRecvError::Disconnected) => None,
             Err(TryRecvError::Empty) if wait.is_zero() => None,
-            Err(TryRecvError::Empty) => match queue.recv_timeout(wait) {
-                Ok(job) => Some(job),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-            },
+            Err(TryRecvError::Empty) => queue.recv_timeout(wait).ok(),
         };
         let Some(job) = next else { break };
         pending.add(-1);

@@ -696,14 +696,15 @@ mod tests {
                 }
             }
             for text in [true, false] {
-                for result in [
+                for BadRequest(message) in [
                     decode_v2(&body, text).err(),
                     decode_v1(&body, text).err(),
                     decode_plain(&body, text).err(),
-                ] {
-                    if let Some(BadRequest(message)) = result {
-                        assert!(!message.is_empty());
-                    }
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    assert!(!message.is_empty());
                 }
             }
         }
