@@ -28,6 +28,11 @@ use crate::common::Architecture;
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
         name = "Replicas",
         type_ = "string",
         json_path = ".status.replicasDisplay",
