@@ -6,6 +6,7 @@
 #   2. the operator and scheduler run as pods of the chart, under its ServiceAccounts;
 #   3. examples/bert-spam-pvc.yaml (shortened) trains in 2 containers: gang bound, progress
 #      in `kubectl get tj`, Succeeded, best model in the output volume; apply-to-first-step time;
+#   3b. an InferenceService serves that best model from a real pod through its Service;
 #   4. a worker's container killed mid-run: whole-gang restart, resumed from a checkpoint;
 #   5. the operator's leader killed mid-run: no duplicate pods, the job completes;
 #   6. a job deleted mid-run: its pods, containers and processes are gone;
@@ -160,6 +161,39 @@ bert_s=$(secs "$applied" "$(now)")
 [[ -f $outputs/bert-spam/best/model.safetensors ]] || die "no best model in the output volume: $(ls -R "$outputs/bert-spam" | head -20)"
 ok "bert-spam Succeeded in ${bert_s}s, accuracy $(jp tj/bert-spam '{.status.progress.validationAccuracy}'), best model in the output volume"
 
+# 3b. The trained model served: an InferenceService's replica on the real node mounts the
+# job's output volume and answers through its Service.
+applied=$(now)
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: ringmaster.dev/v1alpha1
+kind: InferenceService
+metadata: {name: spam-classifier}
+spec:
+  model: {architecture: bert, trainingJobRef: {name: bert-spam}, labels: [ham, spam]}
+  replicas: {min: 1, max: 1}
+  resources: {requests: {cpu: 500m, memory: 512Mi}, limits: {memory: 2Gi}}
+  nodeSelector: {ringmaster.dev/real-node: "true"}
+YAML
+wait_until 180 "spam-classifier Ready" bash -c "[[ \$('$bin/kubectl' get isvc spam-classifier -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}') == True ]]"
+serve_s=$(secs "$applied" "$(now)")
+echo "    kubectl get isvc: $(kubectl get isvc spam-classifier --no-headers)"
+url="http://$(jp svc/spam-classifier '{.spec.clusterIP}')"
+answer=$(curl -sf "$url/v1/models/spam-classifier:predict" -d '{"instances": [
+  "WINNER!! As a valued network customer you have been selected to receive a prize reward! To claim call 09061701461",
+  "URGENT! You have won a 1 week FREE membership in our prize Jackpot! Txt the word CLAIM to 81010",
+  "Ok lar... Joking wif u oni...",
+  "I will be home soon, do you want me to pick up some milk?"]}') || die "no answer from $url"
+labels=$(python3 -c 'import json,sys; print(" ".join(p["label"] for p in json.load(sys.stdin)["predictions"]))' <<<"$answer")
+right=0; expected=(spam spam ham ham); i=0
+for label in $labels; do [[ $label == "${expected[$i]}" ]] && right=$((right + 1)); i=$((i + 1)); done
+((right >= 3)) || die "the served model answered $labels for spam spam ham ham"
+curl -sf "$url/metrics" | grep -q 'ringmaster_serve_requests_total{protocol="v1",code="200"} 1' ||
+  die "the replica's /metrics did not count the request"
+ok "spam-classifier serves bert-spam's best model from the output volume: Ready ${serve_s}s after apply, answered $labels through its Service"
+kubectl delete isvc spam-classifier --wait=false >/dev/null
+wait_until 60 "spam-classifier replicas gone" bash -c "[[ -z \$('$bin/kubectl' get pods -l ringmaster.dev/inference-service=spam-classifier -o name) ]]"
+ok "deleting the InferenceService removes its replicas"
+
 # 4. A worker's container killed mid-run: the gang restarts and resumes.
 current_job=bert-restart
 bert bert-restart
@@ -230,4 +264,4 @@ python3 -c "import sys; sys.exit(float('${accuracy:-0}') < 0.3)" || die "resnet-
 ok "resnet-mnist Succeeded in ${resnet_s}s, accuracy $accuracy"
 current_job=""
 
-echo "timings: helm install to ready ${chart_s}s; bert-spam: apply to gang bound ${bound_s}s, to first step ${first_step_s}s, to Succeeded ${bert_s}s; resnet-mnist: ${resnet_s}s"
+echo "timings: helm install to ready ${chart_s}s; bert-spam: apply to gang bound ${bound_s}s, to first step ${first_step_s}s, to Succeeded ${bert_s}s; spam-classifier: apply to Ready ${serve_s}s; resnet-mnist: ${resnet_s}s"
