@@ -178,18 +178,29 @@ wait_until 180 "spam-classifier Ready" bash -c "[[ \$('$bin/kubectl' get isvc sp
 serve_s=$(secs "$applied" "$(now)")
 echo "    kubectl get isvc: $(kubectl get isvc spam-classifier --no-headers)"
 url="http://$(jp svc/spam-classifier '{.spec.clusterIP}')"
-answer=$(curl -sf "$url/v1/models/spam-classifier:predict" -d '{"instances": [
+request='{"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": [
   "WINNER!! As a valued network customer you have been selected to receive a prize reward! To claim call 09061701461",
-  "URGENT! You have won a 1 week FREE membership in our prize Jackpot! Txt the word CLAIM to 81010",
   "Ok lar... Joking wif u oni...",
-  "I will be home soon, do you want me to pick up some milk?"]}') || die "no answer from $url"
-labels=$(python3 -c 'import json,sys; print(" ".join(p["label"] for p in json.load(sys.stdin)["predictions"]))' <<<"$answer")
-right=0; expected=(spam spam ham ham); i=0
-for label in $labels; do [[ $label == "${expected[$i]}" ]] && right=$((right + 1)); i=$((i + 1)); done
-((right >= 3)) || die "the served model answered $labels for spam spam ham ham"
-curl -sf "$url/metrics" | grep -q 'ringmaster_serve_requests_total{protocol="v1",code="200"} 1' ||
+  "I will be home soon, do you want me to pick up some milk?"]}]}'
+answer=$(curl -sf "$url/v2/models/spam-classifier/infer" -d "$request") || die "no answer from $url"
+# The same directory served on the host must answer the same: the pod serves that model.
+"${CARGO_TARGET_DIR:-target}/release/ringmaster" serve --model "$outputs/bert-spam" --name spam-classifier \
+  --host 127.0.0.1 --port 18099 2>/dev/null &
+host_server=$!
+wait_until 60 "the host's ringmaster serve ready" curl -sf http://127.0.0.1:18099/v2/health/ready
+expected=$(curl -sf http://127.0.0.1:18099/v2/models/spam-classifier/infer -d "$request")
+kill "$host_server"
+python3 - "$answer" "$expected" <<'PY' || die "the replica's answer differs from the model in the output volume: $answer vs $expected"
+import json, sys
+pod, host = (json.loads(a) for a in sys.argv[1:])
+assert pod["model_version"] == host["model_version"], (pod["model_version"], host["model_version"])
+assert pod["outputs"][0]["data"] == host["outputs"][0]["data"]
+assert all(abs(a - b) < 1e-5 for a, b in zip(pod["outputs"][1]["data"], host["outputs"][1]["data"]))
+PY
+labels=$(python3 -c 'import json,sys; print(" ".join(json.load(sys.stdin)["outputs"][0]["data"]))' <<<"$answer")
+curl -sf "$url/metrics" | grep -q 'ringmaster_serve_requests_total{protocol="v2",code="200"} 1' ||
   die "the replica's /metrics did not count the request"
-ok "spam-classifier serves bert-spam's best model from the output volume: Ready ${serve_s}s after apply, answered $labels through its Service"
+ok "spam-classifier serves bert-spam's best model from the output volume: Ready ${serve_s}s after apply, answered through its Service ($labels) as the same model served on the host"
 kubectl delete isvc spam-classifier --wait=false >/dev/null
 wait_until 60 "spam-classifier replicas gone" bash -c "[[ -z \$('$bin/kubectl' get pods -l ringmaster.dev/inference-service=spam-classifier -o name) ]]"
 ok "deleting the InferenceService removes its replicas"
