@@ -9,14 +9,17 @@
 # Needs a Python venv with torch (never in CI), e.g.
 #   python3 -m venv /tmp/venv-torch && /tmp/venv-torch/bin/pip install torch numpy
 # Usage: collective/bench/compare_gloo.sh [extra args for all sides, e.g. --max-bytes 67108864]
-# Env: TORCH_PY (default /tmp/venv-torch/bin/python), BASELINES (default /work/shared/bench-baselines),
+# Env: TORCH_PY (default /tmp/venv-torch/bin/python), BASELINES (default ../shared/bench-baselines
+#      beside the repository), CARGO_TARGET_DIR (honoured, as cargo does),
 #      WORLD_SIZES (default 2,4), ROUNDS (default 1; >1 rotates which side runs first),
 #      QUIET_WAIT_S (default 120: before each run, wait up to this long for a quiet machine; 0 = no wait).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 TORCH_PY="${TORCH_PY:-/tmp/venv-torch/bin/python}"
-BASELINES="${BASELINES:-/work/shared/bench-baselines}"
+BASELINES="${BASELINES:-$ROOT/../shared/bench-baselines}"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+[[ $TARGET_DIR == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
 WORLD_SIZES="${WORLD_SIZES:-2,4}"
 ROUNDS="${ROUNDS:-1}"
 QUIET_WAIT_S="${QUIET_WAIT_S:-120}"
@@ -25,7 +28,7 @@ WORK="$(mktemp -d /tmp/ringmaster-gloo-XXXXXX)"
 cp -r "$BASELINES"/. "$WORK/"
 mkdir -p "$WORK/results"
 (cd "$ROOT" && cargo build --release -q -p ringmaster-collective --bin ringmaster-allreduce-bench)
-cp "$ROOT/target/release/ringmaster-allreduce-bench" "$WORK/"
+cp "$TARGET_DIR/release/ringmaster-allreduce-bench" "$WORK/"
 cd "$WORK"
 
 quiet() {
