@@ -887,21 +887,24 @@ spec:
         },
     )
     .await;
-    let job = jobs.get("huge").await.unwrap();
-    let scheduled = find_condition(&job.status.as_ref().unwrap().conditions, "Scheduled")
-        .unwrap()
-        .clone();
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items;
-    let pod_message = pods
-        .iter()
-        .find_map(unschedulable_message)
-        .expect("pod explained");
-    assert_eq!(scheduled.message, pod_message);
-    let m = &scheduled.message;
+    // The job mirrors its pods' latest explanation; nodes other tests add meanwhile change
+    // the counts in it, so compare once the mirror has caught up.
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let scheduled_message = || async {
+        let job = jobs.get("huge").await.ok()?;
+        let condition = find_condition(&job.status.as_ref()?.conditions, "Scheduled")?;
+        Some(condition.message.clone())
+    };
+    let pod_message = || async {
+        let list = pods.list(&ListParams::default()).await.ok()?;
+        list.items.iter().find_map(unschedulable_message)
+    };
+    wait_until(WAIT, "the job's Scheduled message equal to its pod's", || async {
+        let (job, pod) = (scheduled_message().await, pod_message().await);
+        job.is_some() && job == pod
+    })
+    .await;
+    let m = &scheduled_message().await.expect("explained");
     assert!(m.contains("(2 pods) does not fit"), "{m}");
     assert!(m.contains("nodes are available"), "{m}");
     assert!(m.contains("not enough free GPU on any device"), "{m}");
