@@ -899,10 +899,14 @@ spec:
         let list = pods.list(&ListParams::default()).await.ok()?;
         list.items.iter().find_map(unschedulable_message)
     };
-    wait_until(WAIT, "the job's Scheduled message equal to its pod's", || async {
-        let (job, pod) = (scheduled_message().await, pod_message().await);
-        job.is_some() && job == pod
-    })
+    wait_until(
+        WAIT,
+        "the job's Scheduled message equal to its pod's",
+        || async {
+            let (job, pod) = (scheduled_message().await, pod_message().await);
+            job.is_some() && job == pod
+        },
+    )
     .await;
     let m = &scheduled_message().await.expect("explained");
     assert!(m.contains("(2 pods) does not fit"), "{m}");
