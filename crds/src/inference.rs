@@ -59,7 +59,7 @@ pub struct InferenceServiceSpec {
     /// Dynamic batching of concurrent requests.
     #[serde(default)]
     pub batching: Batching,
-    /// Request/response format.
+    /// Deprecated and ignored: every replica serves v2, v1 and `/predict` at once.
     #[serde(default)]
     pub protocol: Protocol,
     /// `nvidia.com/gpu` per replica; 0 serves on CPUs.
@@ -233,7 +233,9 @@ fn default_max_delay() -> u32 {
     5
 }
 
-/// Wire protocols.
+/// Wire protocols. Deprecated: every `ringmaster serve` replica speaks the Open Inference
+/// Protocol v2, KServe v1 and `POST /predict` at once, so this field is ignored (kept so
+/// that existing objects stay valid; to be dropped in v1beta1).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
