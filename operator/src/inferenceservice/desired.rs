@@ -127,8 +127,15 @@ pub fn deployment(svc: &IsvcRef, model: &Resolved) -> Deployment {
         "--max-delay-ms".into(),
         spec.batching.max_delay_ms.to_string(),
     ];
-    if !spec.model.labels.is_empty() {
-        args.extend(["--labels".into(), spec.model.labels.join(",")]);
+    let labels = &spec.model.labels;
+    if !labels.is_empty() {
+        // `ringmaster serve` reads `a,b` or, for names with commas, a JSON array.
+        let arg = if labels.iter().any(|l| l.contains(',')) {
+            serde_json::to_string(labels).expect("strings serialise")
+        } else {
+            labels.join(",")
+        };
+        args.extend(["--labels".into(), arg]);
     }
     let http_get = |path: &str| {
         Some(HTTPGetAction {
@@ -458,6 +465,24 @@ mod tests {
                 .read_only_root_filesystem,
             Some(true)
         );
+    }
+
+    #[test]
+    fn labels_with_commas_reach_the_server_as_json() {
+        let isvc = isvc(&SPEC.replace("[ham, spam]", "[ham, 'spam, probably']"));
+        let svc = IsvcRef::new(&isvc).unwrap();
+        let args = deployment(&svc, &served("m"))
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+            .args
+            .clone()
+            .unwrap();
+        let at = args.iter().position(|a| a == "--labels").unwrap();
+        assert_eq!(args[at + 1], r#"["ham","spam, probably"]"#);
     }
 
     #[test]

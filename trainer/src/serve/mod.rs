@@ -31,9 +31,10 @@ pub struct ServeArgs {
     /// The model's name in URLs (`/v2/models/<name>/infer`).
     #[arg(long, default_value = "model")]
     pub name: String,
-    /// Class names in index order (default: the model's `labels.json` or `id2label`).
-    #[arg(long, value_delimiter = ',')]
-    pub labels: Vec<String>,
+    /// Class names in index order, `a,b,c` or a JSON array (`["a", "b, c"]`) for names
+    /// with commas (default: the model's `labels.json` or `id2label`).
+    #[arg(long, value_parser = parse_labels)]
+    pub labels: Option<Labels>,
     #[arg(long, default_value = "0.0.0.0")]
     pub host: String,
     #[arg(long, default_value_t = 8080)]
@@ -57,6 +58,22 @@ pub struct ServeArgs {
     /// Threads for the model's kernels (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+}
+
+/// Class names given on the command line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Labels(pub Vec<String>);
+
+fn parse_labels(arg: &str) -> std::result::Result<Labels, String> {
+    let labels: Vec<String> = if arg.trim_start().starts_with('[') {
+        serde_json::from_str(arg).map_err(|e| format!("not a JSON array of strings: {e}"))?
+    } else {
+        arg.split(',').map(str::to_string).collect()
+    };
+    if labels.iter().any(String::is_empty) {
+        return Err("class names cannot be empty".into());
+    }
+    Ok(Labels(labels))
 }
 
 /// Serves until SIGTERM or Ctrl-C, then drains in-flight requests.
@@ -130,7 +147,8 @@ async fn serve(args: &ServeArgs) -> Result<()> {
 fn load(args: &ServeArgs, server: &Server) -> Result<()> {
     let started = Instant::now();
     let dir: PathBuf = classifier::resolve_model_dir(&args.model)?;
-    let classifier = Arc::new(Classifier::load(&dir, &args.labels)?);
+    let labels = args.labels.as_ref().map_or(&[][..], |l| &l.0[..]);
+    let classifier = Arc::new(Classifier::load(&dir, labels)?);
     let policy = BatchPolicy {
         max_batch: args.max_batch_size.max(1),
         max_delay: Duration::from_millis(args.max_delay_ms),
@@ -175,4 +193,23 @@ async fn stop_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
     eprintln!("ringmaster serve: stopping; finishing requests in flight");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_as_a_list_or_json() {
+        assert_eq!(
+            parse_labels("ham,spam"),
+            Ok(Labels(vec!["ham".into(), "spam".into()]))
+        );
+        assert_eq!(
+            parse_labels(r#"["ham", "spam, probably"]"#),
+            Ok(Labels(vec!["ham".into(), "spam, probably".into()]))
+        );
+        assert!(parse_labels("ham,,spam").unwrap_err().contains("empty"));
+        assert!(parse_labels("[ham]").unwrap_err().contains("JSON array"));
+    }
 }
