@@ -146,7 +146,12 @@ fn answer(classifier: &Classifier, jobs: Vec<Job>, max_batch: usize, metrics: &M
     let mut rows: Answer = Ok(Vec::with_capacity(inputs.len()));
     for chunk in inputs.chunks(max_batch.max(1)) {
         let started = Instant::now();
-        match classifier.classify(chunk) {
+        // A panic in a kernel answers this batch with an error instead of killing the
+        // thread every later request needs.
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| classifier.classify(chunk)))
+                .unwrap_or_else(|_| Err(crate::Error::Config("the forward pass panicked".into())));
+        match outcome {
             Ok(probabilities) => {
                 if let Ok(rows) = rows.as_mut() {
                     rows.extend(probabilities);

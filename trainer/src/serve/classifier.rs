@@ -143,6 +143,9 @@ impl Classifier {
                     let encoding = tokenizer
                         .encode(text.as_str(), true)
                         .map_err(|e| BadRequest(format!("cannot tokenise the text: {e}")))?;
+                    if encoding.get_ids().is_empty() {
+                        return Err(BadRequest(format!("{text:?} tokenises to nothing")));
+                    }
                     Ok(Instance::Text {
                         ids: encoding.get_ids().to_vec(),
                         types: encoding.get_type_ids().to_vec(),

@@ -39,6 +39,7 @@ pub struct Server {
     pub pending: Arc<Pending>,
     model: OnceLock<Loaded>,
     ready: AtomicBool,
+    draining: AtomicBool,
 }
 
 impl Server {
@@ -50,18 +51,21 @@ impl Server {
             pending: Arc::new(Pending::default()),
             model: OnceLock::new(),
             ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         })
     }
 
     /// Installs the warmed-up model and starts answering readiness probes with 200.
     pub fn set_loaded(&self, loaded: Loaded) {
-        if self.model.set(loaded).is_ok() {
+        if self.model.set(loaded).is_ok() && !self.draining.load(Ordering::SeqCst) {
             self.ready.store(true, Ordering::SeqCst);
         }
     }
 
-    /// Readiness fails from here on (shutting down), while in-flight requests finish.
+    /// Readiness fails from here on (shutting down, or the model thread died), while
+    /// in-flight requests finish.
     pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
         self.ready.store(false, Ordering::SeqCst);
     }
 
@@ -299,13 +303,24 @@ async fn predict(
 ) -> Result<(Vec<Prediction>, Arc<Classifier>), ApiError> {
     let model = loaded(s)?;
     let mut admission = Admission::new(s)?;
-    let bytes = read_body(s, headers, body).await?;
+    let timeout = s.limits.request_timeout;
+    // A slow upload must not hold its admission (and shutdown) forever.
+    let bytes = tokio::time::timeout(timeout, read_body(s, headers, body))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within {} ms (--request-timeout-ms)",
+                    timeout.as_millis()
+                ),
+            )
+        })??;
     let classifier = model.classifier.clone();
     let payload = decode(&bytes, classifier.takes_text())?;
     let instances = classifier.prepare(&payload)?;
     let answer = model.batcher.submit(instances);
     admission.queued = true;
-    let timeout = s.limits.request_timeout;
     let rows = match tokio::time::timeout(timeout, answer).await {
         Err(_) => {
             return Err(ApiError::new(

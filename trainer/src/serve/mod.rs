@@ -35,8 +35,10 @@ pub struct ServeArgs {
     /// with commas (default: the model's `labels.json` or `id2label`).
     #[arg(long, value_parser = parse_labels)]
     pub labels: Option<Labels>,
+    /// Address to listen on: an IPv4 or IPv6 address (`::` for every IPv6 interface).
     #[arg(long, default_value = "0.0.0.0")]
-    pub host: String,
+    pub host: std::net::IpAddr,
+    /// Port to listen on (0: any free port, printed at start).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// Most inputs in one forward pass.
@@ -93,9 +95,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 }
 
 async fn serve(args: &ServeArgs) -> Result<()> {
-    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
-        .parse()
-        .map_err(|e| Error::Config(format!("--host {} --port {}: {e}", args.host, args.port)))?;
+    let addr = SocketAddr::new(args.host, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Config(format!("cannot listen on {addr}: {source}")))?;
@@ -128,20 +128,29 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         }
         shutdown_server.set_draining();
     });
-    let http = tokio::spawn(async move { http.await });
-    let outcome = match loaded_rx.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(Error::Config("the model loader stopped".into())),
+    let mut http = tokio::spawn(async move { http.await });
+    // A stop signal while the model loads ends the process without waiting for the load.
+    let outcome = tokio::select! {
+        loaded = loaded_rx => match loaded {
+            Ok(loaded) => loaded,
+            Err(_) => Err(Error::Config("the model loader stopped".into())),
+        },
+        served = &mut http => return http_outcome(served),
     };
     if outcome.is_err() {
         let _ = failed_tx.send(());
     }
-    let served = http
-        .await
-        .map_err(|e| Error::Config(format!("the HTTP server stopped: {e}")))?;
+    let served = http.await;
     outcome?;
-    served.map_err(|e| Error::Config(format!("the HTTP server failed: {e}")))
+    http_outcome(served)
+}
+
+fn http_outcome(
+    served: std::result::Result<std::io::Result<()>, tokio::task::JoinError>,
+) -> Result<()> {
+    served
+        .map_err(|e| Error::Config(format!("the HTTP server stopped: {e}")))?
+        .map_err(|e| Error::Config(format!("the HTTP server failed: {e}")))
 }
 
 fn load(args: &ServeArgs, server: &Server) -> Result<()> {

@@ -176,6 +176,14 @@ pub fn decode_v2(body: &[u8], text_model: bool) -> Decoded<V2Request> {
         .and_then(Value::as_str)
         .ok_or_else(|| BadRequest::new(format!("input {name:?} has no \"datatype\"")))?;
     let shape = decode_shape(tensor.get("shape"), name)?;
+    if let Some(&n) = shape.first() {
+        too_many(n, &format!("input {name:?}"))?;
+    }
+    if shape.iter().skip(1).any(|&d| d == 0) {
+        return Err(BadRequest::new(format!(
+            "input {name:?}: shape {shape:?} has an empty dimension"
+        )));
+    }
     let data = tensor
         .get("data")
         .ok_or_else(|| BadRequest::new(format!("input {name:?} has no \"data\"")))?;
@@ -254,6 +262,20 @@ pub fn decode_v2(body: &[u8], text_model: bool) -> Decoded<V2Request> {
         id,
         payload: non_empty(payload, &format!("input {name:?}"))?,
     })
+}
+
+/// Inputs one request may carry: bounds the memory a small body can make the server
+/// allocate (an 8 MiB body of tiny images would otherwise become gigabytes of tensors).
+pub const MAX_INSTANCES: usize = 1024;
+
+fn too_many(n: usize, what: &str) -> Decoded<()> {
+    if n > MAX_INSTANCES {
+        Err(BadRequest::new(format!(
+            "{what} holds {n} inputs; one request takes at most {MAX_INSTANCES} (send several)"
+        )))
+    } else {
+        Ok(())
+    }
 }
 
 fn decode_shape(shape: Option<&Value>, name: &str) -> Decoded<Vec<usize>> {
@@ -397,6 +419,7 @@ fn instances(object: &Map<String, Value>, text_model: bool) -> Decoded<Payload> 
         }
         None => return Err(BadRequest::new("the request has no \"instances\"")),
     };
+    too_many(instances.len(), "\"instances\"")?;
     let payload = if text_model {
         Payload::Texts(
             instances
@@ -598,6 +621,16 @@ mod tests {
                 json!({"inputs": [{"name": "p", "shape": [-1], "datatype": "BYTES", "data": []}]}),
                 true,
                 "non-negative integers",
+            ),
+            (
+                json!({"inputs": [{"name": "p", "shape": [4294967296u64, 0, 1], "datatype": "UINT8", "data": []}]}),
+                false,
+                "at most 1024",
+            ),
+            (
+                json!({"inputs": [{"name": "p", "shape": [2, 0, 1], "datatype": "UINT8", "data": []}]}),
+                false,
+                "empty dimension",
             ),
         ];
         for (body, text, expected) in cases {
