@@ -132,45 +132,26 @@ unsafe fn gemm_call<T: Real>(
     parallelism: Parallelism,
 ) {
     if T::DTYPE == candle_core::DType::F32 {
-        let (lhs, rhs) = (lhs.cast::<f32>(), rhs.cast::<f32>());
+        let (lhs, rhs, dst) = (lhs.cast::<f32>(), rhs.cast::<f32>(), dst.cast::<f32>());
+        let threaded = !matches!(parallelism, Parallelism::None);
         if super::few_rows::applies(m, &lhs, &rhs) {
-            let threaded = !matches!(parallelism, Parallelism::None);
+            let shape = (m, n, k);
             // SAFETY: forwarded from the caller; T is f32.
             unsafe {
-                super::few_rows::product(
-                    dst.cast(),
-                    dst_row_stride,
-                    (m, n, k),
-                    lhs,
-                    rhs,
-                    accumulate,
-                    threaded,
-                )
+                super::few_rows::product(dst, dst_row_stride, shape, lhs, rhs, accumulate, threaded)
             };
             return;
         }
-    }
-    if T::DTYPE == candle_core::DType::F32
-        && let Some(blas) = super::blas::openblas()
-    {
-        let (lhs, rhs) = (lhs.cast::<f32>(), rhs.cast::<f32>());
-        if super::blas::supports((m, n, k), &lhs, &rhs) {
-            let product = match parallelism {
-                Parallelism::None => super::blas::sgemm,
-                _ => super::blas::sgemm_threaded,
+        if let Some(blas) = super::blas::openblas()
+            && super::blas::supports((m, n, k), &lhs, &rhs)
+        {
+            let product = if threaded {
+                super::blas::sgemm_threaded
+            } else {
+                super::blas::sgemm
             };
             // SAFETY: forwarded from the caller; T is f32.
-            unsafe {
-                product(
-                    blas,
-                    dst.cast(),
-                    dst_row_stride,
-                    (m, n, k),
-                    lhs,
-                    rhs,
-                    accumulate,
-                )
-            };
+            unsafe { product(blas, dst, dst_row_stride, (m, n, k), lhs, rhs, accumulate) };
             return;
         }
     }

@@ -3,13 +3,14 @@
 //! expected. One forward pass answers them all, each with its own rows.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use super::classifier::{Classifier, Instance};
-use super::metrics::{Metrics, Pending};
+use super::metrics::Metrics;
 
 /// Per-input class probabilities, or why the forward pass failed.
 pub type Answer = Result<Vec<Vec<f32>>, String>;
@@ -29,7 +30,6 @@ pub struct BatchPolicy {
 }
 
 /// The queue in front of the model thread; the thread ends when the last clone drops.
-#[derive(Clone)]
 pub struct Batcher {
     jobs: Sender<Job>,
     metrics: Arc<Metrics>,
@@ -176,5 +176,20 @@ fn answer(classifier: &Classifier, jobs: Vec<Job>, max_batch: usize, metrics: &M
         };
         offset += n;
         let _ = job.reply.send(reply);
+    }
+}
+
+/// Requests admitted and not yet taken into a batch: while there are any, the batch
+/// being gathered waits for them (they are being read or tokenised).
+#[derive(Default)]
+pub struct Pending(AtomicI64);
+
+impl Pending {
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed).max(0) as usize
     }
 }

@@ -14,9 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use super::batcher::Batcher;
+use super::batcher::{Batcher, Pending};
 use super::classifier::Classifier;
-use super::metrics::{Metrics, Pending, RequestLabels};
+use super::metrics::{Metrics, RequestLabels};
 use super::protocol::{self, BadRequest, Payload, PlainRequest, Prediction};
 
 #[derive(Debug, Clone, Copy)]

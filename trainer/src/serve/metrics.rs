@@ -1,8 +1,6 @@
 //! Prometheus metrics of `ringmaster serve` (`/metrics`): what the autoscaler and the
 //! dashboards read.
 
-use std::sync::atomic::{AtomicI64, Ordering};
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -82,20 +80,5 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
-    }
-}
-
-/// Requests admitted and not yet taken into a batch: while there are any, the batch
-/// being gathered waits for them (they are being read or tokenised).
-#[derive(Default)]
-pub struct Pending(AtomicI64);
-
-impl Pending {
-    pub fn add(&self, n: i64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed).max(0) as usize
     }
 }

@@ -216,16 +216,17 @@ pub fn decode_v2(body: &[u8], text_model: bool) -> Decoded<V2Request> {
         ("UINT8", false) => {
             expect_rank(&shape, &[3, 4], name, "[N, H, W] or [N, H, W, C] pixels")?;
             let values = bytes(&flat, name)?;
-            let (n, height, width) = (shape[0], shape[1], shape[2]);
+            let (height, width) = (shape[1], shape[2]);
             let channels = shape.get(3).copied().unwrap_or(1);
-            let per_image = height * width * channels;
+            // No dimension is empty (checked above), so no image is.
+            let images = values.chunks_exact(height * width * channels);
             Payload::Images(
-                (0..n)
-                    .map(|i| Image::Pixels {
+                images
+                    .map(|data| Image::Pixels {
                         height,
                         width,
                         channels,
-                        data: values[i * per_image..(i + 1) * per_image].to_vec(),
+                        data: data.to_vec(),
                     })
                     .collect(),
             )
@@ -233,15 +234,15 @@ pub fn decode_v2(body: &[u8], text_model: bool) -> Decoded<V2Request> {
         ("FP32", false) => {
             expect_rank(&shape, &[4], name, "[N, C, H, W] model input")?;
             let values = floats(&flat, name)?;
-            let (n, channels, height, width) = (shape[0], shape[1], shape[2], shape[3]);
-            let per_image = channels * height * width;
+            let (channels, height, width) = (shape[1], shape[2], shape[3]);
+            let images = values.chunks_exact(channels * height * width);
             Payload::Images(
-                (0..n)
-                    .map(|i| Image::Tensor {
+                images
+                    .map(|data| Image::Tensor {
                         channels,
                         height,
                         width,
-                        data: values[i * per_image..(i + 1) * per_image].to_vec(),
+                        data: data.to_vec(),
                     })
                     .collect(),
             )
