@@ -89,6 +89,22 @@ go_install() {
     || fail "go install $package@$version"
 }
 
+# Our own GitOps health checker (e2e/gitops-health: Argo CD's Lua interpreter and Flux's
+# kstatus), cached by the hash of its sources.
+build_gitops_health() {
+  local src=$here/gitops-health hash
+  hash=$(cat "$src/go.mod" "$src/go.sum" "$src/main.go" | sha256sum | cut -c1-16)
+  local dir=$cache/gitops-health-$hash
+  if [[ ! -x $dir/gitops-health ]]; then
+    log "building gitops-health (first run only)"
+    mkdir -p "$dir"
+    (cd "$src" && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o "$dir/gitops-health.tmp" .) \
+      || fail "go build gitops-health"
+    mv "$dir/gitops-health.tmp" "$dir/gitops-health"
+  fi
+  ln -sfn "$dir/gitops-health" "$cache/gitops-health"
+}
+
 command -v go >/dev/null || fail "Go is not installed (needs Go >= 1.26)"
 build_etcd
 go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
@@ -96,6 +112,7 @@ go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 build_k8s kube-apiserver
 build_k8s kube-controller-manager
 build_k8s kubectl
+build_gitops_health
 $with_scheduler && build_k8s kube-scheduler
 if $real_node; then
   build_k8s kubelet

@@ -107,6 +107,7 @@ up() {
   local etcd_port etcd_peer api_port kcm_port
   etcd_port=$(free_port); etcd_peer=$(free_port); api_port=$(free_port); kcm_port=$(free_port)
   echo "$api_port" >"$state/apiserver-port"
+  echo "$etcd_port" >"$state/etcd-port"
   # Pods reach the API server through the kubernetes Service (10.0.0.1), whose endpoint is
   # this host's address: with a real node it listens there, and the kubelet's client
   # certificate authorises logs and exec.
@@ -129,7 +130,8 @@ up() {
     --service-cluster-ip-range=10.0.0.0/24 --service-account-issuer="https://127.0.0.1:$api_port" \
     --service-account-key-file="$state/pki/sa.pub" --service-account-signing-key-file="$state/pki/sa.key" \
     --max-requests-inflight=2000 --max-mutating-requests-inflight=1000 --enable-priority-and-fairness=false \
-    --profiling=false
+    --profiling=false \
+    --audit-policy-file="$here/audit-policy.yaml" --audit-log-path="$state/logs/audit.log" --audit-log-format=json
   wait_for kube-apiserver "$state/logs/kube-apiserver.log" 90 \
     curl -fsS --cacert "$state/pki/ca.crt" --cert "$state/pki/admin.crt" --key "$state/pki/admin.key" \
     "https://127.0.0.1:$api_port/readyz"

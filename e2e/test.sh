@@ -16,3 +16,8 @@ trap 'e2e/cluster.sh down' EXIT
 e2e/cluster.sh up
 export KUBECONFIG=$RINGMASTER_E2E_DIR/kubeconfig
 cargo test --workspace --locked "$@"
+# After the whole suite (not a filtered run): the chart's RBAC, no more and no less than
+# the components used while every test ran under its ServiceAccounts.
+if (($# == 0)); then
+  cargo run --locked -q -p ringmaster-e2e --bin rbac-audit
+fi

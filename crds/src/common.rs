@@ -57,6 +57,93 @@ pub fn condition(
     }
 }
 
+/// Where an object stands, as kstatus reads it (Flux's health checks, `kubectl wait`,
+/// cli-utils): through the `Reconciling` and `Stalled` conditions, which are abnormal
+/// when True.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settling {
+    /// Still converging (a gang being placed, a rollout): kstatus `InProgress`.
+    InProgress { reason: String, message: String },
+    /// Where the spec asked it to be, for now: kstatus `Current`.
+    Current { reason: String },
+    /// Will not get there without a person: kstatus `Failed`.
+    Stalled { reason: String, message: String },
+}
+
+/// The kstatus condition types.
+pub mod kstatus {
+    pub const RECONCILING: &str = "Reconciling";
+    pub const STALLED: &str = "Stalled";
+}
+
+/// Sets `Reconciling` and `Stalled` from `settling` (both always present, so a watcher
+/// sees each flip back to False).
+pub fn set_settling(
+    conditions: &mut Vec<Condition>,
+    settling: Settling,
+    observed_generation: Option<i64>,
+    now: Time,
+) {
+    let (reconciling, stalled) = match settling {
+        Settling::InProgress { reason, message } => (
+            condition(
+                kstatus::RECONCILING,
+                true,
+                &reason,
+                message,
+                observed_generation,
+                now.clone(),
+            ),
+            condition(
+                kstatus::STALLED,
+                false,
+                &reason,
+                "",
+                observed_generation,
+                now,
+            ),
+        ),
+        Settling::Current { reason } => (
+            condition(
+                kstatus::RECONCILING,
+                false,
+                &reason,
+                "",
+                observed_generation,
+                now.clone(),
+            ),
+            condition(
+                kstatus::STALLED,
+                false,
+                &reason,
+                "",
+                observed_generation,
+                now,
+            ),
+        ),
+        Settling::Stalled { reason, message } => (
+            condition(
+                kstatus::RECONCILING,
+                false,
+                &reason,
+                "",
+                observed_generation,
+                now.clone(),
+            ),
+            condition(
+                kstatus::STALLED,
+                true,
+                &reason,
+                message,
+                observed_generation,
+                now,
+            ),
+        ),
+    };
+    upsert_condition(conditions, reconciling);
+    upsert_condition(conditions, stalled);
+}
+
 /// Looks a condition up by type.
 pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)

@@ -11,6 +11,8 @@ use k8s_openapi::api::core::v1::{Binding, Namespace, ObjectReference, Pod};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Api, Client, Config, ResourceExt};
 
+pub mod chart;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -195,6 +197,12 @@ pub fn kubectl_apply(yaml: &str) {
     );
 }
 
+/// `e2e/gitops-health`, built by `e2e/build-binaries.sh`: Argo CD's Lua health check and
+/// Flux's kstatus on one object.
+pub fn gitops_health() -> std::process::Command {
+    pinned_tool("gitops-health")
+}
+
 /// The pinned helm, built by `e2e/build-binaries.sh`.
 pub fn helm() -> std::process::Command {
     pinned_tool("helm")
@@ -216,17 +224,23 @@ fn pinned_tool(name: &str) -> std::process::Command {
     cmd
 }
 
-/// A client that authenticates with a bearer token (a ServiceAccount's), as a pod would.
-pub async fn client_with_token(token: &str) -> Client {
+/// A kubeconfig (YAML) for the local control plane that authenticates with a bearer
+/// token, as a pod with that ServiceAccount would.
+pub fn token_kubeconfig_yaml(token: &str) -> String {
     let admin = kube::config::Kubeconfig::read_from(kubeconfig()).expect("kubeconfig");
     let cluster = admin.clusters[0].cluster.clone().expect("cluster entry");
-    let yaml = format!(
+    format!(
         "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: {:?}, certificate-authority: {:?}}}}}]\n\
          users: [{{name: u, user: {{token: {token:?}}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n",
         cluster.server.unwrap_or_default(),
         cluster.certificate_authority.unwrap_or_default(),
-    );
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(&yaml).expect("token kubeconfig");
+    )
+}
+
+/// A client that authenticates with a bearer token (a ServiceAccount's), as a pod would.
+pub async fn client_with_token(token: &str) -> Client {
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&token_kubeconfig_yaml(token))
+        .expect("token kubeconfig");
     let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .expect("token config");
@@ -235,15 +249,38 @@ pub async fn client_with_token(token: &str) -> Client {
 
 /// A control-plane binary under test (operator, scheduler) serving `/healthz`, `/readyz`
 /// and `/metrics` on a free loopback port; killed on drop, also when the test panics.
+/// It runs as the chart installs it: with its ServiceAccount's credentials (never as
+/// cluster admin, so every test also proves the chart's RBAC) and its leader lease in
+/// the release namespace.
 pub struct ServedProcess {
     child: std::process::Child,
     port: u16,
 }
 
 impl ServedProcess {
-    /// Starts `exe` with `args` plus `--listen 127.0.0.1:<free port>`, against the local
-    /// control plane.
-    pub fn start(exe: &str, args: &[&str]) -> Self {
+    /// Starts `exe` watching namespace `ns`, with `args` plus `--listen 127.0.0.1:<free
+    /// port>`, against the local control plane. Processes started for the same `ns`
+    /// share a leader lease.
+    pub fn start(exe: &str, ns: &str, args: &[&str]) -> Self {
+        let name = exe_name(exe);
+        let component = name.strip_prefix("ringmaster-").unwrap_or_else(|| {
+            panic!("{exe}: not a chart component (ringmaster-operator or ringmaster-scheduler)")
+        });
+        let credentials = chart::kubeconfig(component);
+        let lease = format!("{name}-{ns}");
+        let mut all = vec![
+            "--lease-namespace",
+            chart::RELEASE_NAMESPACE,
+            "--lease-name",
+            &lease,
+        ];
+        all.extend(args);
+        Self::start_as(exe, ns, &credentials, &all)
+    }
+
+    /// `start` with other credentials (`kubeconfig`), and no lease arguments of its own.
+    pub fn start_as(exe: &str, ns: &str, kubeconfig: &std::path::Path, args: &[&str]) -> Self {
+        let name = exe_name(exe);
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -252,8 +289,7 @@ impl ServedProcess {
         // RINGMASTER_TEST_LOG_DIR keeps each binary's log (they log to stdout) for a
         // failure to be read afterwards.
         let log = std::env::var_os("RINGMASTER_TEST_LOG_DIR").map(|dir| {
-            let name = std::path::Path::new(exe).file_name().unwrap_or_default();
-            let path = PathBuf::from(dir).join(name).with_extension("log");
+            let path = PathBuf::from(dir).join(&name).with_extension("log");
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -266,9 +302,10 @@ impl ServedProcess {
         };
         let stderr = log.map_or(Stdio::inherit(), Stdio::from);
         let child = std::process::Command::new(exe)
+            .args(["--namespace", ns])
             .args(args)
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("KUBECONFIG", kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(stdout)
             .stderr(stderr)
@@ -308,6 +345,14 @@ impl ServedProcess {
             .await
             .is_some_and(|(code, _)| code == 200)
     }
+}
+
+fn exe_name(exe: &str) -> String {
+    std::path::Path::new(exe)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string()
 }
 
 impl Drop for ServedProcess {

@@ -20,9 +20,8 @@ async fn main() {
         .unwrap_or(2000);
     let client = client().await;
     let ns = namespace(&client, "bench-big").await;
-    let scoped = ["--namespace", &ns, "--lease-namespace", &ns];
-    let operator = ServedProcess::start(env!("CARGO_BIN_EXE_ringmaster-operator"), &scoped);
-    let scheduler = ServedProcess::start(env!("CARGO_BIN_EXE_ringmaster-scheduler"), &scoped);
+    let operator = ServedProcess::start(env!("CARGO_BIN_EXE_ringmaster-operator"), &ns, &[]);
+    let scheduler = ServedProcess::start(env!("CARGO_BIN_EXE_ringmaster-scheduler"), &ns, &[]);
     let both = [
         ("ringmaster-operator", &operator),
         ("ringmaster-scheduler", &scheduler),

@@ -53,11 +53,8 @@ impl ControlPlane {
     fn operator(ns: &str, incarnation: usize) -> ServedProcess {
         ServedProcess::start(
             env!("CARGO_BIN_EXE_ringmaster-operator"),
+            ns,
             &[
-                "--namespace",
-                ns,
-                "--lease-namespace",
-                ns,
                 "--identity",
                 &format!("op-{incarnation}"),
                 "--lease-duration-seconds",
@@ -76,11 +73,8 @@ impl ControlPlane {
     fn scheduler(ns: &str, incarnation: usize) -> ServedProcess {
         ServedProcess::start(
             env!("CARGO_BIN_EXE_ringmaster-scheduler"),
+            ns,
             &[
-                "--namespace",
-                ns,
-                "--lease-namespace",
-                ns,
                 "--identity",
                 &format!("sched-{incarnation}"),
                 "--lease-duration-seconds",

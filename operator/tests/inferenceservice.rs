@@ -25,7 +25,8 @@ const WAIT: Duration = Duration::from_secs(90);
 fn start_operator(ns: &str) -> ServedProcess {
     ServedProcess::start(
         env!("CARGO_BIN_EXE_ringmaster-operator"),
-        &["--namespace", ns, "--lease-namespace", ns, "--identity", ns],
+        ns,
+        &["--identity", ns],
     )
 }
 

@@ -5,27 +5,19 @@ use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use ringmaster_crds::{Progress, ProgressReporter, TrainingJob};
-use ringmaster_e2e::{client, client_with_token, delete_namespace, kubectl, namespace, wait_until};
+use ringmaster_e2e::{
+    ServedProcess, client, client_with_token, delete_namespace, kubectl, namespace, wait_until,
+};
 
 #[tokio::test]
 async fn trainer_reports_progress_with_least_privilege() {
     let admin = client().await;
     let ns = namespace(&admin, "tj-progress").await;
-    let mut operator = std::process::Command::new(env!("CARGO_BIN_EXE_ringmaster-operator"))
-        .args([
-            "--namespace",
-            &ns,
-            "--lease-namespace",
-            &ns,
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env("KUBECONFIG", ringmaster_e2e::kubeconfig())
-        .spawn()
-        .unwrap();
+    let _operator = ServedProcess::start(env!("CARGO_BIN_EXE_ringmaster-operator"), &ns, &[]);
     let jobs = Api::<TrainingJob>::namespaced(admin.clone(), &ns);
     for name in ["mine", "theirs"] {
         let job: TrainingJob = serde_yaml::from_str(&format!(
@@ -36,10 +28,15 @@ async fn trainer_reports_progress_with_least_privilege() {
         jobs.create(&PostParams::default(), &job).await.unwrap();
     }
     let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), &ns);
+    // The pods start after their job's account, Role and RoleBinding exist; so does this.
+    let bindings = Api::<RoleBinding>::namespaced(admin.clone(), &ns);
     wait_until(
         Duration::from_secs(60),
-        "the per-job ServiceAccount",
-        || async { accounts.get_opt("mine-trainer").await.unwrap().is_some() },
+        "the per-job ServiceAccount and its RoleBinding",
+        || async {
+            accounts.get_opt("mine-trainer").await.unwrap().is_some()
+                && bindings.get_opt("mine-trainer").await.unwrap().is_some()
+        },
     )
     .await;
     let request = TokenRequest {
@@ -131,7 +128,5 @@ async fn trainer_reports_progress_with_least_privilege() {
         kept.best_checkpoint.as_deref(),
         Some("/output/checkpoints/step-120")
     );
-    let _ = operator.kill();
-    let _ = operator.wait();
     delete_namespace(&admin, &ns).await;
 }

@@ -22,10 +22,9 @@ const ZONE: &str = "topology.kubernetes.io/zone";
 
 /// A running `ringmaster-scheduler` for one test's namespace.
 fn start_scheduler(ns: &str, identity: &str, extra: &[&str]) -> ServedProcess {
-    let mut args = vec!["--namespace", ns, "--lease-namespace", ns];
-    args.extend(["--identity", identity, "--lease-duration-seconds", "3"]);
+    let mut args = vec!["--identity", identity, "--lease-duration-seconds", "3"];
     args.extend(extra);
-    ServedProcess::start(env!("CARGO_BIN_EXE_ringmaster-scheduler"), &args)
+    ServedProcess::start(env!("CARGO_BIN_EXE_ringmaster-scheduler"), ns, &args)
 }
 
 async fn setup(prefix: &str) -> (Client, String, Pool) {
@@ -850,14 +849,8 @@ async fn impossible_training_job_is_scheduled_false_with_the_explanation() {
     pool.add(&client, 1, 8).await;
     let _operator = ServedProcess::start(
         env!("CARGO_BIN_EXE_ringmaster-operator"),
-        &[
-            "--namespace",
-            &ns,
-            "--lease-namespace",
-            &ns,
-            "--identity",
-            "op-tj",
-        ],
+        &ns,
+        &["--identity", "op-tj"],
     );
     let _sched = start_scheduler(&ns, "s-tj", &[]);
     let job: TrainingJob = serde_yaml::from_str(

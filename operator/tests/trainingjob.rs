@@ -20,16 +20,8 @@ const WAIT: Duration = Duration::from_secs(60);
 fn start_operator(ns: &str, identity: &str) -> ServedProcess {
     ServedProcess::start(
         env!("CARGO_BIN_EXE_ringmaster-operator"),
-        &[
-            "--namespace",
-            ns,
-            "--lease-namespace",
-            ns,
-            "--identity",
-            identity,
-            "--restart-backoff-seconds",
-            "0.5",
-        ],
+        ns,
+        &["--identity", identity, "--restart-backoff-seconds", "0.5"],
     )
 }
 

@@ -16,7 +16,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use ringmaster_crds::keys::MODEL_VERSION;
 use ringmaster_crds::{
-    InferenceService, InferenceServiceStatus, condition, find_condition, upsert_condition,
+    InferenceService, InferenceServiceStatus, Settling, condition, find_condition, set_settling,
+    upsert_condition,
 };
 
 use super::desired;
@@ -124,7 +125,35 @@ pub fn plan(
     }
     set(&mut plan, isvc, cond::MODEL_RESOLVED, resolved, now);
     set(&mut plan, isvc, cond::READY, ready, now);
+    settle(&mut plan.status, now);
     plan
+}
+
+/// Reasons for not being Ready that no waiting cures.
+const STALLED: [&str; 4] = [
+    model::reason::FAILED,
+    model::reason::NOT_ON_VOLUME,
+    reason::ROLLOUT_STALLED,
+    reason::INVALID_SPEC,
+];
+
+/// The kstatus reading of `Ready`: serving is current; a failed job, a missing
+/// checkpoint, a stalled rollout or a refused spec is stalled; anything else (waiting for
+/// the job, rolling out) is in progress.
+fn settle(status: &mut InferenceServiceStatus, now: Timestamp) {
+    let Some(ready) = find_condition(&status.conditions, cond::READY) else {
+        return;
+    };
+    let (reason, message) = (ready.reason.clone(), ready.message.clone());
+    let settling = if ready.status == "True" {
+        Settling::Current { reason }
+    } else if STALLED.contains(&reason.as_str()) {
+        Settling::Stalled { reason, message }
+    } else {
+        Settling::InProgress { reason, message }
+    };
+    let generation = status.observed_generation;
+    set_settling(&mut status.conditions, settling, generation, Time(now));
 }
 
 /// The status of a service whose children the API server refuses for good (invalid,
@@ -144,6 +173,7 @@ pub fn invalid_spec(isvc: &InferenceService, cause: String, now: Timestamp) -> P
         Verdict::new(false, reason::INVALID_SPEC, cause),
         now,
     );
+    settle(&mut plan.status, now);
     plan
 }
 

@@ -22,8 +22,8 @@ use super::desired;
 use crate::scheduler::explain;
 use crate::writes::PlannedEvent;
 use ringmaster_crds::{
-    CleanPodPolicy, JobPhase, RestartPolicy, TrainingJob, TrainingJobStatus, WorkerCounts,
-    condition, find_condition, upsert_condition,
+    CleanPodPolicy, JobPhase, RestartPolicy, Settling, TrainingJob, TrainingJobStatus,
+    WorkerCounts, condition, find_condition, set_settling, upsert_condition,
 };
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -72,6 +72,7 @@ pub fn invalid_spec(job: &TrainingJob, cause: String, now: Timestamp) -> Trainin
         ..Plan::default()
     };
     fail(&mut p, "InvalidSpec", cause, now);
+    settle(&mut p.status, now);
     p.status
 }
 
@@ -162,6 +163,48 @@ impl Worker {
 
 /// Decides the next step for `job`, given all of its pods (any attempt) at time `now`.
 pub fn plan<'a>(
+    job: &TrainingJob,
+    pods: impl IntoIterator<Item = &'a Pod>,
+    now: Timestamp,
+    backoff_base: Duration,
+) -> Plan {
+    let mut p = decide(job, pods, now, backoff_base);
+    settle(&mut p.status, now);
+    p
+}
+
+/// The kstatus reading of the phase: a gang being placed or restarted is in progress, a
+/// failed job is stalled; a running, finished or suspended one is what its spec asked.
+fn settle(status: &mut TrainingJobStatus, now: Timestamp) {
+    let message_of = |type_: &str| {
+        find_condition(&status.conditions, type_)
+            .map(|c| (c.reason.clone(), c.message.clone()))
+            .unwrap_or_default()
+    };
+    let settling = match status.phase {
+        None | Some(JobPhase::Pending) => Settling::InProgress {
+            reason: "Pending".into(),
+            message: "the gang is being created and placed".into(),
+        },
+        Some(JobPhase::Restarting) => Settling::InProgress {
+            reason: "Restarting".into(),
+            message: message_of(cond::RESTARTING).1,
+        },
+        Some(JobPhase::Failed) => {
+            let (reason, message) = message_of(cond::FAILED);
+            Settling::Stalled { reason, message }
+        }
+        Some(phase @ (JobPhase::Running | JobPhase::Succeeded | JobPhase::Suspended)) => {
+            Settling::Current {
+                reason: format!("{phase:?}"),
+            }
+        }
+    };
+    let generation = status.observed_generation;
+    set_settling(&mut status.conditions, settling, generation, Time(now));
+}
+
+fn decide<'a>(
     job: &TrainingJob,
     pods: impl IntoIterator<Item = &'a Pod>,
     now: Timestamp,

@@ -1,0 +1,137 @@
+//! The Helm chart as the tests use it: rendered with the pinned helm, its components'
+//! RBAC installed in the release namespace, and credentials of its ServiceAccounts.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use crate::{helm, kubectl, repo_root, token_kubeconfig_yaml};
+
+/// Where the tests install the chart's RBAC, as `helm install e2e -n ringmaster-system`
+/// would: the components' ServiceAccounts and leader leases live here.
+pub const RELEASE_NAMESPACE: &str = "ringmaster-system";
+/// The release name: not `ringmaster`, whose cluster-scoped names the upgrade test
+/// installs with helm itself.
+pub const RELEASE: &str = "e2e";
+
+/// The ServiceAccount of `component` (`operator` or `scheduler`) in the tests' release.
+pub fn service_account(component: &str) -> String {
+    format!("{RELEASE}-ringmaster-{component}")
+}
+
+/// The chart's manifests rendered as release `release` in `namespace`, with `extra`
+/// arguments for `helm template` (`--set ...`, `--show-only ...`).
+pub fn render(release: &str, namespace: &str, extra: &[&str]) -> String {
+    let out = helm()
+        .args(["template", release])
+        .arg(repo_root().join("charts/ringmaster"))
+        .args(["--namespace", namespace])
+        .args(extra)
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("helm prints UTF-8")
+}
+
+/// Installs the chart's ServiceAccounts, roles and bindings (what `helm install` would,
+/// without the Deployments: the tests run the binaries themselves). Idempotent.
+fn install_rbac() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let rbac = render(
+            RELEASE,
+            RELEASE_NAMESPACE,
+            &[
+                "--show-only",
+                "templates/operator-rbac.yaml",
+                "--show-only",
+                "templates/scheduler-rbac.yaml",
+            ],
+        );
+        let namespace = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {RELEASE_NAMESPACE}}}\n---\n"
+        );
+        apply_server_side(&(namespace + &rbac));
+    });
+}
+
+/// `kubectl apply --server-side` of `yaml`; panics with kubectl's message if refused.
+pub fn apply_server_side(yaml: &str) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = kubectl()
+        .args(["apply", "--server-side", "--force-conflicts", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(yaml.as_bytes())
+        .expect("write to kubectl");
+    let out = child.wait_with_output().expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl apply --server-side: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A token of ServiceAccount `account` in `namespace`, valid for two hours.
+pub fn token(account: &str, namespace: &str) -> String {
+    let out = kubectl()
+        .args([
+            "create",
+            "token",
+            account,
+            "-n",
+            namespace,
+            "--duration",
+            "2h",
+        ])
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl create token {account}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("a token is ASCII")
+        .trim()
+        .to_string()
+}
+
+/// A kubeconfig that authenticates as the chart's ServiceAccount of `component`
+/// (`operator` or `scheduler`), as its pod would.
+pub fn kubeconfig(component: &str) -> PathBuf {
+    install_rbac();
+    account_kubeconfig(&service_account(component), RELEASE_NAMESPACE)
+}
+
+/// A kubeconfig that authenticates as ServiceAccount `account` of `namespace`.
+pub fn account_kubeconfig(account: &str, namespace: &str) -> PathBuf {
+    let token = token(account, namespace);
+    let path = kubeconfig_dir().join(format!(
+        "{namespace}-{account}-{}.kubeconfig",
+        std::process::id()
+    ));
+    std::fs::write(&path, token_kubeconfig_yaml(&token))
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
+/// Beside the admin kubeconfig: the cluster's state directory, removed with it.
+fn kubeconfig_dir() -> PathBuf {
+    let admin = crate::kubeconfig();
+    admin
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
