@@ -237,7 +237,7 @@ def archive(out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("binary")
-    ap.add_argument("reference", help="image name, e.g. ghcr.io/ringmaster-dev/ringmaster:0.1.0")
+    ap.add_argument("reference", help="image name, e.g. ghcr.io/ringmaster-dev/ringmaster:0.2.0")
     ap.add_argument("out", help="directory for the OCI layout (replaced)")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the image config")
     ap.add_argument("--library", action="append", default=[], help="a library the binary loads at run time")

@@ -12,6 +12,7 @@ mod inference;
 pub mod keys;
 #[cfg(feature = "progress")]
 mod progress;
+pub mod reference;
 mod trainingjob;
 
 pub use common::*;
@@ -33,11 +34,11 @@ pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         (
             "trainingjob.yaml",
-            with_flowing_descriptions(TrainingJob::crd()),
+            with_unobserved_status(with_flowing_descriptions(TrainingJob::crd())),
         ),
         (
             "inferenceservice.yaml",
-            with_flowing_descriptions(InferenceService::crd()),
+            with_unobserved_status(with_flowing_descriptions(InferenceService::crd())),
         ),
     ]
 }
@@ -70,10 +71,37 @@ fn with_flowing_descriptions(crd: CustomResourceDefinition) -> CustomResourceDef
     serde_json::from_value(value).expect("reflowing descriptions keeps a valid CRD")
 }
 
+/// A new object reads with `status.observedGeneration: 0` until the operator writes its
+/// status: kstatus (Flux's health checks, `kubectl wait`) calls an object without status
+/// Current, so a just-applied service would pass a health check the operator never made;
+/// generation 1 against observed 0 reads InProgress instead.
+fn with_unobserved_status(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    let mut value = serde_json::to_value(crd).expect("a CRD serialises to JSON");
+    for version in value["spec"]["versions"]
+        .as_array_mut()
+        .expect("a CRD has versions")
+    {
+        version["schema"]["openAPIV3Schema"]["properties"]["status"]["default"] =
+            serde_json::json!({"observedGeneration": 0});
+    }
+    serde_json::from_value(value).expect("a status default keeps a valid CRD")
+}
+
 /// Where the generated YAML is checked in: `crds/` and the Helm chart's `crds/`.
 pub fn crd_dirs() -> [std::path::PathBuf; 2] {
     let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     [here.to_path_buf(), here.join("../charts/ringmaster/crds")]
+}
+
+/// Where the generated API reference is checked in.
+pub fn reference_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/crd-reference.md")
+}
+
+/// The API reference page (docs/crd-reference.md) of every CRD.
+pub fn reference_markdown() -> String {
+    let crds: Vec<CustomResourceDefinition> = all_crds().into_iter().map(|(_, crd)| crd).collect();
+    reference::markdown(&crds)
 }
 
 /// Renders one CRD as the YAML that is checked in under `crds/`.

@@ -1,4 +1,4 @@
-//! The checked-in CRD YAML must match the Rust types.
+//! The checked-in CRD YAML and API reference must match the Rust types.
 
 #[test]
 fn checked_in_crd_yaml_is_current() {
@@ -13,4 +13,15 @@ fn checked_in_crd_yaml_is_current() {
             );
         }
     }
+}
+
+#[test]
+fn checked_in_api_reference_is_current() {
+    let path = ringmaster_crds::reference_path();
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == ringmaster_crds::reference_markdown(),
+        "{} is stale: run `cargo run -p ringmaster-crds --bin crdgen` and commit the result",
+        path.display()
+    );
 }

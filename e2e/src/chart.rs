@@ -135,3 +135,58 @@ fn kubeconfig_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir)
 }
+
+/// The chart's values as a Markdown table, from the `# --` comments of values.yaml (the
+/// helm-docs convention): key, default, description.
+pub fn values_table() -> String {
+    let text = std::fs::read_to_string(repo_root().join("charts/ringmaster/values.yaml"))
+        .expect("read values.yaml");
+    let values: serde_json::Value = serde_yaml::from_str(&text).expect("values.yaml parses");
+    let mut out = String::from("| Key | Default | Description |\n|---|---|---|\n");
+    let mut path: Vec<(usize, String)> = Vec::new();
+    let mut doc: Option<String> = None;
+    for line in text.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let body = line.trim();
+        if let Some(start) = body.strip_prefix("# --") {
+            doc = Some(start.trim().to_string());
+            continue;
+        }
+        if let (Some(more), Some(d)) = (body.strip_prefix('#'), doc.as_mut()) {
+            d.push(' ');
+            d.push_str(more.trim());
+            continue;
+        }
+        let Some((key, _)) = body.split_once(':').filter(|_| !body.starts_with('#')) else {
+            continue;
+        };
+        path.retain(|(depth, _)| *depth < indent);
+        path.push((indent, key.trim().to_string()));
+        if let Some(description) = doc.take() {
+            let keys: Vec<&str> = path.iter().map(|(_, k)| k.as_str()).collect();
+            let default = keys
+                .iter()
+                .fold(&values, |v, k| &v[*k])
+                .to_string()
+                .replace('|', "\\|");
+            out.push_str(&format!(
+                "| `{}` | `{default}` | {} |\n",
+                keys.join("."),
+                description.replace('|', "\\|")
+            ));
+        }
+    }
+    out
+}
+
+/// charts/ringmaster/README.md with its values table replaced by `values_table()`.
+pub fn readme_with_values_table() -> String {
+    let readme = std::fs::read_to_string(repo_root().join("charts/ringmaster/README.md"))
+        .expect("read charts/ringmaster/README.md");
+    let (start, end) = ("<!-- values:start -->\n", "<!-- values:end -->");
+    let (head, rest) = readme
+        .split_once(start)
+        .expect("the chart README marks its values table with <!-- values:start -->");
+    let (_, tail) = rest.split_once(end).expect("<!-- values:end -->");
+    format!("{head}{start}{}{end}{tail}", values_table())
+}

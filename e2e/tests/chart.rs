@@ -68,3 +68,14 @@ async fn chart_renders_objects_the_api_server_accepts() {
     );
     delete_namespace(&client, &ns).await;
 }
+
+#[test]
+fn chart_readme_values_table_is_current() {
+    let path = repo_root().join("charts/ringmaster/README.md");
+    assert!(
+        std::fs::read_to_string(&path).unwrap()
+            == ringmaster_e2e::chart::readme_with_values_table(),
+        "{} is stale: run `cargo run -p ringmaster-e2e --bin chart-docs` and commit the result",
+        path.display()
+    );
+}

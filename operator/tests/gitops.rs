@@ -151,8 +151,6 @@ async fn argo_cd_and_flux_read_every_state_of_a_job_and_a_service() {
 
     // Failed for good (restartPolicy Never): Degraded and Failed; and so is a service of
     // the failed job.
-    // (Before the operator's first status there is nothing for kstatus to read, and it
-    // says Current: wait for the run itself.)
     let never = "  runPolicy: {restartPolicy: Never}";
     jobs.create(&pp, &job_yaml("broken", never)).await.unwrap();
     wait_until(WAIT, "broken running", || async {
@@ -208,6 +206,22 @@ async fn argo_cd_and_flux_read_every_state_of_a_job_and_a_service() {
     let stale = json_of(&jobs, "paused").await;
     assert_eq!(
         health("TrainingJob", &stale),
+        ("Progressing".into(), "InProgress".into())
+    );
+    // So is an object the operator has never seen (its status reads observedGeneration 0:
+    // without it kstatus would call an object with no status Current).
+    jobs.create(&pp, &job_yaml("unseen", "")).await.unwrap();
+    let unseen = json_of(&jobs, "unseen").await;
+    assert_eq!(
+        health("TrainingJob", &unseen),
+        ("Progressing".into(), "InProgress".into())
+    );
+    let mut unseen_service = waiting.clone();
+    unseen_service.metadata.name = Some("unseen".into());
+    services.create(&pp, &unseen_service).await.unwrap();
+    let unseen = json_of(&services, "unseen").await;
+    assert_eq!(
+        health("InferenceService", &unseen),
         ("Progressing".into(), "InProgress".into())
     );
     let _operator = start_operator(&ns);

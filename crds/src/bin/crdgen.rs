@@ -1,5 +1,5 @@
-//! Writes the generated CRD YAML into `crds/` and the Helm chart (both checked in;
-//! `cargo test` fails when either is stale).
+//! Writes the generated CRD YAML into `crds/` and the Helm chart, and the API reference
+//! into docs/crd-reference.md (all checked in; `cargo test` fails when one is stale).
 
 fn main() -> std::io::Result<()> {
     for dir in ringmaster_crds::crd_dirs() {
@@ -9,5 +9,8 @@ fn main() -> std::io::Result<()> {
             println!("wrote {}", path.display());
         }
     }
+    let reference = ringmaster_crds::reference_path();
+    std::fs::write(&reference, ringmaster_crds::reference_markdown())?;
+    println!("wrote {}", reference.display());
     Ok(())
 }
