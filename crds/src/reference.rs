@@ -167,10 +167,7 @@ fn field_count(schema: &JSONSchemaProps) -> usize {
 /// The type column: the JSON type with its constraints.
 fn type_of(schema: &JSONSchemaProps) -> String {
     let mut text = match schema.type_.as_deref() {
-        Some("array") => format!(
-            "[]{}",
-            element(schema).map_or("any".into(), |items| type_of(items))
-        ),
+        Some("array") => format!("[]{}", element(schema).map_or("any".into(), type_of)),
         Some("object") if map_values(schema).is_some() => format!(
             "map[string]{}",
             map_values(schema).map_or("any".into(), type_of)
