@@ -62,7 +62,7 @@ impl Metrics {
         );
         registry.register(
             "gang_attempts",
-            "Gang placement attempts by result (bound, unschedulable, bind_error)",
+            "Gang placement attempts by result (bound, unschedulable, bind_error, rolled_back)",
             m.attempts.clone(),
         );
         registry.register(
