@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Builds the pinned control-plane binaries from their Go modules into a per-version
 # cache, so only the first run on a machine pays for the build.
-#   e2e/build-binaries.sh [--with-scheduler] [--real-node]
+#   e2e/build-binaries.sh [--with-scheduler] [--real-node] [--anchors]
 # --real-node adds kubelet, kube-proxy (same Kubernetes version) and CoreDNS.
+# --anchors adds what the benchmarks compare against: Kubeflow's training-operator
+# (its binary, and its PyTorchJob CRD and RBAC from the same module).
 # Prints the cache directory holding the binaries on its last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
 cache=${RINGMASTER_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ringmaster-e2e}
-with_scheduler=false real_node=false
+with_scheduler=false real_node=false anchors=false
 for arg; do
   case $arg in
     --with-scheduler) with_scheduler=true ;;
     --real-node) real_node=true ;;
+    --anchors) anchors=true ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -105,6 +108,26 @@ build_gitops_health() {
   ln -sfn "$dir/gitops-health" "$cache/gitops-health"
 }
 
+# Kubeflow training-operator: the binary, and the PyTorchJob CRD and ClusterRole of the
+# same module version beside it (manifests/).
+build_training_operator() {
+  local dir=$cache/training-operator-$TRAINING_OPERATOR_VERSION
+  local module=github.com/kubeflow/training-operator
+  if [[ ! -x $dir/training-operator || ! -f $dir/manifests/pytorchjobs.yaml ]]; then
+    log "building Kubeflow training-operator $TRAINING_OPERATOR_VERSION (first run only)"
+    mkdir -p "$dir/manifests"
+    (cd "$dir" && GOBIN=$dir GOFLAGS=-mod=mod CGO_ENABLED=0 go install -trimpath -ldflags='-s -w' \
+      "$module/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION") || fail "go install training-operator"
+    mv "$dir/training-operator.v1" "$dir/training-operator"
+    local src
+    src=$(go mod download -json "$module@$TRAINING_OPERATOR_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+    cp "$src/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" "$dir/manifests/pytorchjobs.yaml"
+    cp "$src/manifests/base/rbac/role.yaml" "$dir/manifests/cluster-role.yaml"
+    chmod u+w "$dir/manifests/"*
+  fi
+  ln -sfn "$dir" "$cache/training-operator"
+}
+
 command -v go >/dev/null || fail "Go is not installed (needs Go >= 1.26)"
 build_etcd
 go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
@@ -114,6 +137,7 @@ build_k8s kube-controller-manager
 build_k8s kubectl
 build_gitops_health
 $with_scheduler && build_k8s kube-scheduler
+$anchors && build_training_operator
 if $real_node; then
   build_k8s kubelet
   build_k8s kube-proxy

@@ -208,8 +208,9 @@ pub fn helm() -> std::process::Command {
     pinned_tool("helm")
 }
 
-fn pinned_tool(name: &str) -> std::process::Command {
-    let cache = std::env::var_os("RINGMASTER_E2E_CACHE")
+/// Where `e2e/build-binaries.sh` keeps what it builds (per version).
+pub fn e2e_cache() -> PathBuf {
+    std::env::var_os("RINGMASTER_E2E_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             std::env::var_os("XDG_CACHE_HOME")
@@ -218,8 +219,11 @@ fn pinned_tool(name: &str) -> std::process::Command {
                     PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
                 })
                 .join("ringmaster-e2e")
-        });
-    let mut cmd = std::process::Command::new(cache.join(name));
+        })
+}
+
+fn pinned_tool(name: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(e2e_cache().join(name));
     cmd.env("KUBECONFIG", kubeconfig());
     cmd
 }

@@ -118,6 +118,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         metrics: metrics.clone(),
         restart_backoff: settings.restart_backoff,
         own_writes: Default::default(),
+        pending_creates: Default::default(),
     });
 
     let (services_reader, services_writer) = reflector::store::<InferenceService>();

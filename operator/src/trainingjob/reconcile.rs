@@ -7,6 +7,7 @@
 //! never acted on. Every action is re-derived from the committed status, so an operator
 //! killed between the commit and the actions finishes them on its next reconcile.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,12 +19,13 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
-use ringmaster_crds::keys::{JOB_NAME, TOKEN_KEY};
+use ringmaster_crds::keys::{ATTEMPT, JOB_NAME, TOKEN_KEY};
 use ringmaster_crds::{TrainingJob, TrainingJobStatus};
 use tracing::{debug, info, warn};
 
 use super::desired::{self, JobRef};
 use super::own_writes::OwnWrites;
+use super::pending_creates::PendingCreates;
 use super::status::{self, Plan};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -44,6 +46,7 @@ pub struct Context {
     /// First delay of a gang restart; doubles with every restart.
     pub restart_backoff: Duration,
     pub own_writes: OwnWrites,
+    pub pending_creates: PendingCreates,
 }
 
 pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action> {
@@ -57,6 +60,8 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Actio
 async fn reconcile_inner(cached: Arc<TrainingJob>, ctx: &Context) -> Result<Action> {
     if cached.metadata.deletion_timestamp.is_some() {
         ctx.own_writes.forget(&cached);
+        ctx.pending_creates
+            .forget(&cached.uid().unwrap_or_default());
         return Ok(Action::await_change()); // children go with it through owner references
     }
     // Before its first list the pod cache is empty, which reads as "every worker
@@ -82,7 +87,19 @@ async fn reconcile_inner(cached: Arc<TrainingJob>, ctx: &Context) -> Result<Acti
         .collect();
 
     let now = Timestamp::now();
-    let plan = status::plan(&job, pods.iter().map(|p| &**p), now, ctx.restart_backoff);
+    let mut plan = status::plan(&job, pods.iter().map(|p| &**p), now, ctx.restart_backoff);
+    let uid = job.uid().unwrap_or_default();
+    let attempt = plan.status.restarts;
+    let cached_names: HashSet<&str> = pods
+        .iter()
+        .filter(|p| p.labels().get(ATTEMPT) == Some(&attempt.to_string()))
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
+    let unseen = ctx
+        .pending_creates
+        .unseen(&uid, attempt, &cached_names, Instant::now());
+    plan.create
+        .retain(|&i| !unseen.contains(&desired::worker_name(job_ref.name, i)));
     if plan.delete_job {
         info!(
             job = job_ref.name,
@@ -98,6 +115,7 @@ async fn reconcile_inner(cached: Arc<TrainingJob>, ctx: &Context) -> Result<Acti
         )
         .await;
         ctx.own_writes.forget(&job);
+        ctx.pending_creates.forget(&uid);
         Api::<TrainingJob>::namespaced(ctx.client.clone(), ns)
             .delete(job_ref.name, &DeleteParams::background())
             .await
@@ -167,6 +185,12 @@ async fn act(ctx: &Context, job: &JobRef<'_>, plan: &Plan) -> Result<()> {
                 .collect(),
         )
         .await?;
+        let created = plan
+            .create
+            .iter()
+            .map(|&i| desired::worker_name(job.name, i));
+        ctx.pending_creates
+            .record(&job.owner.uid, attempt, created.collect(), Instant::now());
     }
     apply_actions(ctx, job, plan).await
 }
