@@ -37,7 +37,7 @@ where
 }
 
 /// Creates `obj` unless it exists (objects that must never change once made).
-pub async fn create_if_absent<K>(api: Api<K>, obj: &K, manager: &str) -> Result<()>
+pub async fn create_if_absent<K>(api: Api<K>, obj: &K, manager: &str) -> Result<bool>
 where
     K: Resource<DynamicType = ()> + Serialize + Clone + std::fmt::Debug + DeserializeOwned,
 {
@@ -46,8 +46,8 @@ where
         ..Default::default()
     };
     match api.create(&params, obj).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
         Err(source) => Err(write_error(obj, source)),
     }
 }

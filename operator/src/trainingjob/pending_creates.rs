@@ -8,14 +8,22 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How long a created pod may stay unseen before it counts as missing again (a pod
-/// deleted before the cache ever showed it must be recreated eventually).
-const PATIENCE: Duration = Duration::from_secs(30);
+/// How long a created pod may stay unseen before it counts as missing again: the cache
+/// normally shows a create within a second, even in a burst; a pod deleted before the
+/// cache ever showed it must be recreated soon.
+pub const PATIENCE: Duration = Duration::from_secs(5);
 
 struct Pending {
     attempt: i32,
     names: HashSet<String>,
     since: Instant,
+}
+
+/// Created pods the cache does not show yet, and how long until they count as missing
+/// (reconcile again then: nothing else may wake the job).
+pub struct Unseen {
+    pub names: HashSet<String>,
+    pub expire_in: Duration,
 }
 
 /// Per job (by UID). Single writer: a job's reconciles run one at a time.
@@ -42,27 +50,27 @@ impl PendingCreates {
     }
 
     /// The pods of `attempt` created recently and still missing from `cached` (the names
-    /// of the job's cached pods of that attempt); forgets those the cache shows.
+    /// of the job's cached pods of that attempt), and when they stop counting; forgets
+    /// those the cache shows.
     pub fn unseen(
         &self,
         job_uid: &str,
         attempt: i32,
         cached: &HashSet<&str>,
         now: Instant,
-    ) -> HashSet<String> {
+    ) -> Option<Unseen> {
         let mut by_job = self.by_job.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(pending) = by_job.get_mut(job_uid) else {
-            return HashSet::new();
-        };
+        let pending = by_job.get_mut(job_uid)?;
         pending.names.retain(|name| !cached.contains(name.as_str()));
-        if pending.attempt != attempt
-            || pending.names.is_empty()
-            || now.duration_since(pending.since) > PATIENCE
-        {
+        let waited = now.duration_since(pending.since);
+        if pending.attempt != attempt || pending.names.is_empty() || waited > PATIENCE {
             by_job.remove(job_uid);
-            return HashSet::new();
+            return None;
         }
-        pending.names.clone()
+        Some(Unseen {
+            names: pending.names.clone(),
+            expire_in: PATIENCE - waited,
+        })
     }
 
     pub fn forget(&self, job_uid: &str) {
@@ -87,16 +95,19 @@ mod tests {
         let t0 = Instant::now();
         pending.record("uid", 0, names(&["w-0", "w-1"]), t0);
         let none = HashSet::new();
-        assert_eq!(pending.unseen("uid", 0, &none, t0).len(), 2);
+        let later = t0 + Duration::from_secs(1);
+        let unseen = pending.unseen("uid", 0, &none, later).unwrap();
+        assert_eq!(unseen.names.len(), 2);
+        assert_eq!(unseen.expire_in, PATIENCE - Duration::from_secs(1));
         let one: HashSet<&str> = ["w-0"].into();
         assert_eq!(
-            pending.unseen("uid", 0, &one, t0),
+            pending.unseen("uid", 0, &one, t0).unwrap().names,
             HashSet::from(["w-1".to_string()])
         );
         let both: HashSet<&str> = ["w-0", "w-1"].into();
-        assert!(pending.unseen("uid", 0, &both, t0).is_empty());
+        assert!(pending.unseen("uid", 0, &both, t0).is_none());
         // Seen once is enough: a pod deleted afterwards is missing, not pending.
-        assert!(pending.unseen("uid", 0, &none, t0).is_empty());
+        assert!(pending.unseen("uid", 0, &none, t0).is_none());
     }
 
     #[test]
@@ -105,13 +116,10 @@ mod tests {
         let t0 = Instant::now();
         pending.record("uid", 0, names(&["w-0"]), t0);
         let none = HashSet::new();
-        assert!(pending.unseen("uid", 1, &none, t0).is_empty());
+        assert!(pending.unseen("uid", 1, &none, t0).is_none());
         pending.record("uid", 1, names(&["w-0"]), t0);
-        assert!(
-            pending
-                .unseen("uid", 1, &none, t0 + PATIENCE + Duration::from_secs(1))
-                .is_empty()
-        );
-        assert!(pending.unseen("other", 1, &none, t0).is_empty());
+        let late = t0 + PATIENCE + Duration::from_secs(1);
+        assert!(pending.unseen("uid", 1, &none, late).is_none());
+        assert!(pending.unseen("other", 1, &none, t0).is_none());
     }
 }

@@ -98,8 +98,19 @@ async fn reconcile_inner(cached: Arc<TrainingJob>, ctx: &Context) -> Result<Acti
     let unseen = ctx
         .pending_creates
         .unseen(&uid, attempt, &cached_names, Instant::now());
-    plan.create
-        .retain(|&i| !unseen.contains(&desired::worker_name(job_ref.name, i)));
+    if let Some(unseen) = unseen {
+        let before = plan.create.len();
+        plan.create.retain(|&i| {
+            !unseen
+                .names
+                .contains(&desired::worker_name(job_ref.name, i))
+        });
+        if plan.create.len() < before {
+            // Should the cache never show them, they are created again after the wait.
+            let retry = unseen.expire_in + Duration::from_millis(100);
+            plan.requeue_after = Some(plan.requeue_after.map_or(retry, |r| r.min(retry)));
+        }
+    }
     if plan.delete_job {
         info!(
             job = job_ref.name,
@@ -174,33 +185,35 @@ async fn act(ctx: &Context, job: &JobRef<'_>, plan: &Plan) -> Result<()> {
         ensure_support_objects(ctx, job).await?;
         let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), job.namespace);
         let attempt = plan.status.restarts;
-        bounded(
+        let created = bounded(
             plan.create
                 .iter()
                 .map(|&index| {
                     let pod = desired::worker_pod(job, index, attempt);
                     let api = pods_api.clone();
-                    async move { create_if_absent(api, &pod, TRAINING_MANAGER).await }
+                    async move {
+                        let created = create_if_absent(api, &pod, TRAINING_MANAGER).await?;
+                        Ok(created.then(|| desired::worker_name(job.name, index)))
+                    }
                 })
                 .collect(),
         )
         .await?;
-        let created = plan
-            .create
-            .iter()
-            .map(|&i| desired::worker_name(job.name, i));
+        // Only pods this call created: a name still held by the previous attempt's
+        // terminating pod (409) must be created again once that pod is gone.
+        let created = created.into_iter().flatten().collect();
         ctx.pending_creates
-            .record(&job.owner.uid, attempt, created.collect(), Instant::now());
+            .record(&job.owner.uid, attempt, created, Instant::now());
     }
     apply_actions(ctx, job, plan).await
 }
 
 /// Runs `writes` with at most `WRITES_IN_FLIGHT` at once; the first error wins. (A Vec,
 /// not a lazy iterator: a closure inside the stream fails the controller's Send check.)
-async fn bounded(writes: Vec<impl Future<Output = Result<()>>>) -> Result<()> {
+async fn bounded<T>(writes: Vec<impl Future<Output = Result<T>>>) -> Result<Vec<T>> {
     futures::stream::iter(writes)
         .buffer_unordered(WRITES_IN_FLIGHT)
-        .try_collect::<()>()
+        .try_collect()
         .await
 }
 
@@ -251,7 +264,7 @@ async fn apply_actions(ctx: &Context, job: &JobRef<'_>, plan: &Plan) -> Result<(
                 .or_else(ignore_not_found)
         }
     });
-    bounded(deletes.collect()).await
+    bounded(deletes.collect()).await.map(drop)
 }
 
 /// ConfigMap, Service, ServiceAccount, Role, RoleBinding (server-side applied, so a
