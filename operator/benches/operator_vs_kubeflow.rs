@@ -78,6 +78,9 @@ struct Figures {
     leftovers: usize,
 }
 
+/// Reads one figure for the table.
+type Figure = fn(&Figures) -> f64;
+
 /// A running operator: its process (killed on drop) and pid.
 enum Operator {
     Ringmaster(ServedProcess),
@@ -513,7 +516,7 @@ async fn main() {
             results.push((side, figures));
         }
     }
-    let median = |side: Side, f: fn(&Figures) -> f64| {
+    let median = |side: Side, f: Figure| {
         let mut v: Vec<f64> = results
             .iter()
             .filter(|(s, _)| *s == side)
@@ -529,7 +532,7 @@ async fn main() {
     println!(
         "| | ringmaster | training-operator v1.8.1 | ringmaster better by |\n|---|---|---|---|"
     );
-    let rows: [(&str, fn(&Figures) -> f64, &str); 6] = [
+    let rows: [(&str, Figure, &str); 6] = [
         (
             "all pods exist after the last apply",
             |f| f.after_last_apply_s,
