@@ -60,27 +60,7 @@ fn install_rbac() {
 
 /// `kubectl apply --server-side` of `yaml`; panics with kubectl's message if refused.
 pub fn apply_server_side(yaml: &str) {
-    use std::io::Write;
-    use std::process::Stdio;
-    let mut child = kubectl()
-        .args(["apply", "--server-side", "--force-conflicts", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run kubectl");
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(yaml.as_bytes())
-        .expect("write to kubectl");
-    let out = child.wait_with_output().expect("kubectl runs");
-    assert!(
-        out.status.success(),
-        "kubectl apply --server-side: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::kubectl_apply_with(&["--server-side", "--force-conflicts"], yaml)
 }
 
 /// A token of ServiceAccount `account` in `namespace`, valid for two hours.

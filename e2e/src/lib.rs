@@ -178,11 +178,19 @@ pub fn kubectl() -> std::process::Command {
 
 /// `kubectl apply -f -` of `yaml` with the pinned kubectl; panics if it fails.
 pub fn kubectl_apply(yaml: &str) {
+    kubectl_apply_with(&[], yaml)
+}
+
+/// `kubectl apply <args> -f -` of `yaml`; panics with kubectl's message if refused.
+pub fn kubectl_apply_with(args: &[&str], yaml: &str) {
     use std::io::Write;
     let mut child = kubectl()
-        .args(["apply", "-f", "-"])
+        .arg("apply")
+        .args(args)
+        .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("kubectl");
     child
@@ -191,10 +199,28 @@ pub fn kubectl_apply(yaml: &str) {
         .expect("piped stdin")
         .write_all(yaml.as_bytes())
         .expect("write to kubectl");
+    let out = child.wait_with_output().expect("kubectl runs");
     assert!(
-        child.wait().expect("kubectl runs").success(),
-        "kubectl apply"
+        out.status.success(),
+        "kubectl apply {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A `/proc/<pid>/status` memory field (`VmHWM:` is the peak RSS) in KiB; 0 once the
+/// process is gone.
+pub fn proc_memory_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 /// `e2e/gitops-health`, built by `e2e/build-binaries.sh`: Argo CD's Lua health check and

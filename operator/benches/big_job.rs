@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use ringmaster_crds::TrainingJob;
-use ringmaster_e2e::{ServedProcess, client, delete_namespace, namespace};
+use ringmaster_e2e::{ServedProcess, client, delete_namespace, namespace, proc_memory_kib};
 
 #[tokio::main]
 async fn main() {
@@ -27,7 +27,10 @@ async fn main() {
         ("ringmaster-scheduler", &scheduler),
     ];
     tokio::time::sleep(Duration::from_secs(5)).await; // leadership and initial watches
-    let before: Vec<u64> = both.iter().map(|(_, p)| memory(p.pid(), "VmRSS")).collect();
+    let before: Vec<u64> = both
+        .iter()
+        .map(|(_, p)| proc_memory_kib(p.pid(), "VmRSS"))
+        .collect();
 
     let job: TrainingJob = serde_yaml::from_str(&format!(
         "apiVersion: ringmaster.dev/v1alpha1\nkind: TrainingJob\nmetadata: {{name: big}}\n\
@@ -56,7 +59,10 @@ async fn main() {
     let created = start.elapsed();
     // Gates lifted, the gang found unplaceable and explained on every member.
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let peak: Vec<u64> = both.iter().map(|(_, p)| memory(p.pid(), "VmHWM")).collect();
+    let peak: Vec<u64> = both
+        .iter()
+        .map(|(_, p)| proc_memory_kib(p.pid(), "VmHWM"))
+        .collect();
 
     jobs.delete("big", &DeleteParams::background())
         .await
@@ -70,7 +76,10 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     tokio::time::sleep(Duration::from_secs(25)).await; // two heap trims
-    let after: Vec<u64> = both.iter().map(|(_, p)| memory(p.pid(), "VmRSS")).collect();
+    let after: Vec<u64> = both
+        .iter()
+        .map(|(_, p)| proc_memory_kib(p.pid(), "VmRSS"))
+        .collect();
 
     println!(
         "{workers} workers: all pods created {:.1} s after the apply\n",
@@ -90,19 +99,4 @@ async fn main() {
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
-}
-
-/// A `/proc/<pid>/status` field in KiB.
-fn memory(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use ringmaster_crds::TrainingJob;
-use ringmaster_e2e::{client, delete_namespace, namespace};
+use ringmaster_e2e::{client, delete_namespace, namespace, proc_memory_kib};
 
 #[tokio::main]
 async fn main() {
@@ -68,7 +68,7 @@ async fn main() {
     let want = jobs * workers;
     let mut peak_rss_kib = 0;
     let all_pods = loop {
-        peak_rss_kib = peak_rss_kib.max(peak_rss(pid));
+        peak_rss_kib = peak_rss_kib.max(proc_memory_kib(pid, "VmHWM:"));
         let have = pods
             .list_metadata(&ListParams::default())
             .await
@@ -85,7 +85,7 @@ async fn main() {
     };
     // Let the follow-up reconciles (gates lifted, status written) settle, then read counters.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    peak_rss_kib = peak_rss_kib.max(peak_rss(pid));
+    peak_rss_kib = peak_rss_kib.max(proc_memory_kib(pid, "VmHWM:"));
     let reconciles = scrape(port, "ringmaster_operator_reconciles_total").await;
     let busy = scrape(port, "ringmaster_operator_reconcile_duration_seconds_sum").await;
 
@@ -115,20 +115,6 @@ async fn main() {
     let _ = operator.kill();
     let _ = operator.wait();
     delete_namespace(&client, &ns).await;
-}
-
-fn peak_rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 async fn scrape(port: u16, metric: &str) -> f64 {

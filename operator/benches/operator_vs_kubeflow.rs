@@ -27,7 +27,8 @@ use kube::{Client, ResourceExt};
 use ringmaster_crds::TrainingJob;
 use ringmaster_e2e::chart::{account_kubeconfig, apply_server_side};
 use ringmaster_e2e::{
-    ServedProcess, client, e2e_cache, kubeconfig, kubectl, namespace, spawn_binder, wait_until,
+    ServedProcess, client, e2e_cache, kubeconfig, kubectl, namespace, proc_memory_kib,
+    spawn_binder, wait_until,
 };
 
 const KUBEFLOW_NAMESPACE: &str = "kubeflow";
@@ -274,24 +275,6 @@ async fn create_job(client: &Client, side: Side, ns: &str, name: &str, workers: 
     }
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    proc_status_field(pid, "VmHWM:")
-}
-
-fn proc_status_field(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 /// User plus system CPU seconds of `pid` so far.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -374,7 +357,7 @@ async fn measure(
     let want = jobs * workers;
     let mut peak = 0;
     let all_pods = loop {
-        peak = peak.max(peak_rss_kib(pid));
+        peak = peak.max(proc_memory_kib(pid, "VmHWM:"));
         let have = pods
             .list_metadata(&ListParams::default())
             .await
@@ -398,7 +381,7 @@ async fn measure(
     };
     let requests = api_requests(user, t0, Timestamp::now());
     let cpu = cpu_seconds(pid) - cpu_before;
-    peak = peak.max(peak_rss_kib(pid));
+    peak = peak.max(proc_memory_kib(pid, "VmHWM:"));
 
     // Every pod runs (bound by a stand-in scheduler, run by kwok), then one worker of each
     // of `restarts` jobs is killed (exit 137, retryable for both).
