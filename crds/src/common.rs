@@ -84,64 +84,27 @@ pub fn set_settling(
     observed_generation: Option<i64>,
     now: Time,
 ) {
-    let (reconciling, stalled) = match settling {
-        Settling::InProgress { reason, message } => (
-            condition(
-                kstatus::RECONCILING,
-                true,
-                &reason,
-                message,
-                observed_generation,
-                now.clone(),
-            ),
-            condition(
-                kstatus::STALLED,
-                false,
-                &reason,
-                "",
-                observed_generation,
-                now,
-            ),
-        ),
-        Settling::Current { reason } => (
-            condition(
-                kstatus::RECONCILING,
-                false,
-                &reason,
-                "",
-                observed_generation,
-                now.clone(),
-            ),
-            condition(
-                kstatus::STALLED,
-                false,
-                &reason,
-                "",
-                observed_generation,
-                now,
-            ),
-        ),
-        Settling::Stalled { reason, message } => (
-            condition(
-                kstatus::RECONCILING,
-                false,
-                &reason,
-                "",
-                observed_generation,
-                now.clone(),
-            ),
-            condition(
-                kstatus::STALLED,
-                true,
-                &reason,
-                message,
-                observed_generation,
-                now,
-            ),
-        ),
+    let (reconciling, stalled, reason, message) = match settling {
+        Settling::InProgress { reason, message } => (true, false, reason, message),
+        Settling::Current { reason } => (false, false, reason, String::new()),
+        Settling::Stalled { reason, message } => (false, true, reason, message),
     };
-    upsert_condition(conditions, reconciling);
-    upsert_condition(conditions, stalled);
+    // The message belongs to whichever condition is True.
+    let said = |on: bool| if on { message.clone() } else { String::new() };
+    for (type_, on) in [
+        (kstatus::RECONCILING, reconciling),
+        (kstatus::STALLED, stalled),
+    ] {
+        let c = condition(
+            type_,
+            on,
+            &reason,
+            said(on),
+            observed_generation,
+            now.clone(),
+        );
+        upsert_condition(conditions, c);
+    }
 }
 
 /// Looks a condition up by type.
@@ -177,6 +140,46 @@ mod tests {
             &mut conds,
             condition("Failed", true, "D", "d", Some(2), at(40)),
         );
+        assert_eq!(conds.len(), 2);
+    }
+
+    #[test]
+    fn settling_sets_both_kstatus_conditions_with_the_message_on_the_true_one() {
+        let status_of = |conds: &[Condition], t: &str| {
+            let c = find_condition(conds, t).unwrap();
+            (c.status.clone(), c.reason.clone(), c.message.clone())
+        };
+        let mut conds = Vec::new();
+        let waiting = Settling::InProgress {
+            reason: "Pending".into(),
+            message: "placing".into(),
+        };
+        set_settling(&mut conds, waiting, Some(1), at(10));
+        assert_eq!(
+            status_of(&conds, kstatus::RECONCILING),
+            ("True".into(), "Pending".into(), "placing".into())
+        );
+        assert_eq!(status_of(&conds, kstatus::STALLED).0, "False");
+        let failed = Settling::Stalled {
+            reason: "BackoffLimitExceeded".into(),
+            message: "gave up".into(),
+        };
+        set_settling(&mut conds, failed, Some(1), at(20));
+        assert_eq!(
+            status_of(&conds, kstatus::STALLED),
+            (
+                "True".into(),
+                "BackoffLimitExceeded".into(),
+                "gave up".into()
+            )
+        );
+        assert_eq!(status_of(&conds, kstatus::RECONCILING).2, "");
+        let done = Settling::Current {
+            reason: "Succeeded".into(),
+        };
+        set_settling(&mut conds, done, Some(2), at(30));
+        assert!(conds.iter().all(|c| c.status == "False"));
+        assert!(conds.iter().all(|c| c.observed_generation == Some(2)));
         assert_eq!(conds.len(), 2);
     }
 }

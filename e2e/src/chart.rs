@@ -1,8 +1,9 @@
 //! The Helm chart as the tests use it: rendered with the pinned helm, its components'
 //! RBAC installed in the release namespace, and credentials of its ServiceAccounts.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use crate::{helm, kubectl, repo_root, token_kubeconfig_yaml};
 
@@ -89,10 +90,16 @@ pub fn token(account: &str, namespace: &str) -> String {
 }
 
 /// A kubeconfig that authenticates as the chart's ServiceAccount of `component`
-/// (`operator` or `scheduler`), as its pod would.
+/// (`operator` or `scheduler`), as its pod would: one token per component and test
+/// process (valid longer than any test binary runs), not one per process started.
 pub fn kubeconfig(component: &str) -> PathBuf {
+    static WRITTEN: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
     install_rbac();
-    account_kubeconfig(&service_account(component), RELEASE_NAMESPACE)
+    let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+    written
+        .entry(component.to_string())
+        .or_insert_with(|| account_kubeconfig(&service_account(component), RELEASE_NAMESPACE))
+        .clone()
 }
 
 /// A kubeconfig that authenticates as ServiceAccount `account` of `namespace`.

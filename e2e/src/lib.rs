@@ -152,6 +152,17 @@ pub fn spawn_binder(client: Client, ns: String) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Ends a running pod through the kwok stage (e2e/kwok/pod-stages.yaml): 0 succeeds,
+/// anything else fails with that exit code.
+pub async fn exit_pod(client: &Client, ns: &str, pod: &str, code: i32) {
+    use kube::api::{Patch, PatchParams};
+    let patch = serde_json::json!({"metadata": {"annotations": {"ringmaster.dev/kwok-exit-code": code.to_string()}}});
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .patch(pod, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap_or_else(|e| panic!("end pod {pod}: {e}"));
+}
+
 /// Names of the kwok nodes, in order.
 pub async fn nodes(client: &Client) -> Vec<String> {
     let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
@@ -221,6 +232,34 @@ pub fn proc_memory_kib(pid: u32, field: &str) -> u64 {
                 .ok()
         })
         .unwrap_or(0)
+}
+
+/// For operator benchmarks: polls until `want` pods exist in `pods`' namespace (10
+/// minutes at most) while following the peak RSS of the operator `pid`. Returns when they
+/// all existed, counted from `since`, and that peak in KiB.
+pub async fn await_pod_count(
+    pods: &Api<Pod>,
+    want: usize,
+    since: Instant,
+    pid: u32,
+) -> (Duration, u64) {
+    let mut peak = 0;
+    loop {
+        peak = peak.max(proc_memory_kib(pid, "VmHWM:"));
+        let have = pods
+            .list_metadata(&ListParams::default())
+            .await
+            .map(|l| l.items.len())
+            .unwrap_or(0);
+        if have >= want {
+            return (since.elapsed(), peak);
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(600),
+            "only {have}/{want} pods after 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `e2e/gitops-health`, built by `e2e/build-binaries.sh`: Argo CD's Lua health check and

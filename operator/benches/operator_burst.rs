@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::PostParams;
 use ringmaster_crds::TrainingJob;
-use ringmaster_e2e::{client, delete_namespace, namespace, proc_memory_kib};
+use ringmaster_e2e::{await_pod_count, client, delete_namespace, namespace, proc_memory_kib};
 
 #[tokio::main]
 async fn main() {
@@ -66,23 +66,7 @@ async fn main() {
 
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     let want = jobs * workers;
-    let mut peak_rss_kib = 0;
-    let all_pods = loop {
-        peak_rss_kib = peak_rss_kib.max(proc_memory_kib(pid, "VmHWM:"));
-        let have = pods
-            .list_metadata(&ListParams::default())
-            .await
-            .map(|l| l.items.len())
-            .unwrap_or(0);
-        if have >= want {
-            break start.elapsed();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(600),
-            "only {have}/{want} pods after 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (all_pods, mut peak_rss_kib) = await_pod_count(&pods, want, start, pid).await;
     // Let the follow-up reconciles (gates lifted, status written) settle, then read counters.
     tokio::time::sleep(Duration::from_secs(3)).await;
     peak_rss_kib = peak_rss_kib.max(proc_memory_kib(pid, "VmHWM:"));

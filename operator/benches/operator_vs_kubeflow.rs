@@ -20,15 +20,15 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::ApiResource;
 use kube::{Client, ResourceExt};
 use ringmaster_crds::TrainingJob;
 use ringmaster_e2e::chart::{account_kubeconfig, apply_server_side};
 use ringmaster_e2e::{
-    ServedProcess, client, e2e_cache, kubeconfig, kubectl, namespace, proc_memory_kib,
-    spawn_binder, wait_until,
+    ServedProcess, await_pod_count, client, e2e_cache, exit_pod, kubeconfig, kubectl, namespace,
+    proc_memory_kib, spawn_binder, wait_until,
 };
 
 const KUBEFLOW_NAMESPACE: &str = "kubeflow";
@@ -355,24 +355,7 @@ async fn measure(
     let applied = start_at.elapsed();
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     let want = jobs * workers;
-    let mut peak = 0;
-    let all_pods = loop {
-        peak = peak.max(proc_memory_kib(pid, "VmHWM:"));
-        let have = pods
-            .list_metadata(&ListParams::default())
-            .await
-            .map(|l| l.items.len())
-            .unwrap_or(0);
-        if have >= want {
-            break start_at.elapsed();
-        }
-        assert!(
-            start_at.elapsed() < Duration::from_secs(600),
-            "{}: only {have}/{want} pods after 10 minutes",
-            side.name()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (all_pods, mut peak) = await_pod_count(&pods, want, start_at, pid).await;
     // Follow-up writes (status, gates) belong to the burst too.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let user = match side {
@@ -399,14 +382,7 @@ async fn measure(
     }
     let restart_at = Instant::now();
     for name in victims.keys() {
-        let exit = serde_json::json!({"metadata": {"annotations": {"ringmaster.dev/kwok-exit-code": "137"}}});
-        pods.patch(
-            &side.victim(name),
-            &PatchParams::default(),
-            &Patch::Merge(exit),
-        )
-        .await
-        .unwrap();
+        exit_pod(client, &ns, &side.victim(name), 137).await;
     }
     let restarted = loop {
         let mut whole = 0;

@@ -15,8 +15,8 @@ use kube::discovery::ApiResource;
 use kube::{Client, ResourceExt};
 use ringmaster_crds::{InferenceService, TrainingJob};
 use ringmaster_e2e::{
-    ServedProcess, client, delete_namespace, gitops_health, kubectl, namespace, repo_root,
-    spawn_binder, wait_until,
+    ServedProcess, client, delete_namespace, exit_pod, gitops_health, kubectl, namespace,
+    repo_root, spawn_binder, wait_until,
 };
 use serde_json::Value;
 
@@ -106,14 +106,6 @@ fn job_yaml(name: &str, extra: &str) -> TrainingJob {
          data: {{train: /data/train.csv, format: csv}}\n  distribution: {{workers: 2}}\n{extra}"
     ))
     .unwrap()
-}
-
-async fn exit_pod(client: &Client, ns: &str, pod: &str, code: i32) {
-    let patch = serde_json::json!({"metadata": {"annotations": {"ringmaster.dev/kwok-exit-code": code.to_string()}}});
-    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns)
-        .patch(pod, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .unwrap();
 }
 
 #[tokio::test]
@@ -346,9 +338,15 @@ async fn gitops_apply_is_idempotent_and_never_fights_the_operator() {
                 before.metadata.generation, after.metadata.generation,
                 "{manager}: a second apply of {name} changed its spec"
             );
+            let applied_at = |o: &DynamicObject| {
+                entry(o, manager)
+                    .unwrap_or_else(|| panic!("{manager} owns none of {name}'s fields"))
+                    .time
+                    .clone()
+            };
             assert_eq!(
-                entry(before, manager).and_then(|e| e.time.clone()),
-                entry(after, manager).and_then(|e| e.time.clone()),
+                applied_at(before),
+                applied_at(after),
                 "{manager}: a second apply of {name} wrote to it"
             );
             // The operator owns status, and nothing the user wrote.

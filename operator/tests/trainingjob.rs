@@ -11,7 +11,7 @@ use kube::{Api, Client, ResourceExt};
 use ringmaster_crds::keys::{ATTEMPT, GANG, GANG_SIZE, JOB_NAME};
 use ringmaster_crds::{JobPhase, TrainingJob, find_condition};
 use ringmaster_e2e::{
-    ServedProcess, client, delete_namespace, kubectl, namespace, spawn_binder, wait_until,
+    ServedProcess, client, delete_namespace, exit_pod, kubectl, namespace, spawn_binder, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -80,15 +80,6 @@ async fn wait_phase(client: &Client, ns: &str, name: &str, phase: JobPhase) -> T
             last.and_then(|j| j.status)
         )
     })
-}
-
-/// Ends a running pod through the kwok stage: 0 succeeds, anything else fails with that code.
-async fn exit_pod(client: &Client, ns: &str, pod: &str, code: i32) {
-    let patch = serde_json::json!({"metadata": {"annotations": {"ringmaster.dev/kwok-exit-code": code.to_string()}}});
-    Api::<Pod>::namespaced(client.clone(), ns)
-        .patch(pod, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .unwrap();
 }
 
 fn condition_reason(job: &TrainingJob, type_: &str) -> Option<String> {

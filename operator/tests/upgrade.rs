@@ -234,16 +234,10 @@ async fn helm_upgrade_from_the_previous_chart_keeps_crds_and_running_jobs() {
         "--identity",
         "new",
     ];
-    let _operator = ServedProcess::start_as(exe, &ns, &new_credentials, &lease);
-    wait_until(
-        WAIT,
-        "the upgraded operator's status on the job",
-        || async {
-            let status = jobs.get("long-run").await.unwrap().status.unwrap();
-            find_condition(&status.conditions, "Reconciling").is_some()
-        },
-    )
-    .await;
+    let operator = ServedProcess::start_as(exe, &ns, &new_credentials, &lease);
+    // Leading needs the upgrade's namespaced lease Role (0.1.0 granted leases
+    // cluster-wide), and waits out the old operator's lease.
+    wait_until(WAIT, "the upgraded operator leading", || operator.leading()).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let status = jobs.get("long-run").await.unwrap().status.unwrap();
     assert_eq!(status.phase, Some(JobPhase::Running));

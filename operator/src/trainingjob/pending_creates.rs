@@ -33,7 +33,8 @@ pub struct PendingCreates {
 }
 
 impl PendingCreates {
-    /// Records that the pods `names` of `attempt` were created (or already existed).
+    /// Records that this operator created the pods `names` of `attempt` (a create
+    /// answered 409 does not count: that name may still belong to an older pod).
     pub fn record(&self, job_uid: &str, attempt: i32, names: Vec<String>, now: Instant) {
         let mut by_job = self.by_job.lock().unwrap_or_else(|e| e.into_inner());
         let pending = by_job.entry(job_uid.to_string()).or_insert(Pending {

@@ -90,9 +90,10 @@ async fn reconcile_inner(cached: Arc<TrainingJob>, ctx: &Context) -> Result<Acti
     let mut plan = status::plan(&job, pods.iter().map(|p| &**p), now, ctx.restart_backoff);
     let uid = job.uid().unwrap_or_default();
     let attempt = plan.status.restarts;
+    let attempt_label = attempt.to_string();
     let cached_names: HashSet<&str> = pods
         .iter()
-        .filter(|p| p.labels().get(ATTEMPT) == Some(&attempt.to_string()))
+        .filter(|p| p.labels().get(ATTEMPT) == Some(&attempt_label))
         .filter_map(|p| p.metadata.name.as_deref())
         .collect();
     let unseen = ctx

@@ -192,7 +192,14 @@ fn settle(status: &mut TrainingJobStatus, now: Timestamp) {
         },
         Some(JobPhase::Failed) => {
             let (reason, message) = message_of(cond::FAILED);
-            Settling::Stalled { reason, message }
+            Settling::Stalled {
+                reason: if reason.is_empty() {
+                    "Failed".into()
+                } else {
+                    reason
+                },
+                message,
+            }
         }
         Some(phase @ (JobPhase::Running | JobPhase::Succeeded | JobPhase::Suspended)) => {
             Settling::Current {
