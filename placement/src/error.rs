@@ -28,6 +28,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Usage(String),
+    #[error("bound: {0}")]
+    Bound(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

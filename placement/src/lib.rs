@@ -2,6 +2,7 @@
 //! Kubernetes types, and the exact trace replay of the FGD paper (ATC'23). See README.md.
 
 pub mod bench;
+pub mod bound;
 pub mod cluster;
 mod error;
 pub mod filter;

@@ -110,6 +110,8 @@ pub struct Run {
     pub events: Vec<Event>,
     pub pods: usize,
     pub failed: usize,
+    /// Failed pods that ask for no GPU.
+    pub failed_cpu_only: usize,
     /// Failed pods that no node of the cluster could host even when empty.
     pub impossible: usize,
     /// Multi-GPU pods placed as zone-confined gangs (with `gang_split`).
@@ -192,6 +194,7 @@ pub fn replay(workload: &Workload, policy: &str, seed: u64, options: ReplayOptio
         events: Vec::with_capacity(pods.len()),
         pods: pods.len(),
         failed: 0,
+        failed_cpu_only: 0,
         impossible: 0,
         gangs: 0,
         gang_gpus: 0,
@@ -228,6 +231,9 @@ pub fn replay(workload: &Workload, policy: &str, seed: u64, options: ReplayOptio
             },
         }
         if touched.is_empty() {
+            if pod.gpu == GpuDemand::None {
+                run.failed_cpu_only += 1;
+            }
             let resolved = Resolved::new(pod);
             if !workload
                 .nodes

@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::bound::{Rule, bound_at};
 use crate::error::{Error, Result};
 use crate::metrics::{Measure, curve};
 use crate::plot::{Panel, Series, line_chart};
@@ -53,6 +54,11 @@ pub struct SimulateArgs {
     /// Worker threads (runs are independent).
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     pub jobs: usize,
+    /// Add two upper bounds on any scheduler's allocation at 130% (src/bound.rs): `bound`
+    /// (LP relaxation over node types, every arrived CPU-only pod placed) and
+    /// `bound-any` (the same with any pod droppable).
+    #[arg(long)]
+    pub bound: bool,
     /// Instead of replaying, measure per-pod placement latency on a 1,500-node cluster.
     #[arg(long)]
     pub bench: bool,
@@ -104,18 +110,27 @@ pub fn run_grid(
         .iter()
         .flat_map(|p| seeds.iter().map(move |&s| (p, s)))
         .collect();
+    parallel_map(&tasks, jobs, |&(policy, seed)| {
+        replay(workload, policy, seed, options)
+    })
+    .into_iter()
+    .collect()
+}
+
+/// `f` over `items` on `jobs` threads (the tasks are independent); results in order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], jobs: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Result<Run>>>> =
-        tasks.iter().map(|_| Default::default()).collect();
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..jobs.max(1) {
             scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&(policy, seed)) = tasks.get(i) else {
+                    let Some(item) = items.get(i) else {
                         break;
                     };
-                    let r = replay(workload, policy, seed, options);
+                    let r = f(item);
                     *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                 }
             });
@@ -129,6 +144,44 @@ pub fn run_grid(
                 .expect("every task ran")
         })
         .collect()
+}
+
+/// The bound rows of one trace: the 130% bound of each rule, mean of `seeds`, the same
+/// in every tie mode (it does not depend on ties).
+fn bound_rows(
+    workload: &Workload,
+    seeds: &[u64],
+    ties: &[TieMode],
+    jobs: usize,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for (name, rule) in [
+        ("bound", Rule::CpuOnlyPlaced),
+        ("bound-any", Rule::AnyDropped),
+    ] {
+        let values = parallel_map(seeds, jobs, |&seed| bound_at(workload, seed, 130, rule))
+            .into_iter()
+            .collect::<std::result::Result<Vec<f64>, String>>()
+            .map_err(Error::Bound)?;
+        let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
+        for &tie in ties {
+            rows.push(Row {
+                trace: workload.name.clone(),
+                policy: name.into(),
+                tie,
+                alloc_130: Some(mean),
+                frag_130: None,
+                paper_130: None,
+                exact_seeds: None,
+                failed_pods: 0.0,
+                failed_cpu_only: 0.0,
+                impossible_pods: 0.0,
+                gangs: 0.0,
+                gang_gpus: 0.0,
+            });
+        }
+    }
+    Ok(rows)
 }
 
 fn write_file(path: &Path, body: &str) -> Result<()> {
@@ -179,6 +232,8 @@ pub struct Row {
     /// Fraction of (policy, seed) curves equal to the paper's at every point.
     pub exact_seeds: Option<(usize, usize)>,
     pub failed_pods: f64,
+    /// Failed CPU-only pods: where non-zero, `bound` assumed more than the run did.
+    pub failed_cpu_only: f64,
     pub impossible_pods: f64,
     pub gangs: f64,
     pub gang_gpus: f64,
@@ -319,6 +374,11 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report> {
                     paper_130,
                     exact_seeds,
                     failed_pods: idx.iter().map(|&i| runs[i].failed as f64).sum::<f64>() / n,
+                    failed_cpu_only: idx
+                        .iter()
+                        .map(|&i| runs[i].failed_cpu_only as f64)
+                        .sum::<f64>()
+                        / n,
                     impossible_pods: idx.iter().map(|&i| runs[i].impossible as f64).sum::<f64>()
                         / n,
                     gangs: idx.iter().map(|&i| runs[i].gangs as f64).sum::<f64>() / n,
@@ -354,6 +414,9 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report> {
             line_chart(&png, &title, "ALLOC %", &panels, &series)?;
             files.push(png);
         }
+        if args.bound {
+            rows.extend(bound_rows(&workload, &seeds, &ties, args.jobs)?);
+        }
     }
     let summary = args.out.join("summary.csv");
     write_file(&summary, &summary_csv(&rows))?;
@@ -371,12 +434,12 @@ fn tie_name(t: TieMode) -> &'static str {
 
 fn summary_csv(rows: &[Row]) -> String {
     let mut s = String::from(
-        "trace,policy,tie_mode,alloc_130,paper_alloc_130,frag_130,exact_seeds,failed_pods,impossible_pods,gangs,gang_gpus\n",
+        "trace,policy,tie_mode,alloc_130,paper_alloc_130,frag_130,exact_seeds,failed_pods,failed_cpu_only,impossible_pods,gangs,gang_gpus\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
             r.trace,
             r.policy,
             tie_name(r.tie),
@@ -386,6 +449,7 @@ fn summary_csv(rows: &[Row]) -> String {
             r.exact_seeds
                 .map_or_else(String::new, |(a, b)| format!("{a}/{b}")),
             r.failed_pods,
+            r.failed_cpu_only,
             r.impossible_pods,
             r.gangs,
             r.gang_gpus
