@@ -166,11 +166,42 @@ pub fn prepare(workload: &Workload, seed: u64, tune: f64) -> Prepared {
     Prepared { pods, ranks, rng }
 }
 
+/// Where FGD-style policies get their typical pods from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// The whole untuned trace, known in advance (the paper's rule).
+    Trace,
+    /// Only the pods that have arrived so far (the arriving one included), as a
+    /// scheduler learns them from the pods it has seen; refreshed on the schedule of
+    /// [`next_refresh`].
+    Online,
+}
+
+/// Policy names may end in `-online` for [`ModelSource::Online`]: `fragpack-online`.
+pub fn split_policy(name: &str) -> (&str, ModelSource) {
+    match name.strip_suffix("-online") {
+        Some(base) => (base, ModelSource::Online),
+        None => (name, ModelSource::Trace),
+    }
+}
+
+/// Largest number of arrivals between two refreshes of an online model.
+pub const ONLINE_MAX_STEP: usize = 1000;
+
+/// After a model learned from `seen` pods, the pod count at which to learn it again:
+/// each time the count doubles (the shape frequencies' sampling error shrinks like
+/// 1/sqrt(n), so later pods change the model less), and at least every
+/// `ONLINE_MAX_STEP` pods, so a workload that drifts is followed. That is about 20
+/// rebuilds for 11,000 pods, each of which drops the placer's memoised scores.
+pub fn next_refresh(seen: usize) -> usize {
+    seen + seen.clamp(1, ONLINE_MAX_STEP)
+}
+
 /// Replays one policy on one seed at the paper's 130% inflation.
 pub fn replay(workload: &Workload, policy: &str, seed: u64, options: ReplayOptions) -> Result<Run> {
     let Prepared { pods, ranks, rng } = prepare(workload, seed, 1.3);
     let mut tie_rng = rng.clone();
-    let scorer = policy::by_name(policy, &workload.frag, rng)?;
+    let (base, source) = split_policy(policy);
     let mut state = ClusterState::new(workload.nodes.clone());
     state.set_ranks(ranks);
     let zone = |i: usize| format!("zone-{}", i % ZONES);
@@ -187,9 +218,8 @@ pub fn replay(workload: &Workload, policy: &str, seed: u64, options: ReplayOptio
         .map(|n| workload.frag.node_frag(n))
         .collect();
     let mut frag_total: f64 = frag.iter().sum();
-    let mut placer = Placer::new(scorer.as_ref());
     let mut run = Run {
-        policy: scorer.name().to_string(),
+        policy: policy.to_string(),
         seed,
         events: Vec::with_capacity(pods.len()),
         pods: pods.len(),
@@ -200,59 +230,75 @@ pub fn replay(workload: &Workload, policy: &str, seed: u64, options: ReplayOptio
         gang_gpus: 0,
     };
     let (mut arrived, mut used) = (0u64, 0u64);
-    for pod in &pods {
-        arrived += pod.gpu.total_milli();
-        let tie = match options.ties {
-            TieMode::Fixed => Tie::Rank,
-            TieMode::Random => Tie::Random(&mut tie_rng),
+    // One segment of pods per typical-pod model: the whole run with the trace's model,
+    // or the stretches between refreshes of an online one.
+    let mut start = 0;
+    while start < pods.len() {
+        let (model, end) = match source {
+            ModelSource::Trace => (workload.frag.clone(), pods.len()),
+            ModelSource::Online => (
+                FragModel::from_workload(&pods[..=start]),
+                next_refresh(start + 1) - 1,
+            ),
         };
-        let mut touched = Vec::new();
-        match placer.place(&state, pod, tie) {
-            Ok(p) => {
-                state.assume(p.node, pod, &p.gpus)?;
-                used += pod.gpu.total_milli();
-                touched.push(p.node);
-            }
-            Err(_) => match pod.gpu {
-                GpuDemand::Whole(k) if options.gang_split && k > 1 => {
-                    let gang = split_gang(pod, k);
-                    match place_gang(&state, &gang, scorer.as_ref()) {
-                        Ok(g) => {
-                            g.assume(&gang, &mut state)?;
-                            used += pod.gpu.total_milli();
-                            run.gangs += 1;
-                            run.gang_gpus += u64::from(k);
-                            touched.extend(g.assignments.iter().map(|a| a.node));
-                        }
-                        Err(_) => run.failed += 1,
-                    }
+        let end = end.min(pods.len());
+        let scorer = policy::by_name(base, &model, rng.clone())?;
+        let mut placer = Placer::new(scorer.as_ref());
+        for pod in &pods[start..end] {
+            arrived += pod.gpu.total_milli();
+            let tie = match options.ties {
+                TieMode::Fixed => Tie::Rank,
+                TieMode::Random => Tie::Random(&mut tie_rng),
+            };
+            let mut touched = Vec::new();
+            match placer.place(&state, pod, tie) {
+                Ok(p) => {
+                    state.assume(p.node, pod, &p.gpus)?;
+                    used += pod.gpu.total_milli();
+                    touched.push(p.node);
                 }
-                _ => run.failed += 1,
-            },
-        }
-        if touched.is_empty() {
-            if pod.gpu == GpuDemand::None {
-                run.failed_cpu_only += 1;
+                Err(_) => match pod.gpu {
+                    GpuDemand::Whole(k) if options.gang_split && k > 1 => {
+                        let gang = split_gang(pod, k);
+                        match place_gang(&state, &gang, scorer.as_ref()) {
+                            Ok(g) => {
+                                g.assume(&gang, &mut state)?;
+                                used += pod.gpu.total_milli();
+                                run.gangs += 1;
+                                run.gang_gpus += u64::from(k);
+                                touched.extend(g.assignments.iter().map(|a| a.node));
+                            }
+                            Err(_) => run.failed += 1,
+                        }
+                    }
+                    _ => run.failed += 1,
+                },
             }
-            let resolved = Resolved::new(pod);
-            if !workload
-                .nodes
-                .iter()
-                .any(|n| filter::check(n, &resolved).is_ok())
-            {
-                run.impossible += 1;
+            if touched.is_empty() {
+                if pod.gpu == GpuDemand::None {
+                    run.failed_cpu_only += 1;
+                }
+                let resolved = Resolved::new(pod);
+                if !workload
+                    .nodes
+                    .iter()
+                    .any(|n| filter::check(n, &resolved).is_ok())
+                {
+                    run.impossible += 1;
+                }
             }
+            for i in touched {
+                let f = workload.frag.node_frag(state.node(i));
+                frag_total += f - frag[i];
+                frag[i] = f;
+            }
+            run.events.push(Event {
+                arrived_milli: arrived,
+                used_milli: used,
+                frag_milli: frag_total,
+            });
         }
-        for i in touched {
-            let f = workload.frag.node_frag(state.node(i));
-            frag_total += f - frag[i];
-            frag[i] = f;
-        }
-        run.events.push(Event {
-            arrived_milli: arrived,
-            used_milli: used,
-            frag_milli: frag_total,
-        });
+        start = end;
     }
     Ok(run)
 }
@@ -306,6 +352,21 @@ mod tests {
         let mut ranks = prepared.ranks.clone();
         ranks.sort();
         assert_eq!(ranks, (0..16).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn online_model_refreshes_on_doubling_then_every_step() {
+        let mut at = vec![1];
+        while *at.last().unwrap() < 5000 {
+            at.push(next_refresh(*at.last().unwrap()));
+        }
+        assert_eq!(&at[..5], &[1, 2, 4, 8, 16]);
+        assert_eq!(&at[at.len() - 3..], &[3024, 4024, 5024]);
+        assert_eq!(
+            split_policy("fragpack-online"),
+            ("fragpack", ModelSource::Online)
+        );
+        assert_eq!(split_policy("fgd"), ("fgd", ModelSource::Trace));
     }
 
     #[test]

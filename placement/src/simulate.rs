@@ -10,8 +10,10 @@ use crate::bound::{Rule, bound_at};
 use crate::error::{Error, Result};
 use crate::metrics::{Measure, curve};
 use crate::plot::{Panel, Series, line_chart};
-use crate::policy::{POLICY_NAMES, paper_label};
-use crate::replay::{PAPER_TRACES, ReplayOptions, Run, TieMode, Workload, replay};
+use crate::policy::{POLICY_NAMES, paper_label, uses_model};
+use crate::replay::{
+    ModelSource, PAPER_TRACES, ReplayOptions, Run, TieMode, Workload, replay, split_policy,
+};
 use crate::trace::{PaperCurve, default_dir, read_paper};
 
 const EXAMPLES: &str = "Examples:
@@ -30,7 +32,8 @@ pub struct SimulateArgs {
     #[arg(long, default_value = "default")]
     pub trace: String,
     /// Policies: a comma list or `all`. Known: random, dotprod, gpuclustering, gpupacking,
-    /// bestfit, fgd (the paper's), fragpack (ours), spread.
+    /// bestfit, fgd (the paper's), fragpack (ours), spread. `fgd-online`, `fragpack-online`:
+    /// typical pods learned from the pods arrived so far instead of the whole trace.
     #[arg(long, default_value = "all")]
     pub policies: String,
     /// Seeds: a range `42-51`, a comma list, or one number.
@@ -278,8 +281,14 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report> {
     let traces = parse_list(&args.trace, &PAPER_TRACES);
     let policies = parse_list(&args.policies, &POLICY_NAMES);
     for p in &policies {
-        if !POLICY_NAMES.contains(&p.as_str()) {
+        let (base, source) = split_policy(p);
+        if !POLICY_NAMES.contains(&base) {
             return Err(Error::UnknownPolicy(p.clone(), POLICY_NAMES.join(", ")));
+        }
+        if source == ModelSource::Online && !uses_model(base) {
+            return Err(Error::Usage(format!(
+                "policy {p}: only policies with typical pods (fgd, fragpack) learn them online"
+            )));
         }
     }
     let seeds = parse_seeds(&args.seeds)?;
@@ -467,7 +476,7 @@ pub fn table(rows: &[Row], gangs: bool) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<12} {:<14} {:>8} {:>8} {:>7} {:>7} {:>10}{}",
+        "{:<12} {:<16} {:>8} {:>8} {:>7} {:>7} {:>10}{}",
         "trace",
         "policy",
         "fixed",
@@ -500,7 +509,7 @@ pub fn table(rows: &[Row], gangs: bool) -> String {
             .map_or_else(|| "-".into(), |(a, b)| format!("{a}/{b}"));
         let _ = write!(
             s,
-            "{:<12} {:<14} {:>8} {:>8} {:>7} {:>7} {:>10}",
+            "{:<12} {:<16} {:>8} {:>8} {:>7} {:>7} {:>10}",
             r.trace,
             r.policy,
             cell(ours),

@@ -133,6 +133,11 @@ pub fn by_name(name: &str, typical: &FragModel, rng: GoRand) -> Result<Box<dyn S
     })
 }
 
+/// Whether a policy scores with the workload's typical pods (so a model source matters).
+pub fn uses_model(name: &str) -> bool {
+    matches!(name, "fgd" | "fragpack")
+}
+
 /// The paper's display name of a policy, as in `analysis_allo_discrete.csv`.
 pub fn paper_label(name: &str) -> Option<&'static str> {
     Some(match name {
