@@ -4,7 +4,8 @@
 #   e2e/build-binaries.sh [--with-scheduler] [--real-node] [--anchors]
 # --real-node adds kubelet, kube-proxy (same Kubernetes version) and CoreDNS.
 # --anchors adds what the benchmarks compare against: Kubeflow's training-operator
-# (its binary, and its PyTorchJob CRD and RBAC from the same module).
+# (its binary, and its PyTorchJob CRD and RBAC from the same module), and kube-apiserver
+# and kube-scheduler at GANG_K8S_VERSION (upstream gang scheduling).
 # Prints the cache directory holding the binaries on its last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,25 +25,25 @@ done
 log() { printf '[build] %s\n' "$*" >&2; }
 fail() { printf '[build] FAILED: %s\n' "$*" >&2; exit 1; }
 
-k8s_dir=$cache/kubernetes-$K8S_VERSION
 etcd_dir=$cache/etcd-$ETCD_VERSION
-mkdir -p "$k8s_dir" "$etcd_dir"
+mkdir -p "$etcd_dir"
 
 # A wrapper module: k8s.io/kubernetes replaces its staging modules with local paths,
 # which `go install` refuses; pin each staging module to its published v0.Y.Z tag.
 k8s_wrapper() {
-  local dir=$cache/src/kubernetes-$K8S_VERSION
+  local version=$1
+  local dir=$cache/src/kubernetes-$version
   if [[ ! -f $dir/go.sum ]]; then
-    log "preparing Kubernetes $K8S_VERSION wrapper module"
+    log "preparing Kubernetes $version wrapper module"
     mkdir -p "$dir"
-    local staging_version="v0.${K8S_VERSION#v1.}"
+    local staging_version="v0.${version#v1.}"
     local gomod
-    gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
-    [[ -f "$gomod" ]] || fail "could not download k8s.io/kubernetes@$K8S_VERSION"
+    gomod=$(go mod download -json "k8s.io/kubernetes@$version" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    [[ -f "$gomod" ]] || fail "could not download k8s.io/kubernetes@$version"
     {
       echo "module ringmaster.dev/e2e-kubernetes"
       echo "go 1.24"
-      echo "require k8s.io/kubernetes $K8S_VERSION"
+      echo "require k8s.io/kubernetes $version"
       grep -E '^\s*k8s.io/[a-z0-9-]+ => ./staging' "$gomod" | awk -v v="$staging_version" '{print "replace " $1 " => " $1 " " v}'
     } >"$dir/go.mod.tmp"
     mv "$dir/go.mod.tmp" "$dir/go.mod"
@@ -52,19 +53,22 @@ k8s_wrapper() {
   echo "$dir"
 }
 
+# build_k8s VERSION NAME: k8s.io/kubernetes/cmd/NAME at VERSION into $cache/kubernetes-VERSION.
 build_k8s() {
-  local name=$1
-  [[ -x $k8s_dir/$name ]] && return
+  local version=$1 name=$2
+  local out=$cache/kubernetes-$version
+  [[ -x $out/$name ]] && return
   local dir
-  dir=$(k8s_wrapper)
-  log "building $name $K8S_VERSION (first run only; several minutes)"
+  dir=$(k8s_wrapper "$version")
+  mkdir -p "$out"
+  log "building $name $version (first run only; several minutes)"
   # Stamp the version as Kubernetes' own build does, so clients see v1.Y.Z, not v0.0.0-master.
-  local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  local minor=${version#v1.}; minor=${minor%%.*}
   local pkg=k8s.io/component-base/version
-  local ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+  local ldflags="-s -w -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
   (cd "$dir" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags="$ldflags" \
-      -o "$k8s_dir/$name.tmp" "k8s.io/kubernetes/cmd/$name") || fail "go build $name"
-  mv "$k8s_dir/$name.tmp" "$k8s_dir/$name"
+      -o "$out/$name.tmp" "k8s.io/kubernetes/cmd/$name") || fail "go build $name $version"
+  mv "$out/$name.tmp" "$out/$name"
 }
 
 build_etcd() {
@@ -132,21 +136,28 @@ command -v go >/dev/null || fail "Go is not installed (needs Go >= 1.26)"
 build_etcd
 go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
-build_k8s kube-apiserver
-build_k8s kube-controller-manager
-build_k8s kubectl
+build_k8s "$K8S_VERSION" kube-apiserver
+build_k8s "$K8S_VERSION" kube-controller-manager
+build_k8s "$K8S_VERSION" kubectl
 build_gitops_health
-$with_scheduler && build_k8s kube-scheduler
-$anchors && build_training_operator
+$with_scheduler && build_k8s "$K8S_VERSION" kube-scheduler
+if $anchors; then
+  build_training_operator
+  # kube-scheduler's own gang scheduling (Workload/PodGroup API) and the API server that
+  # serves that API, beside the pinned control plane: see GANG_K8S_VERSION in versions.env.
+  build_k8s "$GANG_K8S_VERSION" kube-apiserver
+  build_k8s "$GANG_K8S_VERSION" kube-scheduler
+fi
 if $real_node; then
-  build_k8s kubelet
-  build_k8s kube-proxy
+  build_k8s "$K8S_VERSION" kubelet
+  build_k8s "$K8S_VERSION" kube-proxy
   go_install coredns "$COREDNS_VERSION" github.com/coredns/coredns
   ln -sfn "$cache/coredns-$COREDNS_VERSION/coredns" "$cache/coredns"
 fi
 ln -sfn "$etcd_dir/etcd" "$cache/etcd"
 ln -sfn "$cache/kwok-$KWOK_VERSION/kwok" "$cache/kwok"
 ln -sfn "$cache/helm-$HELM_VERSION/helm" "$cache/helm"
+k8s_dir=$cache/kubernetes-$K8S_VERSION
 for b in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
   [[ -x $k8s_dir/$b ]] && ln -sfn "$k8s_dir/$b" "$cache/$b"
 done

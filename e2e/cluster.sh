@@ -3,10 +3,12 @@
 # kube-controller-manager (garbage collection, service accounts) and kwok (fake GPU nodes
 # whose pods run through stages a test controls).
 #
-#   e2e/cluster.sh up [--nodes N] [--real-node]
+#   e2e/cluster.sh up [--nodes N] [--real-node] [--gang-anchor]
 #                                   build (first run only), start, install CRDs, add nodes;
 #                                   --real-node adds a real kubelet + containerd node, DNS,
-#                                   kube-proxy and kube-scheduler (root; see e2e/node.sh)
+#                                   kube-proxy and kube-scheduler (root; see e2e/node.sh);
+#                                   --gang-anchor runs the API server of GANG_K8S_VERSION
+#                                   with upstream gang scheduling's API (PodGroup) served
 #   e2e/cluster.sh down             stop everything and remove the state directory
 #   e2e/cluster.sh env              print the exports (KUBECONFIG, PATH with the pinned kubectl)
 #   e2e/cluster.sh nodes N [GPUS]   add kwok nodes (named kwok-gpu-<i>) with GPUS GPUs each
@@ -19,9 +21,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 state=${RINGMASTER_E2E_DIR:-$repo/.e2e}
 kubeconfig=$state/kubeconfig
-real_node=false
+real_node=false gang_anchor=false
 
 log_tag=cluster
+# shellcheck source=versions.env
+source "$here/versions.env"
 # shellcheck source=lib.sh
 source "$here/lib.sh"
 
@@ -94,6 +98,7 @@ up() {
     case $1 in
       --nodes) nodes=$2; shift 2 ;;
       --real-node) real_node=true; shift ;;
+      --gang-anchor) gang_anchor=true; shift ;;
       *) fail arguments "unknown argument $1" ;;
     esac
   done
@@ -101,7 +106,13 @@ up() {
   local t0=$SECONDS
   local bin build_args=()
   $real_node && build_args=(--real-node --with-scheduler)
+  $gang_anchor && build_args+=(--anchors)
   bin=$("$here/build-binaries.sh" "${build_args[@]}" | tail -n 1) || fail build "building the control-plane binaries failed (see above)"
+  # Upstream gang scheduling is alpha: its API group is off unless asked for. The
+  # controller manager stays at the pinned version (it only needs stable APIs here).
+  local apiserver=$bin/kube-apiserver api_features=()
+  $gang_anchor && apiserver=$bin/kubernetes-$GANG_K8S_VERSION/kube-apiserver \
+    api_features=(--feature-gates=GenericWorkload=true,GangScheduling=true --runtime-config=scheduling.k8s.io/v1alpha2=true)
   rm -rf "$state" && mkdir -p "$state/logs" "$state/pids"
   gen_certs
   local etcd_port etcd_peer api_port kcm_port
@@ -123,7 +134,7 @@ up() {
   wait_for etcd "$state/logs/etcd.log" 30 curl -fsS "http://127.0.0.1:$etcd_port/health"
 
   # Raised rate limits: scale benchmarks create thousands of objects in seconds.
-  start kube-apiserver "$bin/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" \
+  start kube-apiserver "$apiserver" "${api_features[@]}" --etcd-servers="http://127.0.0.1:$etcd_port" \
     "${api_network[@]}" --secure-port="$api_port" \
     --cert-dir="$state/pki" --tls-cert-file="$state/pki/apiserver.crt" --tls-private-key-file="$state/pki/apiserver.key" \
     --client-ca-file="$state/pki/ca.crt" --authorization-mode=Node,RBAC --allow-privileged=true \

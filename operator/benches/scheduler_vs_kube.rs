@@ -1,20 +1,36 @@
-//! ringmaster-scheduler against kube-scheduler (default profile, same Kubernetes version
-//! as the control plane), one after the other on the same cluster and the same kwok nodes:
+//! ringmaster-scheduler against kube-scheduler, one after the other on the same cluster
+//! and the same kwok nodes:
 //!
 //! (a) N one-GPU pods: pods bound per second, and the ratio of the two;
 //! (b) G gangs of 8 one-GPU pods arriving together (more than fit; members interleaved,
 //!     as when every job's controller creates its pods at once, created while the
-//!     scheduler runs): our time from the first creation to binding every gang that
-//!     fits, and for kube-scheduler (which knows no gangs) how many jobs end up partly
-//!     placed.
+//!     scheduler runs): the time from the first creation to binding every gang that
+//!     fits, and how many gangs end up whole, partly placed or waiting;
+//! (c) the openb trace's GPU pods (`default`: shares of one GPU and whole GPUs, CPU and
+//!     memory as recorded) in the trace's arrival order, cycled until the arrived GPU
+//!     demand is 130% of the cluster's GPUs, created while the scheduler runs: pods per
+//!     second, and at the end the GPU allocation (GPU the placed pods asked for, over
+//!     capacity), the GPU held and the fragmentation (the placement crate's FGD measure
+//!     against the trace's typical pods).
 //!
-//!   e2e/build-binaries.sh --with-scheduler && e2e/cluster.sh up
-//!   cargo bench -p ringmaster-operator --bench scheduler_vs_kube [-- NODES PODS GANGS]
+//! Which kube-scheduler: on the pinned control plane (`e2e/cluster.sh up`), the pinned
+//! kube-scheduler, which knows no gangs. On `e2e/cluster.sh up --gang-anchor` (an API
+//! server serving `scheduling.k8s.io/v1alpha2` PodGroups), kube-scheduler of the API
+//! server's version with its own gang scheduling on (`GenericWorkload`,
+//! `GangScheduling`): each gang of (b) gets a PodGroup with `minCount` 8 and its pods
+//! name it in `spec.schedulingGroup`. kube-scheduler has no GPU sharing: in (c) a pod
+//! asking for a share of one GPU asks it for one whole GPU (what a cluster without
+//! sharing gives it); its allocation counts the share the pod asked for, its GPU held
+//! the whole GPU.
 //!
-//! Defaults: 500 nodes x 8 GPUs, 5,000 pods, 600 gangs. In (a) the pods are created
-//! while no scheduler runs and the clock starts when the scheduler process starts (so
-//! it includes its start-up, list and watch); in (b) it starts at the first creation.
-//! It stops at the last bind seen by a watch. Between rounds the pods are
+//!   e2e/build-binaries.sh --with-scheduler && e2e/cluster.sh up     # or: up --gang-anchor
+//!   cargo bench -p ringmaster-operator --bench scheduler_vs_kube [-- NODES PODS GANGS TRACE_PODS]
+//!
+//! Defaults: 500 nodes x 8 GPUs, 5,000 pods, 600 gangs, (c) until 130% of the GPUs
+//! (TRACE_PODS caps the pods of (c); 0 skips a part). In (a) the pods are created while
+//! no scheduler runs and the clock starts when the scheduler process starts (so it
+//! includes its start-up, list and watch); in (b) and (c) it starts at the first
+//! creation. It stops at the last bind seen by a watch. Between rounds the pods are
 //! force-deleted.
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,14 +41,18 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
-use ringmaster_crds::keys::{GANG, GANG_SIZE};
+use ringmaster_crds::keys::{GANG, GANG_SIZE, GPU_MILLI, GPU_RESOURCE};
 use ringmaster_e2e::{
-    client_with_read_timeout, delete_namespace, kubeconfig, namespace, wait_nodes_ready, wait_until,
+    client_with_read_timeout, delete_namespace, e2e_cache, kubeconfig, namespace, wait_nodes_ready,
+    wait_until,
 };
-use serde_json::json;
+use ringmaster_operator::scheduler::cache;
+use ringmaster_placement::policy::FragModel;
+use ringmaster_placement::{ClusterState, GpuDemand, PodRequest, trace};
+use serde_json::{Value, json};
 
 const BENCH_LABEL: &str = "ringmaster.dev/bench";
 const GPUS_PER_NODE: usize = 8;
@@ -44,6 +64,9 @@ const KUBE_BURST: u32 = 10000;
 const BIND_CONCURRENCY: usize = 64;
 /// A round ends when no pod has been bound for this long.
 const STALL: Duration = Duration::from_secs(20);
+/// The openb trace of (c), and the GPU demand that arrives, as a share of capacity.
+const TRACE: &str = "default";
+const TRACE_ARRIVAL: f64 = 1.3;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Which {
@@ -51,11 +74,82 @@ enum Which {
     Kube,
 }
 
+/// The kube-scheduler this cluster is compared with (see the module comment).
+struct KubeScheduler {
+    binary: PathBuf,
+    version: String,
+    /// Upstream gang scheduling is on: gangs get a PodGroup.
+    gangs: bool,
+}
+
+impl KubeScheduler {
+    async fn for_cluster(client: &Client) -> KubeScheduler {
+        let version = client
+            .apiserver_version()
+            .await
+            .expect("API server version")
+            .git_version;
+        let gangs = client
+            .list_api_group_resources("scheduling.k8s.io/v1alpha2")
+            .await
+            .is_ok_and(|list| list.resources.iter().any(|r| r.name == "podgroups"));
+        let (binary, build) = if gangs {
+            let binary = e2e_cache().join(format!("kubernetes-{version}/kube-scheduler"));
+            (binary, "e2e/build-binaries.sh --anchors")
+        } else {
+            let binary = e2e_cache().join("kube-scheduler");
+            (binary, "e2e/build-binaries.sh --with-scheduler")
+        };
+        assert!(
+            binary.exists(),
+            "{} missing: run `{build}`",
+            binary.display()
+        );
+        KubeScheduler {
+            binary,
+            version,
+            gangs,
+        }
+    }
+
+    fn describe(&self) -> String {
+        if self.gangs {
+            format!(
+                "kube-scheduler {} with its gang scheduling (GenericWorkload, GangScheduling; \
+                 a PodGroup with minCount {GANG_MEMBERS} per gang)",
+                self.version
+            )
+        } else {
+            format!("kube-scheduler {} (no gang scheduling)", self.version)
+        }
+    }
+}
+
+fn pod_groups(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let resource = ApiResource {
+        group: "scheduling.k8s.io".into(),
+        version: "v1alpha2".into(),
+        api_version: "scheduling.k8s.io/v1alpha2".into(),
+        kind: "PodGroup".into(),
+        plural: "podgroups".into(),
+    };
+    Api::namespaced_with(client.clone(), ns, &resource)
+}
+
 impl Which {
     fn label(self) -> &'static str {
         match self {
             Which::Ringmaster => "ringmaster-scheduler",
             Which::Kube => "kube-scheduler",
+        }
+    }
+
+    /// Prefixes the names of this scheduler's pods and gangs. Names are never reused between
+    /// rounds: kwok finishes a deleted pod by name, and would delete its successor.
+    fn tag(self) -> &'static str {
+        match self {
+            Which::Ringmaster => "rm",
+            Which::Kube => "kube",
         }
     }
 
@@ -67,7 +161,8 @@ impl Which {
         }
     }
 
-    fn start(self, ns: &str, work: &std::path::Path) -> Child {
+    /// Starts the scheduler, logging to `<work>/<part>-<scheduler>.log`.
+    fn start(self, ns: &str, work: &std::path::Path, part: &str, kube: &KubeScheduler) -> Child {
         let mut cmd = match self {
             Which::Ringmaster => {
                 let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -95,39 +190,23 @@ impl Which {
                     ),
                 )
                 .expect("write kube-scheduler config");
-                let mut cmd = Command::new(pinned("kube-scheduler"));
+                let mut cmd = Command::new(&kube.binary);
                 cmd.arg(format!("--config={}", config.display()))
                     .args(["--secure-port=0", "-v=0"]);
+                if kube.gangs {
+                    cmd.arg("--feature-gates=GenericWorkload=true,GangScheduling=true");
+                }
                 cmd
             }
         };
         cmd.env("KUBECONFIG", kubeconfig())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
-                std::fs::File::create(work.join(format!("{}.log", self.label()))).unwrap(),
+                std::fs::File::create(work.join(format!("{part}-{}.log", self.label()))).unwrap(),
             ))
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", self.label()))
     }
-}
-
-/// A binary that `e2e/build-binaries.sh` caches.
-fn pinned(name: &str) -> PathBuf {
-    let cache = std::env::var_os("RINGMASTER_E2E_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
-                .join("ringmaster-e2e")
-        });
-    let path = cache.join(name);
-    assert!(
-        path.exists(),
-        "{} missing: run `e2e/build-binaries.sh --with-scheduler`",
-        path.display()
-    );
-    path
 }
 
 /// The bench's kwok nodes, tainted so that only bench pods land there.
@@ -163,27 +242,59 @@ async fn create_nodes(client: &Client, ns: &str, count: usize) {
     wait_nodes_ready(client, &selector, count, Duration::from_secs(300)).await;
 }
 
-fn bench_pod(ns: &str, name: &str, which: Which, gang: Option<&str>) -> Pod {
+/// What a bench pod asks for, and of whom.
+struct BenchPod<'a> {
+    name: String,
+    request: &'a PodRequest,
+    /// The gang (ringmaster's label; kube-scheduler's PodGroup where it has gangs).
+    gang: Option<String>,
+}
+
+/// A one-GPU pod with a small CPU and memory request: the shape of (a) and (b).
+fn one_gpu() -> PodRequest {
+    PodRequest::new("one-gpu", 100, 64, GpuDemand::Whole(1))
+}
+
+/// The pod as each scheduler's users write it: ringmaster takes a share of one GPU as an
+/// annotation; kube-scheduler knows only whole GPUs, so a share asks it for one.
+fn bench_pod(ns: &str, pod: &BenchPod, which: Which, kube_gangs: bool) -> Value {
+    let req = pod.request;
+    let name = format!("{}-{}", which.tag(), pod.name);
     let mut metadata = json!({"name": name, "namespace": ns});
-    if let Some(g) = gang {
-        metadata["labels"] = json!({GANG: g});
-        metadata["annotations"] = json!({GANG_SIZE: GANG_MEMBERS.to_string()});
-    }
-    serde_json::from_value(json!({
-        "metadata": metadata,
-        "spec": {
-            "schedulerName": which.scheduler_name(),
-            "nodeSelector": {BENCH_LABEL: ns},
-            "tolerations": [
-                {"key": BENCH_LABEL, "operator": "Exists", "effect": "NoSchedule"},
-                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoSchedule"},
-            ],
-            "containers": [{"name": "c", "image": "busybox",
-                "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
-                              "limits": {"nvidia.com/gpu": "1"}}}],
+    let mut spec = json!({
+        "schedulerName": which.scheduler_name(),
+        "nodeSelector": {BENCH_LABEL: ns},
+        "tolerations": [
+            {"key": BENCH_LABEL, "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoSchedule"},
+        ],
+    });
+    let gpus = match (which, req.gpu) {
+        (_, GpuDemand::None) => 0,
+        (_, GpuDemand::Whole(k)) => k,
+        (Which::Kube, GpuDemand::Share(_)) => 1,
+        (Which::Ringmaster, GpuDemand::Share(m)) => {
+            metadata["annotations"] = json!({GPU_MILLI: m.to_string()});
+            0
         }
-    }))
-    .unwrap()
+    };
+    match (which, &pod.gang) {
+        (_, None) => {}
+        (Which::Ringmaster, Some(g)) => {
+            metadata["labels"] = json!({GANG: format!("{}-{g}", which.tag())});
+            metadata["annotations"] = json!({GANG_SIZE: GANG_MEMBERS.to_string()});
+        }
+        (Which::Kube, Some(g)) if kube_gangs => {
+            spec["schedulingGroup"] = json!({"podGroupName": format!("{}-{g}", which.tag())})
+        }
+        (Which::Kube, Some(_)) => {}
+    }
+    let mut resources = json!({"requests": {"cpu": format!("{}m", req.cpu_milli), "memory": format!("{}Mi", req.memory_mib)}});
+    if gpus > 0 {
+        resources["limits"] = json!({GPU_RESOURCE: gpus.to_string()});
+    }
+    spec["containers"] = json!([{"name": "c", "image": "busybox", "resources": resources}]);
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec})
 }
 
 /// When each pod was first seen bound, by name.
@@ -192,6 +303,8 @@ type Binds = Arc<Mutex<HashMap<String, Instant>>>;
 struct Round {
     started: Instant,
     binds: HashMap<String, Instant>,
+    /// The bench nodes with every pod that was bound at the end of the round.
+    end: ClusterState,
 }
 
 impl Round {
@@ -209,7 +322,7 @@ impl Round {
             .map_or(Duration::ZERO, |t| t.duration_since(self.started))
     }
 
-    /// Pods per second from the scheduler's start to the last bind.
+    /// Pods per second from the clock's start to the last bind.
     fn rate(&self) -> f64 {
         self.binds.len() as f64 / self.last().as_secs_f64().max(1e-9)
     }
@@ -226,41 +339,69 @@ impl Round {
 enum Arrival {
     /// All pods exist before the scheduler starts; the clock starts with the scheduler.
     Backlog,
-    /// The scheduler runs first; the clock starts with the first pod's creation.
+    /// The scheduler runs first; the clock starts with the first pod's creation, and the
+    /// pods are created in order (64 requests in flight).
     Live,
 }
 
-async fn create_pods(api: &Api<Pod>, pods: Vec<Pod>) -> Duration {
+/// A round's pods and, for kube-scheduler with gangs, their PodGroups.
+struct Workload {
+    pods: Vec<Value>,
+    pod_groups: Vec<String>,
+    arrival: Arrival,
+}
+
+async fn create_all(api: &Api<DynamicObject>, objects: Vec<Value>) -> Duration {
     let created = Instant::now();
-    futures::stream::iter(pods)
-        .for_each_concurrent(64, |p| {
+    futures::stream::iter(objects)
+        .for_each_concurrent(64, |object| {
             let api = api.clone();
             async move {
-                api.create(&PostParams::default(), &p)
+                let object: DynamicObject = serde_json::from_value(object).expect("bench object");
+                api.create(&PostParams::default(), &object)
                     .await
-                    .expect("create pod");
+                    .unwrap_or_else(|e| panic!("create {}: {e}", object.name_any()));
             }
         })
         .await;
     created.elapsed()
 }
 
-/// Runs `which` on `pods` (see `Arrival`) and records binds until `expected` pods are
-/// bound or nothing is bound for `STALL`; then removes the pods.
+/// Runs `which` on `workload` (see `Arrival`) and records binds until `expected` pods
+/// are bound or nothing is bound for `STALL`; then removes the pods.
 async fn round(
     client: &Client,
     ns: &str,
-    which: Which,
-    (pods, arrival): (Vec<Pod>, Arrival),
+    (part, which, kube): (&str, Which, &KubeScheduler),
+    workload: Workload,
     expected: usize,
     work: &std::path::Path,
 ) -> Round {
     let api = Api::<Pod>::namespaced(client.clone(), ns);
-    let total = pods.len();
-    let names: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
-    let mut pods = Some(pods);
-    if arrival == Arrival::Backlog {
-        let took = create_pods(&api, pods.take().unwrap()).await;
+    let dynamic =
+        Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ApiResource::erase::<Pod>(&()));
+    let groups = pod_groups(client, ns);
+    let total = workload.pods.len();
+    let names: Vec<String> = workload
+        .pods
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let group_objects: Vec<Value> = workload
+        .pod_groups
+        .iter()
+        .map(|g| {
+            json!({
+                "apiVersion": "scheduling.k8s.io/v1alpha2", "kind": "PodGroup",
+                "metadata": {"name": g, "namespace": ns},
+                "spec": {"schedulingPolicy": {"gang": {"minCount": GANG_MEMBERS}}},
+            })
+        })
+        .collect();
+    create_all(&groups, group_objects).await;
+    let mut pods = Some(workload.pods);
+    if workload.arrival == Arrival::Backlog {
+        let took = create_all(&dynamic, pods.take().unwrap()).await;
         eprintln!(
             "  {}: created {total} pods in {:.1} s",
             which.label(),
@@ -287,13 +428,13 @@ async fn round(
             }
         }
     });
-    let mut scheduler = which.start(ns, work);
+    let mut scheduler = which.start(ns, work, part, kube);
     let mut started = Instant::now();
     if let Some(pods) = pods {
         // Leadership, informers synced: then the pods arrive.
         tokio::time::sleep(Duration::from_secs(3)).await;
         started = Instant::now();
-        let took = create_pods(&api, pods).await;
+        let took = create_all(&dynamic, pods).await;
         eprintln!(
             "  {}: created {total} pods in {:.1} s while it ran",
             which.label(),
@@ -322,6 +463,7 @@ async fn round(
     let _ = scheduler.wait();
     watch.abort();
     let binds = binds.lock().unwrap().clone();
+    let end = end_state(client, ns).await;
     // Force-delete (grace 0): the pods are gone at once, their GPUs free. One call per
     // pod: a deletecollection of thousands outlasts the API server's request timeout.
     let force = DeleteParams {
@@ -336,13 +478,40 @@ async fn round(
             }
         })
         .await;
+    if !workload.pod_groups.is_empty() {
+        let _ = groups
+            .delete_collection(&DeleteParams::default(), &ListParams::default())
+            .await;
+    }
     wait_until(Duration::from_secs(300), "bench pods deleted", || async {
         api.list(&ListParams::default().limit(1))
             .await
             .is_ok_and(|l| l.items.is_empty())
     })
     .await;
-    Round { started, binds }
+    Round {
+        started,
+        binds,
+        end,
+    }
+}
+
+/// The bench nodes as the placement engine sees them, with every pod bound there (GPU
+/// devices from ringmaster's annotation, else the first that fit, as kube-scheduler's
+/// device plugin would hand them out).
+async fn end_state(client: &Client, ns: &str) -> ClusterState {
+    let selector = format!("{BENCH_LABEL}={ns}");
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("list bench nodes")
+        .items;
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("list bench pods")
+        .items;
+    cache::build_state(&nodes, &pods, &HashMap::new())
 }
 
 /// Gangs by how many of their members were bound: (whole, partly, none).
@@ -350,7 +519,8 @@ fn gang_outcome(round: &Round, gangs: usize) -> (usize, usize, usize) {
     let mut bound: BTreeMap<usize, usize> = BTreeMap::new();
     for name in round.binds.keys() {
         let gang = name
-            .strip_prefix("gang-")
+            .split_once("-gang-")
+            .map(|(_tag, rest)| rest)
             .and_then(|rest| rest.split('-').next())
             .and_then(|g| g.parse().ok())
             .expect("gang pod name");
@@ -359,6 +529,56 @@ fn gang_outcome(round: &Round, gangs: usize) -> (usize, usize, usize) {
     let whole = bound.values().filter(|&&n| n == GANG_MEMBERS).count();
     let partly = bound.values().filter(|&&n| n < GANG_MEMBERS).count();
     (whole, partly, gangs - whole - partly)
+}
+
+/// The trace's GPU pods in arrival order (the CSV is in creation order), cycled until
+/// their GPU demand reaches `TRACE_ARRIVAL` of `capacity_milli`, at most `cap` pods; GPU
+/// models are dropped (every bench node has the same).
+fn trace_stream(capacity_milli: u64, cap: usize) -> Vec<PodRequest> {
+    let path = trace::default_dir().join(format!("alibaba-gpu-v2023/openb_pod_list_{TRACE}.csv"));
+    let pods: Vec<PodRequest> = trace::read_pods(&path)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .filter(|p| p.gpu != GpuDemand::None)
+        .map(|p| PodRequest {
+            gpu_models: Vec::new(),
+            ..p
+        })
+        .collect();
+    let target = (capacity_milli as f64 * TRACE_ARRIVAL) as u64;
+    let mut arrived = 0;
+    let mut stream = Vec::new();
+    for (i, p) in pods.iter().cycle().enumerate() {
+        if arrived >= target || stream.len() >= cap {
+            break;
+        }
+        arrived += demand_milli(p.gpu);
+        stream.push(PodRequest {
+            name: format!("trace-{i}"),
+            ..p.clone()
+        });
+    }
+    stream
+}
+
+fn demand_milli(gpu: GpuDemand) -> u64 {
+    let (count, milli) = gpu.devices_and_milli();
+    u64::from(count) * u64::from(milli)
+}
+
+/// (allocation, GPU held, fragmentation), each in % of the cluster's GPUs: the GPU the
+/// bound pods asked for, the GPU their devices hold, and FGD's expected fragmentation.
+fn gpu_use(round: &Round, asked: &HashMap<String, u64>, typical: &FragModel) -> (f64, f64, f64) {
+    let capacity = round.end.gpu_capacity_milli() as f64;
+    let allocated: u64 = round
+        .binds
+        .keys()
+        .filter_map(|n| asked.get(n.split_once('-')?.1))
+        .sum();
+    let held: u64 = round.end.nodes().iter().map(|n| n.gpu_used_total()).sum();
+    let frag: f64 = round.end.nodes().iter().map(|n| typical.node_frag(n)).sum();
+    let pct = |x: f64| 100.0 * x / capacity;
+    (pct(allocated as f64), pct(held as f64), pct(frag))
 }
 
 #[tokio::main]
@@ -370,13 +590,16 @@ async fn main() {
     let nodes = args.first().copied().unwrap_or(500);
     let single_pods = args.get(1).copied().unwrap_or(5000);
     let gangs = args.get(2).copied().unwrap_or(600);
+    let trace_cap = args.get(3).copied().unwrap_or(usize::MAX);
     let gpus = nodes * GPUS_PER_NODE;
     // Deleting thousands of pods in one call outlasts the tests' 30 s read timeout.
     let client = client_with_read_timeout(None).await;
+    let kube = KubeScheduler::for_cluster(&client).await;
     let ns = namespace(&client, "bench-sched").await;
     let work = std::env::temp_dir().join(&ns);
     std::fs::create_dir_all(&work).unwrap();
     println!("scheduler_vs_kube: {nodes} kwok nodes x {GPUS_PER_NODE} GPUs = {gpus} GPUs");
+    println!("against: {}", kube.describe());
     println!(
         "limits: kube-scheduler client qps={KUBE_QPS} burst={KUBE_BURST}; ringmaster-scheduler: kube-rs client \
          (no client-side rate limit), --bind-concurrency {BIND_CONCURRENCY}; kube-apiserver (e2e/cluster.sh): \
@@ -385,72 +608,159 @@ async fn main() {
     let t = Instant::now();
     create_nodes(&client, &ns, nodes).await;
     eprintln!("nodes Ready in {:.1} s", t.elapsed().as_secs_f64());
+    let one = one_gpu();
 
-    println!("\n(a) {single_pods} one-GPU pods");
-    let mut rates = Vec::new();
-    for which in [Which::Ringmaster, Which::Kube] {
-        let pods = (0..single_pods)
-            .map(|i| bench_pod(&ns, &format!("pod-{i}"), which, None))
-            .collect();
-        let expected = single_pods.min(gpus);
-        let r = round(
-            &client,
-            &ns,
-            which,
-            (pods, Arrival::Backlog),
-            expected,
-            &work,
-        )
-        .await;
-        println!(
-            "  {:<21} bound {:>5}/{expected} in {:>6.2} s: {:>7.1} pods/s from start ({:>7.1} pods/s first to last bind; first bind at {:.2} s)",
-            which.label(),
-            r.binds.len(),
-            r.last().as_secs_f64(),
-            r.rate(),
-            r.steady_rate(),
-            r.first().as_secs_f64(),
-        );
-        rates.push((r.rate(), r.steady_rate()));
-    }
-    println!(
-        "  ratio ringmaster/kube: {:.2}x from start, {:.2}x first to last bind",
-        rates[0].0 / rates[1].0,
-        rates[0].1 / rates[1].1
-    );
-
-    let fit = (gpus / GANG_MEMBERS).min(gangs);
-    println!("\n(b) {gangs} gangs x {GANG_MEMBERS} one-GPU pods arriving together ({fit} fit)");
-    for which in [Which::Ringmaster, Which::Kube] {
-        // Every job's controller creates its pods at once: members interleave.
-        let pods = (0..GANG_MEMBERS)
-            .flat_map(|m| {
-                let ns = &ns;
-                (0..gangs).map(move |g| {
-                    bench_pod(
-                        ns,
-                        &format!("gang-{g}-{m}"),
-                        which,
-                        Some(&format!("gang-{g}")),
-                    )
+    if single_pods > 0 {
+        println!("\n(a) {single_pods} one-GPU pods");
+        let mut rates = Vec::new();
+        for which in [Which::Ringmaster, Which::Kube] {
+            let pods = (0..single_pods)
+                .map(|i| {
+                    let pod = BenchPod {
+                        name: format!("pod-{i}"),
+                        request: &one,
+                        gang: None,
+                    };
+                    bench_pod(&ns, &pod, which, kube.gangs)
                 })
-            })
-            .collect();
-        let r = round(
-            &client,
-            &ns,
-            which,
-            (pods, Arrival::Live),
-            fit * GANG_MEMBERS,
-            &work,
-        )
-        .await;
-        let (whole, partly, none) = gang_outcome(&r, gangs);
+                .collect();
+            let workload = Workload {
+                pods,
+                pod_groups: Vec::new(),
+                arrival: Arrival::Backlog,
+            };
+            let expected = single_pods.min(gpus);
+            let r = round(&client, &ns, ("a", which, &kube), workload, expected, &work).await;
+            println!(
+                "  {:<21} bound {:>5}/{expected} in {:>6.2} s: {:>7.1} pods/s from start ({:>7.1} pods/s first to last bind; first bind at {:.2} s)",
+                which.label(),
+                r.binds.len(),
+                r.last().as_secs_f64(),
+                r.rate(),
+                r.steady_rate(),
+                r.first().as_secs_f64(),
+            );
+            rates.push((r.rate(), r.steady_rate()));
+        }
         println!(
-            "  {:<21} {:>5} pods bound in {:>6.2} s: {whole} gangs whole, {partly} partly placed, {none} not placed",
-            which.label(),
-            r.binds.len(),
-            r.last().as_secs_f64(),
+            "  ratio ringmaster/kube: {:.2}x from start, {:.2}x first to last bind",
+            rates[0].0 / rates[1].0,
+            rates[0].1 / rates[1].1
+        );
+    }
+
+    if gangs > 0 {
+        let fit = (gpus / GANG_MEMBERS).min(gangs);
+        println!("\n(b) {gangs} gangs x {GANG_MEMBERS} one-GPU pods arriving together ({fit} fit)");
+        let mut rates = Vec::new();
+        for which in [Which::Ringmaster, Which::Kube] {
+            // Every job's controller creates its pods at once: members interleave.
+            let pods = (0..GANG_MEMBERS)
+                .flat_map(|m| (0..gangs).map(move |g| (g, m)))
+                .map(|(g, m)| {
+                    let gang = Some(format!("gang-{g}"));
+                    let pod = BenchPod {
+                        name: format!("gang-{g}-{m}"),
+                        request: &one,
+                        gang,
+                    };
+                    bench_pod(&ns, &pod, which, kube.gangs)
+                })
+                .collect();
+            let pod_groups = if which == Which::Kube && kube.gangs {
+                (0..gangs)
+                    .map(|g| format!("{}-gang-{g}", which.tag()))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let workload = Workload {
+                pods,
+                pod_groups,
+                arrival: Arrival::Live,
+            };
+            let r = round(
+                &client,
+                &ns,
+                ("b", which, &kube),
+                workload,
+                fit * GANG_MEMBERS,
+                &work,
+            )
+            .await;
+            let (whole, partly, none) = gang_outcome(&r, gangs);
+            println!(
+                "  {:<21} {:>5} pods bound in {:>6.2} s ({:>7.1} pods/s): {whole} gangs whole, {partly} partly placed, {none} waiting",
+                which.label(),
+                r.binds.len(),
+                r.last().as_secs_f64(),
+                r.rate(),
+            );
+            rates.push(r.rate());
+        }
+        println!(
+            "  ratio ringmaster/kube: {:.2}x pods/s",
+            rates[0] / rates[1]
+        );
+    }
+
+    if trace_cap > 0 {
+        let stream = trace_stream((gpus * 1000) as u64, trace_cap);
+        let asked: HashMap<String, u64> = stream
+            .iter()
+            .map(|p| (p.name.clone(), demand_milli(p.gpu)))
+            .collect();
+        let shares = stream
+            .iter()
+            .filter(|p| matches!(p.gpu, GpuDemand::Share(_)))
+            .count();
+        let arrived: u64 = asked.values().sum();
+        let typical = FragModel::from_workload(&stream);
+        println!(
+            "\n(c) openb `{TRACE}` GPU pods in arrival order: {} pods ({shares} GPU shares), {:.0}% of the GPUs arrive",
+            stream.len(),
+            100.0 * arrived as f64 / (gpus * 1000) as f64
+        );
+        let mut rates = Vec::new();
+        for which in [Which::Ringmaster, Which::Kube] {
+            let pods = stream
+                .iter()
+                .map(|p| {
+                    let pod = BenchPod {
+                        name: p.name.clone(),
+                        request: p,
+                        gang: None,
+                    };
+                    bench_pod(&ns, &pod, which, kube.gangs)
+                })
+                .collect();
+            let workload = Workload {
+                pods,
+                pod_groups: Vec::new(),
+                arrival: Arrival::Live,
+            };
+            let r = round(
+                &client,
+                &ns,
+                ("c", which, &kube),
+                workload,
+                stream.len(),
+                &work,
+            )
+            .await;
+            let (allocation, held, frag) = gpu_use(&r, &asked, &typical);
+            println!(
+                "  {:<21} {:>5} pods bound in {:>6.2} s ({:>7.1} pods/s): GPU allocation {allocation:.2}%, held {held:.2}%, fragmentation {frag:.2}%",
+                which.label(),
+                r.binds.len(),
+                r.last().as_secs_f64(),
+                r.rate(),
+            );
+            rates.push(r.rate());
+        }
+        println!(
+            "  ratio ringmaster/kube: {:.2}x pods/s",
+            rates[0] / rates[1]
         );
     }
 
