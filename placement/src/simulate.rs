@@ -19,6 +19,7 @@ use crate::trace::{PaperCurve, default_dir, read_paper};
 const EXAMPLES: &str = "Examples:
   ringmaster-simulate --trace default --policies all --seeds 42-51 --tie-mode both --out sim
   ringmaster-simulate --trace paper --policies fgd,fragpack --tie-mode both --out sim
+  ringmaster-simulate --trace paper --policies fgd,fragbalance,fragbalance-online --bound --tie-mode both --out sim
   ringmaster-simulate --trace multigpu50 --policies fgd,fragpack --gang-split --out sim
   ringmaster-simulate --bench";
 
@@ -32,8 +33,9 @@ pub struct SimulateArgs {
     #[arg(long, default_value = "default")]
     pub trace: String,
     /// Policies: a comma list or `all`. Known: random, dotprod, gpuclustering, gpupacking,
-    /// bestfit, fgd (the paper's), fragpack (ours), spread. `fgd-online`, `fragpack-online`:
-    /// typical pods learned from the pods arrived so far instead of the whole trace.
+    /// bestfit, fgd (the paper's), fragpack, fragbalance (ours), spread. A suffix
+    /// `-online` (`fgd-online`, `fragpack-online`, `fragbalance-online`): typical pods
+    /// learned from the pods arrived so far instead of the whole trace.
     #[arg(long, default_value = "all")]
     pub policies: String,
     /// Seeds: a range `42-51`, a comma list, or one number.
@@ -287,7 +289,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report> {
         }
         if source == ModelSource::Online && !uses_model(base) {
             return Err(Error::Usage(format!(
-                "policy {p}: only policies with typical pods (fgd, fragpack) learn them online"
+                "policy {p}: only policies with typical pods (fgd, fragpack, fragbalance) learn them online"
             )));
         }
     }

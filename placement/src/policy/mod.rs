@@ -17,7 +17,7 @@ pub use bestfit::BestFit;
 pub use clustering::GpuClustering;
 pub use dotprod::DotProd;
 pub use fgd::{Fgd, FragModel, TypicalPod};
-pub use fragpack::FragPack;
+pub use fragpack::{FragPack, Ties};
 pub use packing::GpuPacking;
 pub use random::RandomScorer;
 pub use spread::Spread;
@@ -101,7 +101,7 @@ pub fn best_gpus(free: &[u32], demand: GpuDemand) -> Vec<usize> {
 }
 
 /// Policies by their command-line names.
-pub const POLICY_NAMES: [&str; 8] = [
+pub const POLICY_NAMES: [&str; 9] = [
     "random",
     "dotprod",
     "gpuclustering",
@@ -109,6 +109,7 @@ pub const POLICY_NAMES: [&str; 8] = [
     "bestfit",
     "fgd",
     "fragpack",
+    "fragbalance",
     "spread",
 ];
 
@@ -122,7 +123,8 @@ pub fn by_name(name: &str, typical: &FragModel, rng: GoRand) -> Result<Box<dyn S
         "gpupacking" => Box::new(GpuPacking),
         "bestfit" => Box::new(BestFit),
         "fgd" => Box::new(Fgd::new(typical.clone())),
-        "fragpack" => Box::new(FragPack::new(typical.clone())),
+        "fragpack" => Box::new(FragPack::new(typical.clone(), Ties::Pack)),
+        "fragbalance" => Box::new(FragPack::new(typical.clone(), Ties::Balance)),
         "spread" => Box::new(Spread),
         other => {
             return Err(Error::UnknownPolicy(
@@ -135,7 +137,7 @@ pub fn by_name(name: &str, typical: &FragModel, rng: GoRand) -> Result<Box<dyn S
 
 /// Whether a policy scores with the workload's typical pods (so a model source matters).
 pub fn uses_model(name: &str) -> bool {
-    matches!(name, "fgd" | "fragpack")
+    matches!(name, "fgd" | "fragpack" | "fragbalance")
 }
 
 /// The paper's display name of a policy, as in `analysis_allo_discrete.csv`.
