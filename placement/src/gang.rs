@@ -56,6 +56,18 @@ pub fn place_gang(
     gang: &GangRequest,
     scorer: &dyn Scorer,
 ) -> Result<GangPlacement, Unplaceable> {
+    place_gang_on(&mut state.clone(), gang, &mut Placer::new(scorer))
+}
+
+/// Places a gang and assumes its members on `state`, which is left unchanged when the
+/// gang does not fit. One placer kept across the gangs of a scheduling pass reuses the
+/// scores of every node no gang has changed (a pass over thousands of nodes otherwise
+/// re-scores them all, and copies the cluster, for each gang).
+pub fn place_gang_on(
+    state: &mut ClusterState,
+    gang: &GangRequest,
+    placer: &mut Placer,
+) -> Result<GangPlacement, Unplaceable> {
     for m in &gang.members {
         if let Err(e) = m.validate() {
             return Err(Unplaceable {
@@ -72,10 +84,9 @@ pub fn place_gang(
         let m = &gang.members[i];
         std::cmp::Reverse((m.gpu.total_milli(), m.cpu_milli))
     });
-    let mut scratch = state.clone();
-    let mut placer = Placer::new(scorer);
+    let scratch = state;
     let Some(topology) = &gang.topology else {
-        return fill(&mut scratch, &mut placer, gang, &order, &|_| true)
+        return fill(scratch, placer, gang, &order, &|_| true)
             .map(|assignments| GangPlacement {
                 assignments,
                 domain: None,
@@ -84,7 +95,7 @@ pub fn place_gang(
     };
 
     let needed: u64 = gang.members.iter().map(|m| m.gpu.total_milli()).sum();
-    let domains = domains_of(state, &topology.key);
+    let domains = domains_of(scratch, &topology.key);
     // Tightest domain that could hold the gang first, so large domains stay free for
     // large gangs.
     let mut candidates: Vec<&Domain> = domains
@@ -95,7 +106,7 @@ pub fn place_gang(
     let mut last_error = None;
     for d in candidates {
         let inside = |i: usize| d.nodes.binary_search(&i).is_ok();
-        match fill(&mut scratch, &mut placer, gang, &order, &inside) {
+        match fill(scratch, placer, gang, &order, &inside) {
             Ok(assignments) => {
                 return Ok(GangPlacement {
                     assignments,
@@ -107,25 +118,25 @@ pub fn place_gang(
     }
     if !topology.required {
         // Fill the domains already used before opening a new one.
-        let mut used: Vec<bool> = vec![false; state.nodes().len()];
+        let mut used: Vec<bool> = vec![false; scratch.nodes().len()];
         let mut assignments = Vec::new();
         for &m in &order {
             let member = &gang.members[m];
             let first = placer
-                .place_where(&scratch, member, Tie::Rank, |i| used[i])
-                .or_else(|_| placer.place(&scratch, member, Tie::Rank));
+                .place_where(scratch, member, Tie::Rank, |i| used[i])
+                .or_else(|_| placer.place(scratch, member, Tie::Rank));
             let p = match first {
                 Ok(p) => p,
                 Err(e) => {
-                    undo(&mut scratch, gang, &assignments);
+                    undo(scratch, gang, &assignments);
                     return Err(with_gang(e, gang));
                 }
             };
             scratch
                 .assume(p.node, member, &p.gpus)
                 .expect("placer only proposes fitting nodes");
-            let label = state.node(p.node).labels.get(&topology.key);
-            for (i, n) in state.nodes().iter().enumerate() {
+            let label = scratch.node(p.node).labels.get(&topology.key);
+            for (i, n) in scratch.nodes().iter().enumerate() {
                 used[i] |= label.is_some() && n.labels.get(&topology.key) == label;
             }
             assignments.push(Assignment {
@@ -143,7 +154,7 @@ pub fn place_gang(
     let mut err = last_error.map_or_else(
         || Unplaceable {
             pod: format!("gang {}", gang.name),
-            nodes: state.nodes().len(),
+            nodes: scratch.nodes().len(),
             rejected: Vec::new(),
             domains: Vec::new(),
             note: Some(format!(

@@ -21,7 +21,9 @@ pub mod trace;
 pub use cluster::{ClusterState, GpuAffinity, ModelId, Node, Snapshot};
 pub use error::{Error, Result};
 pub use filter::{FilterReason, Resolved};
-pub use gang::{Assignment, GangPlacement, GangRequest, TopologyConstraint, place_gang};
+pub use gang::{
+    Assignment, GangPlacement, GangRequest, TopologyConstraint, place_gang, place_gang_on,
+};
 pub use place::{DomainShortfall, Placement, Placer, Tie, Unplaceable, place_pod};
 pub use policy::{Scored, Scorer};
 pub use request::{

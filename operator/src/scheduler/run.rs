@@ -15,7 +15,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use ringmaster_placement::gorand::GoRand;
 use ringmaster_placement::policy::{self, FragModel};
-use ringmaster_placement::{ClusterState, GangPlacement, GangRequest, Scorer, place_gang};
+use ringmaster_placement::{
+    ClusterState, GangPlacement, GangRequest, Placer, Scorer, place_gang_on,
+};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{info, warn};
 
@@ -317,38 +319,48 @@ impl Scheduler {
             .iter()
             .filter_map(|n| cache::node_from_kube(n))
             .collect();
-        let mut scorers: HashMap<String, Arc<dyn Scorer>> = HashMap::new();
+        let requests: Vec<(GangRequest, String)> = ready
+            .iter()
+            .map(|gang| {
+                cache::gang_request(&gang.key.to_string(), &gang.pending, &self.settings.policy)
+            })
+            .collect();
+        let mut scorers: HashMap<&str, Box<dyn Scorer>> = HashMap::new();
+        for (_, policy) in &requests {
+            if scorers.contains_key(policy.as_str()) {
+                continue;
+            }
+            match policy::by_name(policy, &typical, GoRand::new(1)) {
+                Ok(s) => {
+                    scorers.insert(policy, s);
+                }
+                Err(e) => warn!(policy, error = %e, "unknown policy"),
+            }
+        }
+        // One placer per policy for the whole pass: scores of nodes no gang changed are
+        // reused from gang to gang.
+        let mut placers: HashMap<&str, Placer> = scorers
+            .iter()
+            .map(|(policy, scorer)| (*policy, Placer::new(scorer.as_ref())))
+            .collect();
         let permits = Arc::new(Semaphore::new(self.settings.bind_concurrency.max(1)));
         let mut binding = Vec::new();
         let mut unschedulable = Vec::new();
-        for gang in ready {
-            let (mut request, policy) =
-                cache::gang_request(&gang.key.to_string(), &gang.pending, &self.settings.policy);
+        for (gang, (mut request, policy)) in ready.into_iter().zip(requests.iter().cloned()) {
             for (member, pod) in request.members.iter_mut().zip(&gang.pending) {
                 affinity::constrain(member, pod, &placed_pods, &state);
             }
             reserve::tolerate_own(&mut request, &gang.key);
-            if !scorers.contains_key(&policy) {
-                match policy::by_name(&policy, &typical, GoRand::new(1)) {
-                    Ok(s) => scorers.insert(policy.clone(), Arc::from(s)),
-                    Err(e) => {
-                        warn!(gang = %gang.key, error = %e, "unknown policy");
-                        continue;
-                    }
-                };
-            }
-            let scorer = scorers[&policy].clone();
+            let Some(placer) = placers.get_mut(policy.as_str()) else {
+                continue;
+            };
             let started = Instant::now();
-            let decision = place_gang(&state, &request, scorer.as_ref());
+            let decision = place_gang_on(&mut state, &request, placer);
             self.metrics
                 .decision
                 .observe(started.elapsed().as_secs_f64());
             match decision {
                 Ok(placement) => {
-                    if let Err(e) = placement.assume(&request, &mut state) {
-                        warn!(gang = %gang.key, error = %e, "engine placement does not assume");
-                        continue;
-                    }
                     self.starvation.placed(&gang.key);
                     for a in &placement.assignments {
                         let pod = &gang.pending[a.member];
@@ -383,7 +395,7 @@ impl Scheduler {
                     let waited = self.starvation.blocked(&gang.key, now);
                     let mut why = why.to_string();
                     if waited >= self.settings.starvation_threshold {
-                        why += &self.reserve(&state, &empty_nodes, gang, &request, scorer.as_ref());
+                        why += &self.reserve(&state, &empty_nodes, gang, &request, placer.scorer());
                         self.starvation.apply(&mut state);
                     }
                     unschedulable.push((gang, why));
