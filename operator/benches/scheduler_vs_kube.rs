@@ -62,8 +62,11 @@ const KUBE_QPS: u32 = 5000;
 const KUBE_BURST: u32 = 10000;
 /// Gangs ringmaster-scheduler binds at once (its client has no rate limiter).
 const BIND_CONCURRENCY: usize = 64;
-/// A round ends when no pod has been bound for this long.
+/// A round ends when no pod has been bound for this long after the last creation or bind,
+/// or when nothing at all was bound for `FIRST_BIND` (a gang scheduler may take its time
+/// before the first whole gang).
 const STALL: Duration = Duration::from_secs(20);
+const FIRST_BIND: Duration = Duration::from_secs(120);
 /// The openb trace of (c), and the GPU demand that arrives, as a share of capacity.
 const TRACE: &str = "default";
 const TRACE_ARRIVAL: f64 = 1.3;
@@ -192,7 +195,12 @@ impl Which {
                 .expect("write kube-scheduler config");
                 let mut cmd = Command::new(&kube.binary);
                 cmd.arg(format!("--config={}", config.display()))
-                    .args(["--secure-port=0", "-v=0"]);
+                    .arg("--secure-port=0")
+                    // KUBE_SCHEDULER_V=4 logs each gang's progress.
+                    .arg(format!(
+                        "-v={}",
+                        std::env::var("KUBE_SCHEDULER_V").unwrap_or("0".into())
+                    ));
                 if kube.gangs {
                     cmd.arg("--feature-gates=GenericWorkload=true,GangScheduling=true");
                 }
@@ -448,7 +456,12 @@ async fn round(
         if bound != seen {
             (seen, progress) = (bound, Instant::now());
         }
-        if bound >= expected || progress.elapsed() > STALL {
+        let stalled = if bound == 0 {
+            progress.elapsed() > FIRST_BIND
+        } else {
+            progress.elapsed() > STALL
+        };
+        if bound >= expected || stalled {
             break;
         }
         if let Ok(Some(status)) = scheduler.try_wait() {
