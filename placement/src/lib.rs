@@ -10,6 +10,7 @@ pub mod gang;
 pub mod gorand;
 mod gorand_cooked;
 pub mod metrics;
+pub mod offline;
 pub mod place;
 pub mod plot;
 pub mod policy;

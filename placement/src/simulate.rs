@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::bound::{Rule, bound_at};
 use crate::error::{Error, Result};
 use crate::metrics::{Measure, curve};
+use crate::offline::offline_at;
 use crate::plot::{Panel, Series, line_chart};
 use crate::policy::{POLICY_NAMES, paper_label, uses_model};
 use crate::replay::{
@@ -61,7 +62,8 @@ pub struct SimulateArgs {
     pub jobs: usize,
     /// Add two upper bounds on any scheduler's allocation at 130% (src/bound.rs): `bound`
     /// (LP relaxation over node types, every arrived CPU-only pod placed) and
-    /// `bound-any` (the same with any pod droppable).
+    /// `bound-any` (the same with any pod droppable), and from below the offline packer
+    /// `offline` (src/offline.rs: the arrived pods packed with the whole sequence known).
     #[arg(long)]
     pub bound: bool,
     /// Instead of replaying, measure per-pod placement latency on a 1,500-node cluster.
@@ -185,6 +187,32 @@ fn bound_rows(
                 gang_gpus: 0.0,
             });
         }
+    }
+    // The offline packer (src/offline.rs): a feasible allocation of the arrived pods,
+    // packed with the whole sequence known; `failed_cpu_only` is the mean of the
+    // CPU-only pods it could not place.
+    let values = parallel_map(seeds, jobs, |&seed| offline_at(workload, seed, 130))
+        .into_iter()
+        .collect::<std::result::Result<Vec<(f64, usize)>, String>>()
+        .map_err(Error::Bound)?;
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().map(|v| v.0).sum::<f64>() / n;
+    let failed_cpu_only = values.iter().map(|v| v.1 as f64).sum::<f64>() / n;
+    for &tie in ties {
+        rows.push(Row {
+            trace: workload.name.clone(),
+            policy: "offline".into(),
+            tie,
+            alloc_130: Some(mean),
+            frag_130: None,
+            paper_130: None,
+            exact_seeds: None,
+            failed_pods: 0.0,
+            failed_cpu_only,
+            impossible_pods: 0.0,
+            gangs: 0.0,
+            gang_gpus: 0.0,
+        });
     }
     Ok(rows)
 }
