@@ -306,6 +306,25 @@ mod tests {
     }
 
     #[test]
+    fn placing_on_the_state_assumes_a_fit_and_leaves_a_misfit_untouched() {
+        let mut state = zoned();
+        let mut placer = Placer::new(&BestFit);
+        // A required zone that no domain holds, then the preferred fallback, then none.
+        for g in [gang(5, 4, Some(("zone", true))), gang(4, 8, None)] {
+            assert!(place_gang_on(&mut state, &g, &mut placer).is_err());
+            assert_eq!(state.gpu_used_milli(), 0, "{} left members behind", g.name);
+        }
+        let placed = place_gang_on(&mut state, &gang(2, 8, None), &mut placer).unwrap();
+        assert_eq!(state.gpu_used_milli(), 16_000);
+        // The same placer, reused: the next gang sees the first one's nodes as full.
+        let next = place_gang_on(&mut state, &gang(1, 8, None), &mut placer).unwrap();
+        let taken: Vec<usize> = placed.assignments.iter().map(|a| a.node).collect();
+        assert!(!taken.contains(&next.assignments[0].node));
+        assert!(place_gang_on(&mut state, &gang(1, 8, None), &mut placer).is_err());
+        assert_eq!(state.gpu_used_milli(), 24_000);
+    }
+
+    #[test]
     fn required_topology_confines_to_one_zone() {
         let state = zoned();
         // 12 GPUs: zone b (8 + 4) holds it exactly and is the tightest fit.
