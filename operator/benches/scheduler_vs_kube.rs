@@ -331,6 +331,17 @@ impl Round {
             .map_or(Duration::ZERO, |t| t.duration_since(self.started))
     }
 
+    /// `<scheduler> <pods> pods bound in <s> s (<rate> pods/s)`, the start of a result line.
+    fn bound_line(&self, which: Which) -> String {
+        format!(
+            "  {:<21} {:>5} pods bound in {:>6.2} s ({:>7.1} pods/s)",
+            which.label(),
+            self.binds.len(),
+            self.last().as_secs_f64(),
+            self.rate(),
+        )
+    }
+
     /// Pods per second from the clock's start to the last bind.
     fn rate(&self) -> f64 {
         self.binds.len() as f64 / self.last().as_secs_f64().max(1e-9)
@@ -358,6 +369,23 @@ struct Workload {
     pods: Vec<Value>,
     pod_groups: Vec<String>,
     arrival: Arrival,
+}
+
+impl Workload {
+    fn live(pods: Vec<Value>, pod_groups: Vec<String>) -> Workload {
+        Workload {
+            pods,
+            pod_groups,
+            arrival: Arrival::Live,
+        }
+    }
+}
+
+fn print_ratio(rates: &[f64]) {
+    println!(
+        "  ratio ringmaster/kube: {:.2}x pods/s",
+        rates[0] / rates[1]
+    );
 }
 
 async fn create_all(api: &Api<DynamicObject>, objects: Vec<Value>) -> Duration {
@@ -694,11 +722,7 @@ async fn main() {
             } else {
                 Vec::new()
             };
-            let workload = Workload {
-                pods,
-                pod_groups,
-                arrival: Arrival::Live,
-            };
+            let workload = Workload::live(pods, pod_groups);
             let r = round(
                 &client,
                 &ns,
@@ -710,18 +734,12 @@ async fn main() {
             .await;
             let (whole, partly, none) = gang_outcome(&r, gangs);
             println!(
-                "  {:<21} {:>5} pods bound in {:>6.2} s ({:>7.1} pods/s): {whole} gangs whole, {partly} partly placed, {none} waiting",
-                which.label(),
-                r.binds.len(),
-                r.last().as_secs_f64(),
-                r.rate(),
+                "{}: {whole} gangs whole, {partly} partly placed, {none} waiting",
+                r.bound_line(which)
             );
             rates.push(r.rate());
         }
-        println!(
-            "  ratio ringmaster/kube: {:.2}x pods/s",
-            rates[0] / rates[1]
-        );
+        print_ratio(&rates);
     }
 
     if trace_cap > 0 {
@@ -754,11 +772,7 @@ async fn main() {
                     bench_pod(&ns, &pod, which, kube.gangs)
                 })
                 .collect();
-            let workload = Workload {
-                pods,
-                pod_groups: Vec::new(),
-                arrival: Arrival::Live,
-            };
+            let workload = Workload::live(pods, Vec::new());
             let r = round(
                 &client,
                 &ns,
@@ -776,18 +790,12 @@ async fn main() {
                 );
             }
             println!(
-                "  {:<21} {:>5} pods bound in {:>6.2} s ({:>7.1} pods/s): GPU allocation {allocation:.2}%, held {held:.2}%, fragmentation {frag:.2}%",
-                which.label(),
-                r.binds.len(),
-                r.last().as_secs_f64(),
-                r.rate(),
+                "{}: GPU allocation {allocation:.2}%, held {held:.2}%, fragmentation {frag:.2}%",
+                r.bound_line(which)
             );
             rates.push(r.rate());
         }
-        println!(
-            "  ratio ringmaster/kube: {:.2}x pods/s",
-            rates[0] / rates[1]
-        );
+        print_ratio(&rates);
     }
 
     let _ = Api::<Node>::all(client.clone())

@@ -172,20 +172,7 @@ fn bound_rows(
             .map_err(Error::Bound)?;
         let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
         for &tie in ties {
-            rows.push(Row {
-                trace: workload.name.clone(),
-                policy: name.into(),
-                tie,
-                alloc_130: Some(mean),
-                frag_130: None,
-                paper_130: None,
-                exact_seeds: None,
-                failed_pods: 0.0,
-                failed_cpu_only: 0.0,
-                impossible_pods: 0.0,
-                gangs: 0.0,
-                gang_gpus: 0.0,
-            });
+            rows.push(Row::reference(&workload.name, name, tie, mean, 0.0));
         }
     }
     // The offline packer (src/offline.rs): a feasible allocation of the arrived pods,
@@ -199,20 +186,13 @@ fn bound_rows(
     let mean = values.iter().map(|v| v.0).sum::<f64>() / n;
     let failed_cpu_only = values.iter().map(|v| v.1 as f64).sum::<f64>() / n;
     for &tie in ties {
-        rows.push(Row {
-            trace: workload.name.clone(),
-            policy: "offline".into(),
+        rows.push(Row::reference(
+            &workload.name,
+            "offline",
             tie,
-            alloc_130: Some(mean),
-            frag_130: None,
-            paper_130: None,
-            exact_seeds: None,
-            failed_pods: 0.0,
+            mean,
             failed_cpu_only,
-            impossible_pods: 0.0,
-            gangs: 0.0,
-            gang_gpus: 0.0,
-        });
+        ));
     }
     Ok(rows)
 }
@@ -270,6 +250,26 @@ pub struct Row {
     pub impossible_pods: f64,
     pub gangs: f64,
     pub gang_gpus: f64,
+}
+
+impl Row {
+    /// A reference row (a bound or the offline packer): an allocation, no curve.
+    fn reference(trace: &str, policy: &str, tie: TieMode, alloc: f64, failed_cpu_only: f64) -> Row {
+        Row {
+            trace: trace.to_string(),
+            policy: policy.to_string(),
+            tie,
+            alloc_130: Some(alloc),
+            frag_130: None,
+            paper_130: None,
+            exact_seeds: None,
+            failed_pods: 0.0,
+            failed_cpu_only,
+            impossible_pods: 0.0,
+            gangs: 0.0,
+            gang_gpus: 0.0,
+        }
+    }
 }
 
 /// Everything `simulate` produced.
