@@ -154,26 +154,37 @@ mod tests {
             reason: "Pending".into(),
             message: "placing".into(),
         };
-        set_settling(&mut conds, waiting, Some(1), at(10));
-        assert_eq!(
-            status_of(&conds, kstatus::RECONCILING),
-            ("True".into(), "Pending".into(), "placing".into())
-        );
-        assert_eq!(status_of(&conds, kstatus::STALLED).0, "False");
         let failed = Settling::Stalled {
             reason: "BackoffLimitExceeded".into(),
             message: "gave up".into(),
         };
-        set_settling(&mut conds, failed, Some(1), at(20));
-        assert_eq!(
-            status_of(&conds, kstatus::STALLED),
+        let cases = [
             (
-                "True".into(),
-                "BackoffLimitExceeded".into(),
-                "gave up".into()
-            )
-        );
-        assert_eq!(status_of(&conds, kstatus::RECONCILING).2, "");
+                waiting,
+                kstatus::RECONCILING,
+                kstatus::STALLED,
+                "Pending",
+                "placing",
+            ),
+            (
+                failed,
+                kstatus::STALLED,
+                kstatus::RECONCILING,
+                "BackoffLimitExceeded",
+                "gave up",
+            ),
+        ];
+        for (when, (settling, on, off, reason, message)) in [10, 20].into_iter().zip(cases) {
+            set_settling(&mut conds, settling, Some(1), at(when));
+            assert_eq!(
+                status_of(&conds, on),
+                ("True".into(), reason.into(), message.into())
+            );
+            assert_eq!(
+                status_of(&conds, off),
+                ("False".into(), reason.into(), String::new())
+            );
+        }
         let done = Settling::Current {
             reason: "Succeeded".into(),
         };

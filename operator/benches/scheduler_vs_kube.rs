@@ -283,7 +283,7 @@ fn bench_pod(ns: &str, pod: &BenchPod, which: Which, kube_gangs: bool) -> Value 
         (_, GpuDemand::Whole(k)) => k,
         (Which::Kube, GpuDemand::Share(_)) => 1,
         (Which::Ringmaster, GpuDemand::Share(m)) => {
-            metadata["annotations"] = json!({GPU_MILLI: m.to_string()});
+            metadata["annotations"][GPU_MILLI] = json!(m.to_string());
             0
         }
     };
@@ -291,7 +291,7 @@ fn bench_pod(ns: &str, pod: &BenchPod, which: Which, kube_gangs: bool) -> Value 
         (_, None) => {}
         (Which::Ringmaster, Some(g)) => {
             metadata["labels"] = json!({GANG: format!("{}-{g}", which.tag())});
-            metadata["annotations"] = json!({GANG_SIZE: GANG_MEMBERS.to_string()});
+            metadata["annotations"][GANG_SIZE] = json!(GANG_MEMBERS.to_string());
         }
         (Which::Kube, Some(g)) if kube_gangs => {
             spec["schedulingGroup"] = json!({"podGroupName": format!("{}-{g}", which.tag())})
@@ -594,18 +594,13 @@ fn trace_stream(capacity_milli: u64, cap: usize) -> Vec<PodRequest> {
         if arrived >= target || stream.len() >= cap {
             break;
         }
-        arrived += demand_milli(p.gpu);
+        arrived += p.gpu.total_milli();
         stream.push(PodRequest {
             name: format!("trace-{i}"),
             ..p.clone()
         });
     }
     stream
-}
-
-fn demand_milli(gpu: GpuDemand) -> u64 {
-    let (count, milli) = gpu.devices_and_milli();
-    u64::from(count) * u64::from(milli)
 }
 
 /// (allocation, GPU held, fragmentation), each in % of the cluster's GPUs: the GPU the
@@ -746,7 +741,7 @@ async fn main() {
         let stream = trace_stream((gpus * 1000) as u64, trace_cap);
         let asked: HashMap<String, u64> = stream
             .iter()
-            .map(|p| (p.name.clone(), demand_milli(p.gpu)))
+            .map(|p| (p.name.clone(), p.gpu.total_milli()))
             .collect();
         let shares = stream
             .iter()

@@ -84,9 +84,8 @@ pub fn place_gang_on(
         let m = &gang.members[i];
         std::cmp::Reverse((m.gpu.total_milli(), m.cpu_milli))
     });
-    let scratch = state;
     let Some(topology) = &gang.topology else {
-        return fill(scratch, placer, gang, &order, &|_| true)
+        return fill(state, placer, gang, &order, &|_| true)
             .map(|assignments| GangPlacement {
                 assignments,
                 domain: None,
@@ -95,7 +94,7 @@ pub fn place_gang_on(
     };
 
     let needed: u64 = gang.members.iter().map(|m| m.gpu.total_milli()).sum();
-    let domains = domains_of(scratch, &topology.key);
+    let domains = domains_of(state, &topology.key);
     // Tightest domain that could hold the gang first, so large domains stay free for
     // large gangs.
     let mut candidates: Vec<&Domain> = domains
@@ -106,7 +105,7 @@ pub fn place_gang_on(
     let mut last_error = None;
     for d in candidates {
         let inside = |i: usize| d.nodes.binary_search(&i).is_ok();
-        match fill(scratch, placer, gang, &order, &inside) {
+        match fill(state, placer, gang, &order, &inside) {
             Ok(assignments) => {
                 return Ok(GangPlacement {
                     assignments,
@@ -118,25 +117,25 @@ pub fn place_gang_on(
     }
     if !topology.required {
         // Fill the domains already used before opening a new one.
-        let mut used: Vec<bool> = vec![false; scratch.nodes().len()];
+        let mut used: Vec<bool> = vec![false; state.nodes().len()];
         let mut assignments = Vec::new();
         for &m in &order {
             let member = &gang.members[m];
             let first = placer
-                .place_where(scratch, member, Tie::Rank, |i| used[i])
-                .or_else(|_| placer.place(scratch, member, Tie::Rank));
+                .place_where(state, member, Tie::Rank, |i| used[i])
+                .or_else(|_| placer.place(state, member, Tie::Rank));
             let p = match first {
                 Ok(p) => p,
                 Err(e) => {
-                    undo(scratch, gang, &assignments);
+                    undo(state, gang, &assignments);
                     return Err(with_gang(e, gang));
                 }
             };
-            scratch
+            state
                 .assume(p.node, member, &p.gpus)
                 .expect("placer only proposes fitting nodes");
-            let label = scratch.node(p.node).labels.get(&topology.key);
-            for (i, n) in scratch.nodes().iter().enumerate() {
+            let label = state.node(p.node).labels.get(&topology.key);
+            for (i, n) in state.nodes().iter().enumerate() {
                 used[i] |= label.is_some() && n.labels.get(&topology.key) == label;
             }
             assignments.push(Assignment {
@@ -154,7 +153,7 @@ pub fn place_gang_on(
     let mut err = last_error.map_or_else(
         || Unplaceable {
             pod: format!("gang {}", gang.name),
-            nodes: scratch.nodes().len(),
+            nodes: state.nodes().len(),
             rejected: Vec::new(),
             domains: Vec::new(),
             note: Some(format!(
@@ -309,8 +308,13 @@ mod tests {
     fn placing_on_the_state_assumes_a_fit_and_leaves_a_misfit_untouched() {
         let mut state = zoned();
         let mut placer = Placer::new(&BestFit);
-        // A required zone that no domain holds, then the preferred fallback, then none.
-        for g in [gang(5, 4, Some(("zone", true))), gang(4, 8, None)] {
+        // A required zone no domain can hold; four 8-GPU members on three 8-GPU nodes,
+        // plain and with a preferred zone (three placed before the fourth fails).
+        for g in [
+            gang(5, 4, Some(("zone", true))),
+            gang(4, 8, None),
+            gang(4, 8, Some(("zone", false))),
+        ] {
             assert!(place_gang_on(&mut state, &g, &mut placer).is_err());
             assert_eq!(state.gpu_used_milli(), 0, "{} left members behind", g.name);
         }

@@ -8,7 +8,7 @@ use std::path::Path;
 use crate::cluster::{ClusterState, Node};
 use crate::error::Result;
 use crate::filter::{self, Resolved};
-use crate::gang::{GangRequest, TopologyConstraint, place_gang};
+use crate::gang::{GangRequest, TopologyConstraint, place_gang_on};
 use crate::gorand::GoRand;
 use crate::metrics::Event;
 use crate::place::{Placer, Tie};
@@ -260,9 +260,8 @@ pub fn replay(workload: &Workload, policy: &str, seed: u64, options: ReplayOptio
                 Err(_) => match pod.gpu {
                     GpuDemand::Whole(k) if options.gang_split && k > 1 => {
                         let gang = split_gang(pod, k);
-                        match place_gang(&state, &gang, scorer.as_ref()) {
+                        match place_gang_on(&mut state, &gang, &mut placer) {
                             Ok(g) => {
-                                g.assume(&gang, &mut state)?;
                                 used += pod.gpu.total_milli();
                                 run.gangs += 1;
                                 run.gang_gpus += u64::from(k);

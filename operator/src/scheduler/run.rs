@@ -325,14 +325,14 @@ impl Scheduler {
                 cache::gang_request(&gang.key.to_string(), &gang.pending, &self.settings.policy)
             })
             .collect();
-        let mut scorers: HashMap<&str, Box<dyn Scorer>> = HashMap::new();
+        let mut scorers: HashMap<String, Box<dyn Scorer>> = HashMap::new();
         for (_, policy) in &requests {
-            if scorers.contains_key(policy.as_str()) {
+            if scorers.contains_key(policy) {
                 continue;
             }
             match policy::by_name(policy, &typical, GoRand::new(1)) {
                 Ok(s) => {
-                    scorers.insert(policy, s);
+                    scorers.insert(policy.clone(), s);
                 }
                 Err(e) => warn!(policy, error = %e, "unknown policy"),
             }
@@ -341,12 +341,12 @@ impl Scheduler {
         // reused from gang to gang.
         let mut placers: HashMap<&str, Placer> = scorers
             .iter()
-            .map(|(policy, scorer)| (*policy, Placer::new(scorer.as_ref())))
+            .map(|(policy, scorer)| (policy.as_str(), Placer::new(scorer.as_ref())))
             .collect();
         let permits = Arc::new(Semaphore::new(self.settings.bind_concurrency.max(1)));
         let mut binding = Vec::new();
         let mut unschedulable = Vec::new();
-        for (gang, (mut request, policy)) in ready.into_iter().zip(requests.iter().cloned()) {
+        for (gang, (mut request, policy)) in ready.into_iter().zip(requests) {
             for (member, pod) in request.members.iter_mut().zip(&gang.pending) {
                 affinity::constrain(member, pod, &placed_pods, &state);
             }
