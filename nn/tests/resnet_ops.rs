@@ -197,8 +197,12 @@ fn batch_norm_module_updates_running_statistics_only_in_training() -> Result<()>
 }
 
 /// (input NCHW, weight OIHW, stride, padding): the ResNet shapes plus odd ones; the
-/// last two have outputs wide enough (>= 32) for the row-copy im2col path.
-const CONV_CASES: [([usize; 4], [usize; 4], usize, usize); 8] = [
+/// last three have outputs wide enough (>= 32) for the row-copy im2col path; three have
+/// kernel taps that read only padding (ResNet's last stage on 32x32 images: 1x1 and 2x2
+/// planes).
+const CONV_CASES: [([usize; 4], [usize; 4], usize, usize); 11] = [
+    ([2, 4, 1, 1], [3, 4, 3, 3], 1, 1),
+    ([2, 3, 2, 2], [4, 3, 3, 3], 2, 1),
     ([2, 3, 7, 6], [4, 3, 3, 3], 1, 1),
     ([3, 2, 8, 8], [5, 2, 3, 3], 2, 1),
     ([2, 4, 5, 5], [3, 4, 1, 1], 2, 0),
@@ -207,6 +211,7 @@ const CONV_CASES: [([usize; 4], [usize; 4], usize, usize); 8] = [
     ([5, 3, 4, 4], [2, 3, 3, 3], 1, 1),
     ([2, 2, 5, 36], [3, 2, 3, 3], 1, 1),
     ([1, 2, 6, 70], [2, 2, 3, 3], 2, 1),
+    ([1, 2, 1, 40], [2, 2, 3, 3], 1, 1),
 ];
 
 #[test]

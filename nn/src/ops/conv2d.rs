@@ -9,6 +9,7 @@
 //! groups wide enough for an efficient product, one group per task, so the threads never
 //! synchronise inside a product. Other devices use candle's `conv2d`.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor, bail};
@@ -36,7 +37,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, params: Conv2dParams) -> Result<Tenso
 }
 
 /// Sizes of one convolution, and the im2col matrix `K x L` of one image.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Geometry {
     batch: usize,
     c_in: usize,
@@ -49,6 +50,11 @@ struct Geometry {
     out_w: usize,
     stride: usize,
     padding: usize,
+    /// The kernel taps `(ky, kx)` that read the image for at least one output pixel. On
+    /// small planes (ResNet's last stage on 32x32 images: 1x1 and 2x2) most taps only
+    /// ever read padding; their im2col rows would be zeros, so they are left out of the
+    /// products, and their kernel gradient is zero.
+    live: Vec<(usize, usize)>,
 }
 
 impl Geometry {
@@ -68,7 +74,7 @@ impl Geometry {
                 p.stride
             );
         }
-        Ok(Self {
+        let mut g = Self {
             batch,
             c_in,
             h,
@@ -80,12 +86,55 @@ impl Geometry {
             out_w: (w + 2 * p.padding - kw) / p.stride + 1,
             stride: p.stride,
             padding: p.padding,
-        })
+            live: vec![],
+        };
+        g.live = (0..kh)
+            .filter(|&ky| !g.valid(ky, h, g.out_h).is_empty())
+            .flat_map(|ky| {
+                (0..kw)
+                    .filter(|&kx| !g.valid(kx, w, g.out_w).is_empty())
+                    .map(move |kx| (ky, kx))
+            })
+            .collect();
+        Ok(g)
+    }
+
+    fn all_taps_live(&self) -> bool {
+        self.live.len() == self.kh * self.kw
+    }
+
+    /// The weight `(C_out, K)` over the live taps only.
+    fn live_weight<'a, T: Real>(&self, weight: &'a [T]) -> Cow<'a, [T]> {
+        if self.all_taps_live() {
+            return Cow::Borrowed(weight);
+        }
+        let plane = self.kh * self.kw;
+        weight
+            .chunks_exact(plane)
+            .flat_map(|taps| self.live.iter().map(|&(ky, kx)| taps[ky * self.kw + kx]))
+            .collect()
+    }
+
+    /// Spreads a kernel gradient over the live taps onto the whole kernel (zeros elsewhere).
+    fn spread_kernel_grad<T: Real>(&self, live_grad: &[T], grad: &mut [T]) {
+        if self.all_taps_live() {
+            grad.copy_from_slice(live_grad);
+            return;
+        }
+        let plane = self.kh * self.kw;
+        for (taps, live) in grad
+            .chunks_exact_mut(plane)
+            .zip(live_grad.chunks_exact(self.live.len()))
+        {
+            for (&(ky, kx), &v) in self.live.iter().zip(live) {
+                taps[ky * self.kw + kx] = v;
+            }
+        }
     }
 
     /// Rows of the im2col matrix: one per (input channel, kernel row, kernel column).
     fn k(&self) -> usize {
-        self.c_in * self.kh * self.kw
+        self.c_in * self.live.len()
     }
 
     /// Columns per image: one per output pixel.
@@ -132,21 +181,19 @@ impl Geometry {
         if self.out_w >= 32 {
             return None;
         }
-        let mut taps = Vec::with_capacity(self.kh * self.kw * self.l());
-        for ky in 0..self.kh {
-            for kx in 0..self.kw {
-                let (ys, xs) = (
-                    self.valid(ky, self.h, self.out_h),
-                    self.valid(kx, self.w, self.out_w),
-                );
-                for oy in 0..self.out_h {
-                    for ox in 0..self.out_w {
-                        taps.push(if ys.contains(&oy) && xs.contains(&ox) {
-                            (self.source(oy, ky) * self.w + self.source(ox, kx)) as u32
-                        } else {
-                            PADDING
-                        });
-                    }
+        let mut taps = Vec::with_capacity(self.live.len() * self.l());
+        for &(ky, kx) in &self.live {
+            let (ys, xs) = (
+                self.valid(ky, self.h, self.out_h),
+                self.valid(kx, self.w, self.out_w),
+            );
+            for oy in 0..self.out_h {
+                for ox in 0..self.out_w {
+                    taps.push(if ys.contains(&oy) && xs.contains(&ox) {
+                        (self.source(oy, ky) * self.w + self.source(ox, kx)) as u32
+                    } else {
+                        PADDING
+                    });
                 }
             }
         }
@@ -206,7 +253,7 @@ impl Geometry {
             for (g, image) in images.chunks_exact_mut(self.in_image()).enumerate() {
                 for (c, plane) in image.chunks_exact_mut(plane_len).enumerate() {
                     for (tap, taps) in taps.chunks_exact(l).enumerate() {
-                        let row = c * self.kh * self.kw + tap;
+                        let row = c * self.live.len() + tap;
                         let src = &col[row * width + g * l..][..l];
                         for (&s, &i) in src.iter().zip(taps) {
                             if let Some(d) = plane.get_mut(i as usize) {
@@ -259,10 +306,8 @@ impl Geometry {
             .flat_map(move |plane| taps.chunks_exact(l).map(move |taps| (plane, taps)))
     }
 
-    fn rows(&self) -> impl Iterator<Item = (usize, usize, usize)> {
-        let (kh, kw) = (self.kh, self.kw);
-        (0..self.c_in)
-            .flat_map(move |c| (0..kh).flat_map(move |ky| (0..kw).map(move |kx| (c, ky, kx))))
+    fn rows(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        (0..self.c_in).flat_map(move |c| self.live.iter().map(move |&(ky, kx)| (c, ky, kx)))
     }
 
     /// Copies group outputs between NCHW images and the `C_out x (images * L)` matrix.
@@ -287,7 +332,7 @@ impl Geometry {
 
 impl Conv2dParams {
     fn forward<T: Real>(&self, x: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
-        let (group, taps) = (g.group(), g.taps());
+        let (group, taps, weight) = (g.group(), g.taps(), g.live_weight(weight));
         let mut out = output_buffer(g.batch * g.out_image());
         out.par_chunks_mut(group * g.out_image())
             .zip(x.par_chunks(group * g.in_image()))
@@ -305,7 +350,7 @@ impl Conv2dParams {
                     g.im2col(x, col, taps.as_deref());
                     let shape = (g.c_out, width, g.k());
                     let (weight, col) = (
-                        Matrix::row_major(weight, g.k()),
+                        Matrix::row_major(&weight, g.k()),
                         Matrix::row_major(col, width),
                     );
                     // One image's output already is the `C_out x L` matrix.
@@ -331,21 +376,10 @@ impl Conv2dParams {
         g: &Geometry,
         input_grad: bool,
     ) -> Vec<T> {
-        let (group, taps) = (g.group(), g.taps());
+        let (group, taps, weight) = (g.group(), g.taps(), g.live_weight(weight));
         let kernel_len = g.c_out * g.k();
-        let mut out = vec![T::zero(); x.len() + kernel_len];
+        let mut out = vec![T::zero(); x.len() + g.c_out * g.c_in * g.kh * g.kw];
         let (dx, dw) = out.split_at_mut(x.len());
-        // Wᵀ once, contiguous, so that every group's product packs it with unit-stride
-        // reads instead of striding through the weight.
-        let weight_t = input_grad.then(|| {
-            let mut t = output_buffer(kernel_len);
-            for (o, row) in weight.chunks_exact(g.k()).enumerate() {
-                for (k, &w) in row.iter().enumerate() {
-                    t[k * g.c_out + o] = w;
-                }
-            }
-            t
-        });
         let per_task_dw = dx
             .par_chunks_mut(group * g.in_image())
             .zip(
@@ -380,14 +414,14 @@ impl Conv2dParams {
                         Matrix::transposed(&col, width),
                         true,
                     );
-                    if let Some(weight_t) = &weight_t {
+                    if input_grad {
                         // col(dx) = Wᵀ · dY, then folded back onto the images.
                         let dcol = &mut col[..g.k() * width];
                         let shape = (g.k(), width, g.c_out);
                         matmul(
                             dcol,
                             shape,
-                            Matrix::row_major(weight_t, g.c_out),
+                            Matrix::transposed(&weight, g.k()),
                             Matrix::row_major(dy_matrix, width),
                             false,
                         );
@@ -399,7 +433,7 @@ impl Conv2dParams {
             .map(|(dw, _)| dw)
             .reduce_with(add_partials);
         if let Some(sum) = per_task_dw {
-            dw.copy_from_slice(&sum);
+            g.spread_kernel_grad(&sum, dw);
         }
         out
     }
