@@ -6,7 +6,7 @@
 #![allow(clippy::approx_constant)]
 use anyhow::{Context, Result};
 use candle_core::{
-    backprop::GradStore, test_device, test_utils, DType, Device, IndexOp, Shape, Tensor, Var,
+    DType, Device, IndexOp, Shape, Tensor, Var, backprop::GradStore, test_device, test_utils,
 };
 
 fn simple_grad(device: &Device) -> Result<()> {

@@ -5,16 +5,35 @@
 //! into it for each, and sums the bias gradient in a separate pass. Here the forward
 //! writes the bias rows and accumulates the product onto them, and the backward makes
 //! `dx = dy · W`, `dW = dyᵀ · x` and `db = Σ dy` straight from the buffers.
+//!
+//! The forward runs one block of rows per thread: the bias rows, the product onto them
+//! and, for [`linear_gelu`] in inference, the activation, with no synchronisation between
+//! the three.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::float::{Real, add_partials, dispatch_real, output_buffer, rows_per_task};
-use super::matmul::{Matrix, matmul_threaded};
+use super::gelu::{gelu_erf, gelu_in_place};
+use super::matmul::{Matrix, matmul, matmul_threaded};
 
 /// `x · weightᵀ + bias` over the last dimension of `x`; `weight` is (out, in) and `bias`
 /// (out). Differentiable in all three. Fused f32/f64 kernels on CPU, candle ops elsewhere.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    linear_with(x, weight, bias, Linear { gelu: false })
+}
+
+/// `gelu_erf(linear(x, weight, bias))`; in inference (no input needs a gradient) the
+/// activation is fused into the product's output blocks.
+pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if x.track_op() || weight.track_op() || bias.track_op() || !x.device().is_cpu() {
+        // Training: the activation's backward needs the pre-activation tensor.
+        return gelu_erf(&linear(x, weight, bias)?);
+    }
+    linear_with(x, weight, bias, Linear { gelu: true })
+}
+
+fn linear_with(x: &Tensor, weight: &Tensor, bias: &Tensor, op: Linear) -> Result<Tensor> {
     let (out_features, in_features) = weight.dims2()?;
     if x.dims().last() != Some(&in_features) || bias.dims() != [out_features] {
         bail!(
@@ -31,10 +50,16 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let x2 = x.reshape((rows, in_features))?;
     let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     let y = if fused {
-        x2.contiguous()?
-            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)?
+        let (x2, weight, bias) = (x2.contiguous()?, weight.contiguous()?, bias.contiguous()?);
+        if op.gelu {
+            // No backward: `linear_gelu` takes this path only when nothing needs one.
+            x2.apply_op3_no_bwd(&weight, &bias, &op)?
+        } else {
+            x2.apply_op3(&weight, &bias, op)?
+        }
     } else {
-        x2.matmul(&weight.t()?)?.broadcast_add(bias)?
+        let y = x2.matmul(&weight.t()?)?.broadcast_add(bias)?;
+        if op.gelu { gelu_erf(&y)? } else { y }
     };
     y.reshape(out_dims)
 }
@@ -62,23 +87,57 @@ impl Geometry {
     }
 }
 
-struct Linear;
+/// The forward op; `gelu` only without gradients (see [`linear_gelu`]).
+#[derive(Clone, Copy)]
+struct Linear {
+    gelu: bool,
+}
 
-fn forward<T: Real>(x: &[T], weight: &[T], bias: &[T], g: Geometry) -> Vec<T> {
+/// Below this many rows per thread, one product split across the threads is faster than
+/// a product per thread.
+const MIN_BLOCK_ROWS: usize = 32;
+
+fn forward<T: Real>(x: &[T], weight: &[T], bias: &[T], g: Geometry, op: Linear) -> Vec<T> {
     let mut y = output_buffer(g.rows * g.outputs);
-    y.par_chunks_mut(rows_per_task(g.outputs) * g.outputs)
-        .for_each(|rows| {
-            rows.chunks_exact_mut(g.outputs)
-                .for_each(|row| row.copy_from_slice(bias))
+    let weight_t = || Matrix::transposed(weight, g.inputs);
+    let finish = |block: &mut [T]| {
+        if op.gelu {
+            gelu_in_place(block)
+        }
+    };
+    // One block of rows per thread: smaller blocks would stay in cache for the bias and
+    // the activation, but OpenBLAS runs below its speed on fewer rows (measured on
+    // MiniLM: 85-row blocks 18% slower than halves).
+    let block_rows = g.rows.div_ceil(rayon::current_num_threads());
+    if block_rows < MIN_BLOCK_ROWS {
+        // Too few rows for a block per thread: one product split across the threads.
+        fill_bias(&mut y, bias);
+        let shape = (g.rows, g.outputs, g.inputs);
+        matmul_threaded(
+            &mut y,
+            shape,
+            Matrix::row_major(x, g.inputs),
+            weight_t(),
+            true,
+        );
+        y.par_chunks_mut(rows_per_task(g.outputs) * g.outputs)
+            .for_each(finish);
+        return y;
+    }
+    y.par_chunks_mut(block_rows * g.outputs)
+        .zip(x.par_chunks(block_rows * g.inputs))
+        .for_each(|(y, x)| {
+            fill_bias(y, bias);
+            let shape = (y.len() / g.outputs, g.outputs, g.inputs);
+            matmul(y, shape, Matrix::row_major(x, g.inputs), weight_t(), true);
+            finish(y);
         });
-    matmul_threaded(
-        &mut y,
-        (g.rows, g.outputs, g.inputs),
-        Matrix::row_major(x, g.inputs),
-        Matrix::transposed(weight, g.inputs),
-        true,
-    );
     y
+}
+
+fn fill_bias<T: Real>(y: &mut [T], bias: &[T]) {
+    y.chunks_exact_mut(bias.len())
+        .for_each(|row| row.copy_from_slice(bias));
 }
 
 /// `[dx | dW | db]`; `dx` stays zero unless `input_grad`.
@@ -140,7 +199,8 @@ impl CustomOp3 for Linear {
             T::elements(x, x_l, self.name())?,
             T::elements(w, w_l, self.name())?,
             T::elements(b, b_l, self.name())?,
-            g
+            g,
+            *self
         )));
         Ok((y, Shape::from((g.rows, g.outputs))))
     }
@@ -234,6 +294,34 @@ mod tests {
             check_gradient(&b, 1e-6, |b| loss(&x, &w, b))?,
         ] {
             assert!(check.max_rel_diff < 1e-7, "{check:?}");
+        }
+        Ok(())
+    }
+
+    /// Both forward paths (a block of rows per thread, and one product split across
+    /// threads for few rows), with and without the fused activation, in f32 and f64.
+    #[test]
+    fn fused_gelu_and_row_blocks_match_the_composed_ops() -> Result<()> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for rows in [5, 200] {
+            for dtype in [DType::F32, DType::F64] {
+                let (x, w, b) = (randn(&[rows, 48])?, randn(&[96, 48])?, randn(&[96])?);
+                let (x, w, b) = (x.to_dtype(dtype)?, w.to_dtype(dtype)?, b.to_dtype(dtype)?);
+                let reference = x.matmul(&w.t()?)?.broadcast_add(&b)?;
+                let (plain, fused) = pool.install(|| {
+                    Ok::<_, candle_core::Error>((linear(&x, &w, &b)?, linear_gelu(&x, &w, &b)?))
+                })?;
+                for (ours, want) in [(plain, reference.clone()), (fused, reference.gelu_erf()?)] {
+                    let diff = (ours - want)?.abs()?.max_all()?.to_dtype(DType::F64)?;
+                    assert!(
+                        diff.to_scalar::<f64>()? < 1e-4,
+                        "{rows} rows {dtype:?}: {diff}"
+                    );
+                }
+            }
         }
         Ok(())
     }

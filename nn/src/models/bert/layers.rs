@@ -3,7 +3,7 @@
 use crate::ops::{
     attention::{attention, attention_packed},
     layer_norm::layer_norm,
-    linear::linear,
+    linear::{linear, linear_gelu},
     residual_norm::residual_layer_norm,
 };
 use std::sync::OnceLock;
@@ -36,6 +36,11 @@ impl Dense {
     /// gradient.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear(x, &self.weight, &self.bias)
+    }
+
+    /// `gelu_erf(self.forward(x))`, fused in inference.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        linear_gelu(x, &self.weight, &self.bias)
     }
 }
 

@@ -5,7 +5,6 @@ use super::config::{BertConfig, HiddenAct};
 use super::layers::{
     Dense, Norm, ResidualNorm, SelfAttention, attention_bias, dropout, masked_mean,
 };
-use crate::ops::gelu::gelu_erf;
 use candle_core::{DType, IndexOp, Result, Tensor, bail};
 use candle_nn::{Embedding, Init, VarBuilder};
 
@@ -158,6 +157,15 @@ impl Layer {
         })
     }
 
+    /// The intermediate dense layer and its activation.
+    fn intermediate_activation(&self, x: &Tensor) -> Result<Tensor> {
+        match self.activation {
+            HiddenAct::Gelu => self.intermediate.forward_gelu(x),
+            HiddenAct::GeluTanh => self.intermediate.forward(x)?.gelu(),
+            HiddenAct::Relu => self.intermediate.forward(x)?.relu(),
+        }
+    }
+
     /// x: (batch * seq, hidden).
     fn forward(
         &self,
@@ -168,12 +176,7 @@ impl Layer {
     ) -> Result<Tensor> {
         let attended = self.attention.forward(x, batch, bias, train)?;
         let x = self.attention_output.forward(&attended, x, train)?;
-        let inner = self.intermediate.forward(&x)?;
-        let inner = match self.activation {
-            HiddenAct::Gelu => gelu_erf(&inner)?,
-            HiddenAct::GeluTanh => inner.gelu()?,
-            HiddenAct::Relu => inner.relu()?,
-        };
+        let inner = self.intermediate_activation(&x)?;
         self.output.forward(&inner, &x, train)
     }
 
@@ -181,12 +184,7 @@ impl Layer {
     fn forward_packed(&self, x: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let attended = self.attention.forward_packed(x, lengths)?;
         let x = self.attention_output.forward(&attended, x, false)?;
-        let inner = self.intermediate.forward(&x)?;
-        let inner = match self.activation {
-            HiddenAct::Gelu => gelu_erf(&inner)?,
-            HiddenAct::GeluTanh => inner.gelu()?,
-            HiddenAct::Relu => inner.relu()?,
-        };
+        let inner = self.intermediate_activation(&x)?;
         self.output.forward(&inner, &x, false)
     }
 }
