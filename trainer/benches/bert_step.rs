@@ -159,7 +159,8 @@ fn bench_train(b: usize, args: &Args) -> Result<Train> {
         let loss = candle_nn::loss::cross_entropy(&model.forward_t(&input, true)?.logits, &labels)?;
         loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        let grads = Grads::take(&params, &mut loss.backward()?);
+        let grads = Grads::take(&params, &mut loss.backward()?)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let t2 = Instant::now();
         opt.step(&params, &grads, 5e-5)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;

@@ -109,7 +109,8 @@ fn bench(hw: usize, batch: usize, args: &Args) -> Result<Timings> {
         let loss = candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &labels)?;
         loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        let grads = Grads::take(&params, &mut loss.backward()?);
+        let grads = Grads::take(&params, &mut loss.backward()?)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let t2 = Instant::now();
         sgd.step(&params, &grads, 0.01)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;

@@ -93,7 +93,7 @@ pub fn run(iters: usize, threads: usize, torch_python: Option<&Path>) -> Result<
             role: Role::Trainable,
         })
         .collect();
-    let grads = Grads::from_slots(vars.iter().map(|(_, g)| Some(g.clone())).collect());
+    let grads = Grads::from_slots(vars.iter().map(|(_, g)| Some(g.clone())).collect())?;
     let mut ours = Optimizer::new(OptimizerConfig::adamw(0.01), &params);
     let ms = median_ms(iters, || ours.step(&params, &grads, 1e-3))?;
     rows.push(Row {
@@ -193,7 +193,7 @@ pub fn ddp_rank(iters: usize, bucket_bytes: usize) -> Result<()> {
             .into_iter()
             .map(|(_, g)| Some(g))
             .collect(),
-    );
+    )?;
     let ddp_ms = median_ms(iters, || ddp.reduce_grads(&mut grads, false).map(|_| ()))?;
     let n: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
     let mut flat = vec![1.0f32; n];

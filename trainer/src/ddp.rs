@@ -1,11 +1,18 @@
 //! Data-parallel training over a [`Communicator`]: ranks check at start that they built
 //! the same model, take rank 0's parameters and buffers, and average gradients every step
 //! in fixed buckets (about 25 MB) so large models need few, large all-reduces.
+//!
+//! As in PyTorch's reducer, buckets are all-reduced while backward still runs: each
+//! bucket goes to the communication thread as soon as the last of its gradients is
+//! complete. Buckets cover the variables in reverse name order, which is close to the
+//! order backward completes them (the classifier first, the embeddings last), and are
+//! reduced in bucket order on every rank.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::mpsc;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, TensorId};
 use ringmaster_collective::{Communicator, ReduceOp};
 
 use crate::error::{Error, Result};
@@ -41,6 +48,8 @@ struct Bucket {
 pub struct Ddp {
     comm: Box<dyn Communicator>,
     params: Vec<NamedVar>,
+    /// Index in `params` of each trainable variable, for backward's readiness hook.
+    index: HashMap<TensorId, usize>,
     buckets: Vec<Bucket>,
     cfg: DdpConfig,
     /// Gradient bytes all-reduced and the seconds the all-reduces took, since last taken.
@@ -64,9 +73,15 @@ impl Ddp {
             .cloned()
             .collect();
         let buckets = plan_buckets(&params, cfg.bucket_bytes);
+        let index = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.var.as_tensor().id(), i))
+            .collect();
         let mut ddp = Ddp {
             comm,
             params,
+            index,
             buckets,
             cfg,
             traffic: Traffic::default(),
@@ -138,11 +153,80 @@ impl Ddp {
     /// this rank counts as zero. `loss_non_finite` rides along with the last bucket, so
     /// every rank learns whether any rank's loss was NaN/Inf and all of them skip or stop
     /// together (returned).
-    ///
-    /// Bucket k is reduced on a communication thread while this thread flattens the
-    /// buckets after it; each bucket is written back as soon as its reduction returns,
-    /// while later ones are still on the wire.
     pub fn reduce_grads(&mut self, grads: &mut Grads, loss_non_finite: bool) -> Result<bool> {
+        let buckets = self.buckets.len();
+        let (reduced, any_non_finite) = self.pipelined(loss_non_finite, |send| {
+            for k in 0..buckets {
+                send.bucket(k, grads)?;
+            }
+            Ok(grads.clone())
+        })?;
+        *grads = reduced;
+        Ok(any_non_finite)
+    }
+
+    /// Back-propagates `loss` and averages the gradients across ranks, all-reducing each
+    /// bucket while backward computes the rest. `earlier` holds gradients of earlier
+    /// micro-batches of the step (already scaled), added before reducing; `scale`
+    /// multiplies this micro-batch's gradients (1 / micro-batches). Otherwise as
+    /// [`Self::reduce_grads`].
+    pub fn backward_and_reduce(
+        &mut self,
+        loss: &Tensor,
+        earlier: Option<Grads>,
+        scale: f64,
+        loss_non_finite: bool,
+    ) -> Result<(Grads, bool)> {
+        let count = self.params.len();
+        let ranges: Vec<Range<usize>> = self.buckets.iter().map(|b| b.params.clone()).collect();
+        let index = std::mem::take(&mut self.index);
+        let result = self.pipelined(loss_non_finite, |send| {
+            let mut grads = earlier.unwrap_or_else(|| Grads::empty(count));
+            let mut ready = vec![false; count];
+            let mut next = 0;
+            loss.backward_with_hook(&mut |var, grad| {
+                let Some(&i) = index.get(&var.id()) else {
+                    return Ok(());
+                };
+                let grad = if scale == 1.0 {
+                    grad.clone()
+                } else {
+                    (grad * scale)?
+                };
+                let sum = match grads.get(i) {
+                    Some(before) => (before + grad)?,
+                    None => grad,
+                };
+                grads.set(i, sum);
+                ready[i] = true;
+                while next < ranges.len() && ranges[next].clone().all(|j| ready[j]) {
+                    send.bucket(next, &grads)
+                        .map_err(candle_core::Error::wrap)?;
+                    next += 1;
+                }
+                Ok(())
+            })?;
+            // Variables the loss did not reach count as zero: send what is left.
+            for k in next..ranges.len() {
+                send.bucket(k, &grads)?;
+            }
+            // Before the averages are written back in place.
+            grads.unshare()?;
+            Ok(grads)
+        });
+        self.index = index;
+        result
+    }
+
+    /// Runs `produce` on this thread while a communication thread all-reduces the
+    /// buckets it hands over (in bucket order, each flattened from the gradients as they
+    /// are then), and writes the averages back into the gradients `produce` returns as
+    /// each reduction returns.
+    fn pipelined(
+        &mut self,
+        loss_non_finite: bool,
+        produce: impl FnOnce(&mut Sender) -> Result<Grads>,
+    ) -> Result<(Grads, bool)> {
         let Ddp {
             comm,
             params,
@@ -152,18 +236,18 @@ impl Ddp {
         } = self;
         if comm.world_size() == 1 {
             // Nothing to average: only give absent gradients their zeros, as n ranks would.
+            let mut grads = produce(&mut Sender::local())?;
             for (i, p) in params.iter().enumerate() {
                 if grads.get(i).is_none() {
                     grads.set(i, p.var.zeros_like()?);
                 }
             }
-            return Ok(loss_non_finite);
+            return Ok((grads, loss_non_finite));
         }
         let last = buckets.len() - 1;
         let flag = if loss_non_finite { 1.0 } else { 0.0 };
         let comm = comm.as_mut();
-        let mut any_non_finite = false;
-        std::thread::scope(|s| -> Result<()> {
+        std::thread::scope(|s| -> Result<(Grads, bool)> {
             let (to_comm, inbox) = mpsc::channel::<(usize, Vec<f32>)>();
             let (outbox, from_comm) = mpsc::channel();
             s.spawn(move || {
@@ -177,24 +261,18 @@ impl Ddp {
                     }
                 }
             });
-            let mut sent = 0;
-            let mut failure = None;
-            for (k, bucket) in buckets.iter_mut().enumerate() {
-                let mut buf = std::mem::take(&mut bucket.buf);
-                buf.resize(bucket.len, 0.0);
-                if let Err(e) = flatten(bucket, params, grads, &mut buf) {
-                    failure = Some(e);
-                    break;
-                }
-                if k == last {
-                    buf[bucket.len - 1] = flag;
-                }
-                if to_comm.send((k, buf)).is_err() {
-                    break; // the thread stopped on a failed all-reduce, received below
-                }
-                sent += 1;
-            }
-            drop(to_comm);
+            let mut sender = Sender {
+                buckets: &mut buckets[..],
+                params,
+                to_comm: Some(to_comm),
+                sent: 0,
+                flag,
+            };
+            let produced = produce(&mut sender);
+            let sent = sender.sent;
+            drop(sender); // closes the channel: the thread ends after the last bucket
+            let mut grads = produced?;
+            let mut any_non_finite = false;
             for _ in 0..sent {
                 let (k, buf, result, seconds) = from_comm
                     .recv()
@@ -202,15 +280,20 @@ impl Ddp {
                 result?;
                 traffic.bytes += buf.len() as u64 * 4;
                 traffic.seconds += seconds;
-                unflatten(&buckets[k], params, grads, &buf)?;
+                unflatten(&buckets[k], params, &mut grads, &buf)?;
                 if k == last {
                     any_non_finite = buf[buckets[k].len - 1] != 0.0;
                 }
                 buckets[k].buf = buf;
             }
-            failure.map_or(Ok(()), Err)
-        })?;
-        Ok(any_non_finite)
+            if sent < buckets.len() {
+                return Err(Error::Config(format!(
+                    "DDP: only {sent} of {} gradient buckets were reduced",
+                    buckets.len()
+                )));
+            }
+            Ok((grads, any_non_finite))
+        })
     }
 
     /// Averages buffers (BatchNorm running statistics) across ranks, before evaluation
@@ -257,34 +340,90 @@ impl Ddp {
     }
 }
 
+/// Hands buckets to the communication thread of [`Ddp::pipelined`], in bucket order.
+struct Sender<'a> {
+    buckets: &'a mut [Bucket],
+    params: &'a [NamedVar],
+    /// None on a single rank, where nothing is sent.
+    to_comm: Option<mpsc::Sender<(usize, Vec<f32>)>>,
+    sent: usize,
+    /// The non-finite-loss flag, the last element of the last bucket.
+    flag: f32,
+}
+
+impl<'a> Sender<'a> {
+    fn local() -> Sender<'a> {
+        Sender {
+            buckets: &mut [],
+            params: &[],
+            to_comm: None,
+            sent: 0,
+            flag: 0.0,
+        }
+    }
+
+    /// Flattens bucket `k` from `grads` and queues its all-reduce; `k` must be the next
+    /// bucket. A closed channel means the thread stopped on a failed all-reduce, which
+    /// the caller receives.
+    fn bucket(&mut self, k: usize, grads: &Grads) -> Result<()> {
+        let Some(to_comm) = &self.to_comm else {
+            return Ok(());
+        };
+        if k != self.sent {
+            return Err(Error::Config(format!(
+                "DDP: bucket {k} queued after {} of them",
+                self.sent
+            )));
+        }
+        let last = k + 1 == self.buckets.len();
+        let bucket = &mut self.buckets[k];
+        let mut buf = std::mem::take(&mut bucket.buf);
+        buf.resize(bucket.len, 0.0);
+        flatten(bucket, self.params, grads, &mut buf)?;
+        if last {
+            buf[bucket.len - 1] = self.flag;
+        }
+        if to_comm.send((k, buf)).is_ok() {
+            self.sent += 1;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Exchange {
     BroadcastFromRoot,
     Average,
 }
 
-/// Greedy buckets over the variables in name order; a variable larger than a bucket gets
-/// one of its own. The last bucket has one extra element for the non-finite-loss flag.
+/// Greedy buckets over the variables in reverse name order (about the order backward
+/// completes them); a variable larger than a bucket gets one of its own. The last bucket has one extra element for the non-finite-loss flag.
 fn plan_buckets(params: &[NamedVar], bucket_bytes: usize) -> Vec<Bucket> {
     let cap = (bucket_bytes / 4).max(1);
     let mut buckets = Vec::new();
-    let mut start = 0;
-    while start < params.len() {
-        let mut offsets = Vec::new();
-        let mut len = 0;
-        let mut end = start;
-        while end < params.len() && (end == start || len + params[end].var.elem_count() <= cap) {
-            offsets.push(len);
-            len += params[end].var.elem_count();
-            end += 1;
+    let mut end = params.len();
+    while end > 0 {
+        let mut start = end - 1;
+        let mut len = params[start].var.elem_count();
+        while start > 0 && len + params[start - 1].var.elem_count() <= cap {
+            start -= 1;
+            len += params[start].var.elem_count();
         }
+        let offsets = params[start..end]
+            .iter()
+            .scan(0, |off, p| {
+                let at = *off;
+                *off += p.var.elem_count();
+                Some(at)
+            })
+            .collect();
         buckets.push(Bucket {
             params: start..end,
             offsets,
             buf: Vec::new(),
             len,
         });
-        start = end;
+        end = start;
     }
     match buckets.last_mut() {
         Some(b) => b.len += 1,

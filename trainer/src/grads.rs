@@ -17,17 +17,54 @@ pub struct Grads {
 impl Grads {
     /// Takes the gradients of `params` out of a backward pass. Only variables are looked
     /// up: the store also holds gradients of intermediate tensors.
-    pub fn take(params: &[NamedVar], store: &mut GradStore) -> Self {
-        Grads {
-            slots: params
+    pub fn take(params: &[NamedVar], store: &mut GradStore) -> Result<Self> {
+        Grads::from_slots(
+            params
                 .iter()
                 .map(|p| store.remove(p.var.as_tensor()))
                 .collect(),
-        }
+        )
     }
 
-    pub fn from_slots(slots: Vec<Option<Tensor>>) -> Self {
-        Grads { slots }
+    pub fn from_slots(slots: Vec<Option<Tensor>>) -> Result<Self> {
+        let mut grads = Grads { slots };
+        grads.unshare()?;
+        Ok(grads)
+    }
+
+    /// Gradients may come straight from a backward pass, which hands the same tensor to
+    /// several variables where an op passes its gradient through (`a + b`): each slot
+    /// that shares its elements with an earlier one is copied, because clipping, scaling
+    /// and DDP write gradients in place.
+    pub fn unshare(&mut self) -> Result<()> {
+        let mut spans: Vec<(usize, usize, usize)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| {
+                host::read(g.as_ref()?, |data| {
+                    let start = data.as_ptr() as usize;
+                    (start, start + std::mem::size_of_val(data), i)
+                })
+            })
+            .collect();
+        spans.sort_unstable();
+        let mut reach = 0;
+        for (start, end, i) in spans {
+            if start < reach {
+                let shared = self.slots[i].take().expect("spans come from present slots");
+                self.slots[i] = Some(shared.copy()?);
+            }
+            reach = reach.max(end);
+        }
+        Ok(())
+    }
+
+    /// Slots for `len` variables, none holding a gradient yet.
+    pub fn empty(len: usize) -> Self {
+        Grads {
+            slots: vec![None; len],
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -58,6 +95,9 @@ impl Grads {
     }
 
     pub fn scale(&mut self, factor: f64) -> Result<()> {
+        if factor == 1.0 {
+            return Ok(());
+        }
         for g in self.slots.iter_mut().flatten() {
             *g = host::scale(g, factor)?;
         }
@@ -114,4 +154,26 @@ pub fn first_non_finite<'a>(params: &'a [NamedVar], sum_squares: &[f64]) -> Opti
         .zip(sum_squares)
         .find(|(_, s)| !s.is_finite())
         .map(|(p, _)| p.name.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Backward hands `a + b`'s gradient to both `a` and `b` as one tensor; scaling in
+    /// place must still scale each variable's gradient once.
+    #[test]
+    fn a_gradient_shared_by_two_variables_is_scaled_once_for_each() -> Result<()> {
+        let a = Var::new(&[1f32, 2.], &Device::Cpu)?;
+        let b = Var::new(&[3f32, 4.], &Device::Cpu)?;
+        let mut store = (a.as_tensor() + b.as_tensor())?.sum_all()?.backward()?;
+        let slots = vec![store.remove(a.as_tensor()), store.remove(b.as_tensor())];
+        let mut grads = Grads::from_slots(slots)?;
+        grads.scale(3.0)?;
+        for i in 0..2 {
+            assert_eq!(grads.get(i).unwrap().to_vec1::<f32>()?, [3.0, 3.0]);
+        }
+        Ok(())
+    }
 }

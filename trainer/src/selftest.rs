@@ -257,6 +257,10 @@ pub struct SelftestArgs {
     /// Samples per rank per step.
     #[arg(long, default_value_t = 4)]
     pub batch: u64,
+    /// Micro-batches per step: the rank's batch in this many equal parts, their
+    /// gradients accumulated (must divide `--batch`).
+    #[arg(long, default_value_t = 1)]
+    pub accumulation: u64,
     /// Hidden width of the MLP.
     #[arg(long, default_value_t = 16)]
     pub hidden: usize,
@@ -312,7 +316,14 @@ pub fn run(args: &SelftestArgs, comm: Box<dyn Communicator>) -> Result<()> {
             bucket_bytes: args.bucket_bytes,
         },
     )?;
+    if args.accumulation == 0 || args.batch % args.accumulation != 0 {
+        return Err(Error::Config(format!(
+            "--accumulation {} must divide --batch {}",
+            args.accumulation, args.batch
+        )));
+    }
     let mut cfg = StepConfig::new(args.lr);
+    cfg.accumulation = args.accumulation as usize;
     if args.skip_non_finite {
         cfg.non_finite = NonFinitePolicy::Skip;
     }
@@ -326,12 +337,15 @@ pub fn run(args: &SelftestArgs, comm: Box<dyn Communicator>) -> Result<()> {
         if args.exit_rank == Some(rank) && args.exit_step == step {
             std::process::exit(3);
         }
-        let first = step * global + rank * args.batch;
-        let mut loss = model.loss(first..first + args.batch, &device)?;
-        if args.nan_loss_rank == Some(rank) && args.nan_loss_step == step {
-            loss = (loss * f64::NAN)?;
+        let micro = args.batch / args.accumulation;
+        for part in 0..args.accumulation {
+            let first = step * global + rank * args.batch + part * micro;
+            let mut loss = model.loss(first..first + micro, &device)?;
+            if args.nan_loss_rank == Some(rank) && args.nan_loss_step == step {
+                loss = (loss * f64::NAN)?;
+            }
+            println!("{:?}", stepper.backward(&loss)?);
         }
-        println!("{:?}", stepper.backward(&loss)?);
     }
     if let (0, Some(out)) = (rank, &args.out) {
         let tensors: std::collections::HashMap<String, Tensor> = vars

@@ -172,30 +172,44 @@ impl Stepper {
             ))
         })?;
         self.loss_non_finite |= !value.is_finite();
-        let mut store = loss.backward()?;
-        let grads = Grads::take(&self.params, &mut store);
-        match &mut self.pending {
-            Some(acc) => acc.add(grads)?,
-            empty => *empty = Some(grads),
-        }
         self.micro += 1;
+        let scale = 1.0 / self.cfg.accumulation as f64;
         if self.micro < self.cfg.accumulation {
+            let mut store = loss.backward()?;
+            let mut grads = Grads::take(&self.params, &mut store)?;
+            grads.scale(scale)?;
+            match &mut self.pending {
+                Some(acc) => acc.add(grads)?,
+                empty => *empty = Some(grads),
+            }
             return Ok(StepOutcome::Accumulating { micro: self.micro });
         }
-        self.update()
-    }
-
-    fn update(&mut self) -> Result<StepOutcome> {
-        let mut grads = self.pending.take().expect("micro-batches were accumulated");
         self.micro = 0;
         let local_loss_bad = std::mem::take(&mut self.loss_non_finite);
-        if self.cfg.accumulation > 1 {
-            grads.scale(1.0 / self.cfg.accumulation as f64)?;
-        }
-        let any_loss_bad = match &mut self.ddp {
-            Some(ddp) => ddp.reduce_grads(&mut grads, local_loss_bad)?,
-            None => local_loss_bad,
+        let earlier = self.pending.take();
+        let (grads, any_loss_bad) = match &mut self.ddp {
+            // The last micro-batch's gradients are averaged while its backward runs.
+            Some(ddp) => ddp.backward_and_reduce(loss, earlier, scale, local_loss_bad)?,
+            None => {
+                let mut store = loss.backward()?;
+                let mut grads = Grads::take(&self.params, &mut store)?;
+                grads.scale(scale)?;
+                if let Some(mut earlier) = earlier {
+                    earlier.add(grads)?;
+                    grads = earlier;
+                }
+                (grads, local_loss_bad)
+            }
         };
+        self.update(grads, local_loss_bad, any_loss_bad)
+    }
+
+    fn update(
+        &mut self,
+        mut grads: Grads,
+        local_loss_bad: bool,
+        any_loss_bad: bool,
+    ) -> Result<StepOutcome> {
         let squares = grads.sum_squares()?;
         let step = self.step + 1;
         let bad = if any_loss_bad {

@@ -148,6 +148,24 @@ fn two_ranks_of_batch_b_train_like_one_rank_of_batch_2b() {
     assert!(diff < 1e-5, "2 ranks x 4 differ from 1 rank x 8 by {diff}");
 }
 
+/// The last micro-batch's gradients are all-reduced during its backward, with the
+/// earlier ones added first.
+#[test]
+fn two_ranks_accumulating_micro_batches_train_like_one_rank_of_batch_2b() {
+    let (one, two) = (out_path("world1-acc"), out_path("world2-acc"));
+    check(&run_ranks(&[args(8, Some(&one), &[])]));
+    let acc = ["--accumulation", "2"];
+    check(&run_ranks(&[
+        args(4, Some(&two), &acc),
+        args(4, None, &acc),
+    ]));
+    let diff = max_diff(&load(&one), &load(&two));
+    assert!(
+        diff < 1e-5,
+        "2 ranks x 2 micro-batches x 2 differ from 1 rank x 8 by {diff}"
+    );
+}
+
 #[test]
 fn frozen_variables_are_neither_trained_nor_reduced() {
     let out = out_path("frozen");

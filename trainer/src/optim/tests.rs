@@ -29,6 +29,7 @@ fn grads(values: &[f32]) -> Grads {
     Grads::from_slots(vec![Some(
         Tensor::from_slice(values, (1, values.len()), &Device::Cpu).unwrap(),
     )])
+    .unwrap()
 }
 
 fn values(p: &NamedVar) -> Vec<f32> {
@@ -167,7 +168,7 @@ fn biases_and_norm_weights_are_not_decayed() {
         let zero = || Some(Tensor::zeros((1, 2), candle_core::DType::F32, &Device::Cpu).unwrap());
         opt.step(
             &params,
-            &Grads::from_slots(vec![zero(), zero(), zero()]),
+            &Grads::from_slots(vec![zero(), zero(), zero()]).unwrap(),
             0.1,
         )
         .unwrap();
@@ -185,7 +186,8 @@ fn parameters_without_gradients_are_left_alone() {
     let g = Grads::from_slots(vec![
         None,
         Some(Tensor::new(&[[1f32]], &Device::Cpu).unwrap()),
-    ]);
+    ])
+    .unwrap();
     opt.step(&params, &g, 0.1).unwrap();
     assert_eq!(values(&params[0]), [1.0]);
     assert_ne!(values(&params[1]), [1.0]);

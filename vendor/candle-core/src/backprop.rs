@@ -163,11 +163,26 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        self.backward_with_hook(&mut |_, _| Ok(()))
+    }
+
+    /// [`Self::backward`], calling `on_variable_ready(variable, gradient)` as soon as a
+    /// variable's gradient is complete, while the rest of the pass still runs: what
+    /// data-parallel training needs to all-reduce gradients during backward (ringmaster's
+    /// patch). The nodes are in topological order, so a variable is reached only after
+    /// every op that used it; a variable without a gradient is never reported.
+    pub fn backward_with_hook(
+        &self,
+        on_variable_ready: &mut dyn FnMut(&Tensor, &Tensor) -> Result<()>,
+    ) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
             if node.is_variable() {
+                if let Some(grad) = grads.get(node) {
+                    on_variable_ready(node, grad)?;
+                }
                 continue;
             }
             let grad = grads
