@@ -21,36 +21,16 @@ MAX_BYTES="${MAX_BYTES:-268435456}"
 ROUNDS="${ROUNDS:-1}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 [[ $TARGET_DIR == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
-BRIDGE=rmbench0
 MAX_RANKS=0
 for w in ${WORLD_SIZES//,/ }; do ((w > MAX_RANKS)) && MAX_RANKS=$w; done
 
 (cd "$ROOT" && cargo build --release -q -p ringmaster-collective --bin ringmaster-allreduce-bench)
 BENCH="$TARGET_DIR/release/ringmaster-allreduce-bench"
-remove_namespaces() {
-  for ((i = 0; i < MAX_RANKS; i++)); do ip netns del "rmb$i" 2>/dev/null || true; done
-  ip link del "$BRIDGE" 2>/dev/null || true
-}
-remove_namespaces # a run killed before its trap
+# shellcheck source=netns.sh
+source "$HERE/netns.sh"
 WORK="$(mktemp -d /tmp/ringmaster-netns-XXXXXX)"
-trap 'remove_namespaces; rm -rf "$WORK"' EXIT
-
-address() { echo "10.77.0.$((10 + $1))"; }
-ip link add "$BRIDGE" type bridge
-ip link set "$BRIDGE" up
-for ((i = 0; i < MAX_RANKS; i++)); do
-  ip netns add "rmb$i"
-  ip link add "rmbv$i" type veth peer name eth0 netns "rmb$i"
-  ip link set "rmbv$i" master "$BRIDGE" up
-  ip -n "rmb$i" addr add "$(address "$i")/24" dev eth0
-  ip -n "rmb$i" link set eth0 up
-  ip -n "rmb$i" link set lo up
-  if [[ -n $RATE ]]; then
-    tc qdisc add dev "rmbv$i" root tbf rate "$RATE" burst 1mb latency 10ms
-    ip netns exec "rmb$i" tc qdisc add dev eth0 root tbf rate "$RATE" burst 1mb latency 10ms
-  fi
-done
-echo "# $MAX_RANKS namespaces on bridge $BRIDGE${RATE:+, every veth end limited to $RATE}"
+trap 'remove_namespaces "$MAX_RANKS"; rm -rf "$WORK"' EXIT
+make_namespaces "$MAX_RANKS" "$RATE"
 
 quiet() { (cd "$BASELINES" && "$TORCH_PY" wait_quiet.py --window 5 --max-cores 0.1 --timeout 120 >&2) || true; }
 

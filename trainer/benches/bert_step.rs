@@ -38,11 +38,6 @@ use ringmaster_trainer::grads::Grads;
 use ringmaster_trainer::optim::{Optimizer, OptimizerConfig};
 use ringmaster_trainer::params::{ModelVars, NamePatterns, default_buffer_patterns};
 
-const MINILM_CONFIG: &str = r#"{"model_type": "bert", "architectures": ["BertModel"],
-    "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
-    "intermediate_size": 1536, "hidden_act": "gelu", "max_position_embeddings": 512,
-    "type_vocab_size": 2, "layer_norm_eps": 1e-12}"#;
-
 /// MiniLM-shaped BERT training and inference step time against PyTorch.
 #[derive(Parser)]
 struct Args {
@@ -103,10 +98,9 @@ fn model(varmap: &VarMap) -> Result<BertForSequenceClassification> {
             eprintln!(
                 "# MiniLM checkpoint not found (nn/scripts/fetch-assets.sh): random weights, same cost"
             );
-            let config = BertConfig::from_json(MINILM_CONFIG).map_err(candle_core::Error::Msg)?;
             BertForSequenceClassification::new(
                 VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu),
-                &config,
+                &BertConfig::minilm_l6(),
                 2,
                 Pooling::Cls,
             )

@@ -3,7 +3,8 @@
 //!   candle's stock `AdamW` and, when a Python with torch is given, PyTorch's AdamW
 //!   (for-loop, foreach and fused) in the same run with the same thread count;
 //! - `ringmaster bench ddp`: DDP gradient averaging (bucketing, flattening, write-back)
-//!   against one raw all-reduce of the same number of floats, over real rank processes.
+//!   against one raw all-reduce of the same number of floats, over real rank processes
+//!   (`bench ddp-step`, a whole training step, is in `ddp_step_bench.rs`).
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -50,7 +51,7 @@ pub struct Row {
     pub ms: f64,
 }
 
-fn median_ms(iters: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn median_ms(iters: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64> {
     step()?; // first step allocates the moments
     let mut times: Vec<f64> = (0..iters)
         .map(|_| {
@@ -187,7 +188,11 @@ pub fn ddp_rank(iters: usize, bucket_bytes: usize) -> Result<()> {
     for (i, s) in shapes.iter().enumerate() {
         vb.get_with_hints(s.as_slice(), &format!("p{i:03}.weight"), Init::Const(0.0))?;
     }
-    let mut ddp = Ddp::new(Box::new(comm), &vars, DdpConfig { bucket_bytes })?;
+    let cfg = DdpConfig {
+        bucket_bytes,
+        ..DdpConfig::default()
+    };
+    let mut ddp = Ddp::new(Box::new(comm), &vars, cfg)?;
     let mut grads = Grads::from_slots(
         random_vars(&shapes)?
             .into_iter()
@@ -207,59 +212,19 @@ pub fn ddp_rank(iters: usize, bucket_bytes: usize) -> Result<()> {
 
 /// Runs `bench ddp` ranks on loopback for each world size and tabulates rank 0's lines.
 pub fn ddp_drive(world_sizes: &[usize], iters: usize, bucket_bytes: usize) -> Result<String> {
-    let exe = std::env::current_exe().map_err(|source| Error::Io {
-        what: "locating",
-        path: "the ringmaster executable".into(),
-        source,
-    })?;
     let mut table = String::from(
         "| ranks | params | bucket MiB | DDP reduce ms | raw all-reduce ms | DDP overhead |\n|---|---|---|---|---|---|\n",
     );
     for &world in world_sizes {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|source| Error::Io {
-                what: "finding a free port on",
-                path: "127.0.0.1".into(),
-                source,
-            })?
-            .port();
-        let kids = (0..world)
-            .map(|rank| {
-                Command::new(&exe)
-                    .args(["bench", "ddp-rank", "--iters", &iters.to_string()])
-                    .args(["--bucket-bytes", &bucket_bytes.to_string()])
-                    .env("RANK", rank.to_string())
-                    .env("WORLD_SIZE", world.to_string())
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", port.to_string())
-                    .env("RINGMASTER_TOKEN", "ringmaster-bench-ddp")
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .map_err(|source| Error::Io {
-                        what: "starting",
-                        path: exe.clone(),
-                        source,
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut line = String::new();
-        for (rank, kid) in kids.into_iter().enumerate() {
-            let out = kid.wait_with_output().map_err(|source| Error::Io {
-                what: "waiting for",
-                path: exe.clone(),
-                source,
-            })?;
-            if !out.status.success() {
-                return Err(Error::Config(format!(
-                    "bench ddp rank {rank} failed ({})",
-                    out.status
-                )));
-            }
-            if rank == 0 {
-                line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            }
-        }
+        let args = [
+            "bench".to_string(),
+            "ddp-rank".into(),
+            "--iters".into(),
+            iters.to_string(),
+            "--bucket-bytes".into(),
+            bucket_bytes.to_string(),
+        ];
+        let line = run_ranks(world, &args, None)?;
         let v: Vec<f64> = line.split(' ').filter_map(|x| x.parse().ok()).collect();
         let [ddp_ms, raw_ms, n] = v[..] else {
             return Err(Error::Config(format!("bench ddp rank 0 printed {line:?}")));
@@ -275,4 +240,65 @@ pub fn ddp_drive(world_sizes: &[usize], iters: usize, bucket_bytes: usize) -> Re
         ));
     }
     Ok(table)
+}
+
+/// Starts `world` processes of this executable with `args` as ranks of a TCP ring on
+/// loopback (each on `threads` threads when given), waits for all, and answers what
+/// rank 0 printed.
+pub(crate) fn run_ranks(world: usize, args: &[String], threads: Option<usize>) -> Result<String> {
+    let exe = std::env::current_exe().map_err(|source| Error::Io {
+        what: "locating",
+        path: "the ringmaster executable".into(),
+        source,
+    })?;
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|source| Error::Io {
+            what: "finding a free port on",
+            path: "127.0.0.1".into(),
+            source,
+        })?
+        .port();
+    let kids = (0..world)
+        .map(|rank| {
+            let mut command = Command::new(&exe);
+            command
+                .args(args)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("RINGMASTER_TOKEN", "ringmaster-bench")
+                .stdout(Stdio::piped());
+            if let Some(threads) = threads {
+                for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+                    command.env(var, threads.to_string());
+                }
+            }
+            command.spawn().map_err(|source| Error::Io {
+                what: "starting",
+                path: exe.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut line = String::new();
+    for (rank, kid) in kids.into_iter().enumerate() {
+        let out = kid.wait_with_output().map_err(|source| Error::Io {
+            what: "waiting for",
+            path: exe.clone(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(Error::Config(format!(
+                "{} rank {rank} failed ({})",
+                args.join(" "),
+                out.status
+            )));
+        }
+        if rank == 0 {
+            line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+    }
+    Ok(line)
 }

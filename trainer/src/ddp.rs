@@ -24,12 +24,15 @@ use crate::params::{ModelVars, NamedVar, Role};
 pub struct DdpConfig {
     /// Gradient bytes (as f32) per all-reduce; PyTorch DDP's default is 25 MiB.
     pub bucket_bytes: usize,
+    /// All-reduce buckets while backward runs (false: after it, for comparison).
+    pub overlap: bool,
 }
 
 impl Default for DdpConfig {
     fn default() -> Self {
         DdpConfig {
             bucket_bytes: 25 << 20,
+            overlap: true,
         }
     }
 }
@@ -98,6 +101,12 @@ impl Ddp {
 
     pub fn world_size(&self) -> usize {
         self.comm.world_size()
+    }
+
+    /// Whether [`Self::backward_and_reduce`] all-reduces while backward runs (the same on
+    /// every rank).
+    pub fn set_overlap(&mut self, overlap: bool) {
+        self.cfg.overlap = overlap;
     }
 
     /// The communicator, for collectives outside gradient averaging (a barrier before a
@@ -177,6 +186,16 @@ impl Ddp {
         scale: f64,
         loss_non_finite: bool,
     ) -> Result<(Grads, bool)> {
+        if !self.cfg.overlap {
+            let mut grads = Grads::take(&self.params, &mut loss.backward()?)?;
+            grads.scale(scale)?;
+            if let Some(mut earlier) = earlier {
+                earlier.add(grads)?;
+                grads = earlier;
+            }
+            let any_non_finite = self.reduce_grads(&mut grads, loss_non_finite)?;
+            return Ok((grads, any_non_finite));
+        }
         let count = self.params.len();
         let ranges: Vec<Range<usize>> = self.buckets.iter().map(|b| b.params.clone()).collect();
         let index = std::mem::take(&mut self.index);

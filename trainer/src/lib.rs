@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cpu;
 pub mod data;
 pub mod ddp;
+pub mod ddp_step_bench;
 mod error;
 pub mod evaluate;
 pub mod events;

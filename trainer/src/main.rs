@@ -90,6 +90,33 @@ enum Bench {
         #[arg(long, default_value_t = 25 << 20)]
         bucket_bytes: usize,
     },
+    /// Whether DDP hides gradient averaging under backward: a MiniLM-L6 training step on
+    /// one rank against the same per-rank batch on N ranks (rank processes over the TCP
+    /// ring, `--threads` each). Example: `ringmaster bench ddp-step --world-sizes 2`.
+    DdpStep {
+        #[arg(long, default_value = "2", value_delimiter = ',')]
+        world_sizes: Vec<usize>,
+        /// Sequences per rank.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Threads per rank.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
+    /// One rank of `bench ddp-step` (started by it).
+    #[command(hide = true)]
+    DdpStepRank {
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
     /// One rank of `bench ddp` (started by it).
     #[command(hide = true)]
     DdpRank {
@@ -155,6 +182,18 @@ fn main() -> ExitCode {
         }) => ringmaster_trainer::bench::ddp_drive(&world_sizes, iters, bucket_bytes)
             .map(|table| print!("{table}"))
             .map_err(|e| e.to_string()),
+        Command::Bench(Bench::DdpStep {
+            world_sizes,
+            batch,
+            seq,
+            threads,
+            iters,
+        }) => ringmaster_trainer::ddp_step_bench::drive(&world_sizes, batch, seq, threads, iters)
+            .map(|table| println!("{table}"))
+            .map_err(|e| e.to_string()),
+        Command::Bench(Bench::DdpStepRank { batch, seq, iters }) => {
+            ringmaster_trainer::ddp_step_bench::rank(batch, seq, iters).map_err(|e| e.to_string())
+        }
         Command::Bench(Bench::DdpRank {
             iters,
             bucket_bytes,

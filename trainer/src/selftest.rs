@@ -314,6 +314,7 @@ pub fn run(args: &SelftestArgs, comm: Box<dyn Communicator>) -> Result<()> {
         &vars,
         DdpConfig {
             bucket_bytes: args.bucket_bytes,
+            ..DdpConfig::default()
         },
     )?;
     if args.accumulation == 0 || args.batch % args.accumulation != 0 {

@@ -77,6 +77,18 @@ impl BertConfig {
         })
     }
 
+    /// The shape of all-MiniLM-L6-v2 (what the benchmarks build with random weights when
+    /// the checkpoint is not installed: same cost).
+    pub fn minilm_l6() -> Self {
+        Self::from_json(
+            r#"{"model_type": "bert", "architectures": ["BertModel"],
+                "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
+                "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
+                "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12}"#,
+        )
+        .expect("a valid BERT config")
+    }
+
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self, String> {
         let kind: ModelKind = serde_json::from_str(text).map_err(|e| e.to_string())?;
