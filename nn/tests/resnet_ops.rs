@@ -76,6 +76,20 @@ fn max_pool_f32_backward_equals_f64() -> Result<()> {
     Ok(())
 }
 
+/// As in PyTorch: a NaN in a window is its maximum (it propagates), the first of tied
+/// maxima takes the gradient, and the gradient reaches the NaN it came from.
+#[test]
+fn max_pool_propagates_nan_and_routes_ties_to_the_first() -> Result<()> {
+    let x = Var::new(&[[[[1f32, 5., 5., 2.], [0., f32::NAN, 3., 5.]]]], &Device::Cpu)?;
+    let pooled = MaxPool2d::new(2, 2, 0)?.forward(&x)?;
+    let values = pooled.flatten_all()?.to_vec1::<f32>()?;
+    assert!(values[0].is_nan() && values[1] == 5.0, "{values:?}");
+    let grads = pooled.sum_all()?.backward()?;
+    let grad = grads.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?;
+    assert_eq!(grad, [0., 0., 1., 0., 0., 1., 0., 0.]);
+    Ok(())
+}
+
 #[test]
 fn max_pool_rejects_bad_geometry() {
     let err = MaxPool2d::new(3, 2, 2).unwrap_err().to_string();
