@@ -80,7 +80,10 @@ fn max_pool_f32_backward_equals_f64() -> Result<()> {
 /// maxima takes the gradient, and the gradient reaches the NaN it came from.
 #[test]
 fn max_pool_propagates_nan_and_routes_ties_to_the_first() -> Result<()> {
-    let x = Var::new(&[[[[1f32, 5., 5., 2.], [0., f32::NAN, 3., 5.]]]], &Device::Cpu)?;
+    let x = Var::new(
+        &[[[[1f32, 5., 5., 2.], [0., f32::NAN, 3., 5.]]]],
+        &Device::Cpu,
+    )?;
     let pooled = MaxPool2d::new(2, 2, 0)?.forward(&x)?;
     let values = pooled.flatten_all()?.to_vec1::<f32>()?;
     assert!(values[0].is_nan() && values[1] == 5.0, "{values:?}");

@@ -3,7 +3,7 @@
 //! candle's `gelu_erf` backward runs nine tensor ops over the largest activation of a
 //! BERT layer (the intermediate, 4x hidden); this backward is one pass.
 
-use super::float::{Real, dispatch_real, zip_chunks};
+use super::float::{Real, dispatch_real, widest_vectors, zip_chunks};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// `x * Phi(x)` with the standard normal CDF `Phi`, differentiable. Fused f32/f64 kernels
@@ -24,7 +24,7 @@ fn cdf<T: Real>(x: T) -> T {
 /// block while the block is still in cache.
 #[inline]
 pub(crate) fn gelu_in_place<T: Real>(x: &mut [T]) {
-    x.iter_mut().for_each(|x| *x = *x * cdf(*x));
+    widest_vectors(|| x.iter_mut().for_each(|x| *x = *x * cdf(*x)));
 }
 
 struct Gelu;
@@ -39,7 +39,7 @@ impl CustomOp1 for Gelu {
         let y = dispatch_real!(x, op, |T| {
             let x = T::elements(x, layout, op)?;
             T::storage(zip_chunks(x, x, |y, x, _| {
-                y.iter_mut().zip(x).for_each(|(y, &x)| *y = x * cdf(x))
+                widest_vectors(|| y.iter_mut().zip(x).for_each(|(y, &x)| *y = x * cdf(x)))
             })?)
         });
         Ok((y, layout.shape().clone()))
@@ -72,9 +72,11 @@ impl CustomOp2 for GeluGrad {
             let dy = T::elements(dy, ldy, op)?;
             let (half, k) = (T::lit(-0.5), T::lit(inv_sqrt_2pi));
             T::storage(zip_chunks(x, dy, |dx, x, dy| {
-                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
-                    *dx = g * (cdf(x) + x * k * (half * x * x).fast_exp());
-                }
+                widest_vectors(|| {
+                    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
+                        *dx = g * (cdf(x) + x * k * (half * x * x).fast_exp());
+                    }
+                })
             })?)
         });
         Ok((dx, lx.shape().clone()))

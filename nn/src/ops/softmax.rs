@@ -5,7 +5,7 @@
 
 use super::float::{
     Real, dispatch_real, last_dim, map_row_pairs, map_rows, max_of, output_buffer, rows_per_task,
-    sum_map, sum_zip,
+    sum_map, sum_zip, widest_vectors,
 };
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -47,6 +47,14 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, bias: Option<&Tensor>) -> 
 }
 
 pub(crate) fn softmax_row<T: Real>(y: &mut [T], x: &[T], scale: T, bias: Option<&[T]>) {
+    widest_vectors(
+        #[inline(always)]
+        || softmax_row_passes(y, x, scale, bias),
+    )
+}
+
+#[inline(always)]
+fn softmax_row_passes<T: Real>(y: &mut [T], x: &[T], scale: T, bias: Option<&[T]>) {
     // Separate simple passes (shift, max, exp + sum, normalise) so each vectorises.
     match bias {
         Some(bias) => y
