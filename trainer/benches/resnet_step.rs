@@ -6,7 +6,7 @@
 //! 0.9), BatchNorm in training mode, 3 warm-up + 10 timed steps, medians.
 //!
 //! cargo bench -p ringmaster-trainer --bench resnet_step -- [--configs 224:32,32:128]
-//!     [--threads 2] [--steps 10] [--warmup 3]
+//!     [--threads 2] [--steps 10] [--warmup 3] [--infer]
 //!     [--torch /tmp/bench-baselines --python /tmp/venv-torch/bin/python [--runs 3]]
 //!
 //! `--torch DIR` runs `DIR/resnet_bench.py` (a writable copy of shared/bench-baselines)
@@ -45,6 +45,10 @@ struct Args {
     /// A copy of shared/bench-baselines: run resnet_bench.py there in the same run.
     #[arg(long)]
     torch: Option<PathBuf>,
+    /// Also eval-mode forward throughput (running BatchNorm statistics, no gradients),
+    /// on both sides.
+    #[arg(long)]
+    infer: bool,
     /// Side-by-side runs (with --torch), alternating which side goes first.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -126,9 +130,27 @@ fn bench(hw: usize, batch: usize, args: &Args) -> Result<Timings> {
     Ok(t)
 }
 
+/// Median seconds of an eval-mode forward pass over `batch` images of `hw`.
+fn bench_infer(hw: usize, batch: usize, args: &Args) -> Result<f64> {
+    let device = Device::Cpu;
+    let vars = ModelVars::new(NamePatterns::default(), default_buffer_patterns());
+    let config = ResNetConfig::new(18, 10).expect("ResNet-18");
+    let model = ResNet::new(&config, vars.var_builder(DType::F32, &device))?;
+    let x = Tensor::randn(0f32, 1., (batch, 3, hw, hw), &device)?;
+    let mut times = vec![];
+    for i in 0..args.warmup + args.steps {
+        let started = Instant::now();
+        model.forward_t(&x, false)?.sum_all()?.to_scalar::<f32>()?;
+        if i >= args.warmup {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(&times))
+}
+
 /// One `resnet_bench.py` record per config: (samples/s, forward, backward, optimizer,
 /// foreign CPU seconds, stolen seconds).
-fn torch_results(dir: &Path, args: &Args) -> Result<HashMap<(usize, usize), [f64; 6]>> {
+fn torch_results(dir: &Path, args: &Args) -> Result<HashMap<Key, [f64; 6]>> {
     let json = std::env::temp_dir().join(format!("resnet_step_torch_{}.jsonl", std::process::id()));
     let configs: Vec<String> = args
         .configs
@@ -150,6 +172,7 @@ fn torch_results(dir: &Path, args: &Args) -> Result<HashMap<(usize, usize), [f64
             "--warmup",
             &args.warmup.to_string(),
         ])
+        .args(args.infer.then_some("--infer"))
         .arg("--json")
         .arg(&json)
         .status()
@@ -168,7 +191,12 @@ fn torch_results(dir: &Path, args: &Args) -> Result<HashMap<(usize, usize), [f64
             })?;
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             let size = |k: &str| r[k].as_u64().unwrap_or(0) as usize;
-            let key = (size("hw"), size("batch"));
+            let mode = if r["bench"] == "resnet18_infer" {
+                Mode::Infer
+            } else {
+                Mode::Train
+            };
+            let key = (mode, size("hw"), size("batch"));
             Ok((
                 key,
                 [
@@ -184,8 +212,18 @@ fn torch_results(dir: &Path, args: &Args) -> Result<HashMap<(usize, usize), [f64
         .collect()
 }
 
-/// Per (image size, batch): samples/s, then forward, backward and optimizer seconds.
-type Rows = Vec<((usize, usize), [f64; 4])>;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Mode {
+    Train,
+    Infer,
+}
+
+/// Mode, image size, batch.
+type Key = (Mode, usize, usize);
+
+/// Per key: samples/s, then forward, backward and optimizer seconds (inference: the
+/// forward only).
+type Rows = Vec<(Key, [f64; 4])>;
 
 /// Our side of one run.
 fn measure_ours(args: &Args) -> Result<Rows> {
@@ -203,7 +241,7 @@ fn measure_ours(args: &Args) -> Result<Rows> {
             median(&t.cpu)
         );
         rows.push((
-            (hw, batch),
+            (Mode::Train, hw, batch),
             [
                 sps,
                 median(&t.forward),
@@ -211,6 +249,16 @@ fn measure_ours(args: &Args) -> Result<Rows> {
                 median(&t.optimizer),
             ],
         ));
+        if args.infer {
+            let forward = bench_infer(hw, batch, args)?;
+            let sps = batch as f64 / forward;
+            println!(
+                "ours ResNet-18 infer {hw}x{hw} batch {batch}, {} threads: {sps:.2} samples/s | batch {:.0} ms",
+                args.threads,
+                forward * 1e3
+            );
+            rows.push(((Mode::Infer, hw, batch), [sps, forward, 0.0, 0.0]));
+        }
     }
     Ok(rows)
 }
@@ -251,10 +299,28 @@ fn main() -> Result<()> {
     for (ours, our_foreign, theirs) in runs {
         println!("| config | fwd ours/torch (ms) | bwd ours/torch (ms) | opt ours/torch (ms) |");
         println!("|---|---|---|---|");
-        for ((hw, batch), c) in ours {
-            let Some(t) = theirs.get(&(hw, batch)) else {
+        for (key, c) in ours {
+            let Some(t) = theirs.get(&key) else {
                 continue;
             };
+            let (mode, hw, batch) = key;
+            let config = match mode {
+                Mode::Train => format!("{hw}x{hw} b{batch}"),
+                Mode::Infer => format!("infer {hw}x{hw} b{batch}"),
+            };
+            samples.push(protocol::Sample {
+                config,
+                ours: c[0],
+                theirs: t[0],
+                our_foreign,
+                their_foreign: protocol::Foreign {
+                    cpu_s: t[4],
+                    steal_s: t[5],
+                },
+            });
+            if mode == Mode::Infer {
+                continue;
+            }
             println!(
                 "| {hw}x{hw} b{batch} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} |",
                 c[1] * 1e3,
@@ -264,16 +330,6 @@ fn main() -> Result<()> {
                 c[3] * 1e3,
                 t[3] * 1e3
             );
-            samples.push(protocol::Sample {
-                config: format!("{hw}x{hw} b{batch}"),
-                ours: c[0],
-                theirs: t[0],
-                our_foreign,
-                their_foreign: protocol::Foreign {
-                    cpu_s: t[4],
-                    steal_s: t[5],
-                },
-            });
         }
     }
     protocol::report(&samples, reference_floor);
