@@ -317,7 +317,7 @@ pub fn run(args: &SelftestArgs, comm: Box<dyn Communicator>) -> Result<()> {
             ..DdpConfig::default()
         },
     )?;
-    if args.accumulation == 0 || args.batch % args.accumulation != 0 {
+    if args.accumulation == 0 || !args.batch.is_multiple_of(args.accumulation) {
         return Err(Error::Config(format!(
             "--accumulation {} must divide --batch {}",
             args.accumulation, args.batch
