@@ -52,6 +52,9 @@ pub struct Row {
 }
 
 pub(crate) fn median_ms(iters: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64> {
+    if iters == 0 {
+        return Err(Error::Config("--iters must be at least 1".into()));
+    }
     step()?; // first step allocates the moments
     let mut times: Vec<f64> = (0..iters)
         .map(|_| {

@@ -187,12 +187,7 @@ impl Ddp {
         loss_non_finite: bool,
     ) -> Result<(Grads, bool)> {
         if !self.cfg.overlap {
-            let mut grads = Grads::take(&self.params, &mut loss.backward()?)?;
-            grads.scale(scale)?;
-            if let Some(mut earlier) = earlier {
-                earlier.add(grads)?;
-                grads = earlier;
-            }
+            let mut grads = Grads::backward(&self.params, loss, scale, earlier)?;
             let any_non_finite = self.reduce_grads(&mut grads, loss_non_finite)?;
             return Ok((grads, any_non_finite));
         }
@@ -416,7 +411,8 @@ enum Exchange {
 }
 
 /// Greedy buckets over the variables in reverse name order (about the order backward
-/// completes them); a variable larger than a bucket gets one of its own. The last bucket has one extra element for the non-finite-loss flag.
+/// completes them); a variable larger than a bucket gets one of its own. The last bucket
+/// has one extra element for the non-finite-loss flag.
 fn plan_buckets(params: &[NamedVar], bucket_bytes: usize) -> Vec<Bucket> {
     let cap = (bucket_bytes / 4).max(1);
     let mut buckets = Vec::new();

@@ -31,6 +31,10 @@ pub fn drive(
     threads: usize,
     iters: usize,
 ) -> Result<String> {
+    check_shape(batch, seq)?;
+    if threads == 0 {
+        return Err(Error::Config("--threads must be at least 1".into()));
+    }
     let mut table = String::from(
         "| ranks | batch per rank | step ms (averaged during backward) | step ms (averaged after backward) | vs 1 rank |\n|---|---|---|---|---|\n",
     );
@@ -66,6 +70,7 @@ pub fn drive(
 /// One rank (RANK/WORLD_SIZE/MASTER_* from the environment); rank 0 prints the median
 /// step milliseconds with averaging during and after backward.
 pub fn rank(batch: usize, seq: usize, iters: usize) -> Result<()> {
+    check_shape(batch, seq)?;
     let comm = connect_tcp(&RendezvousConfig::from_env()?)?;
     let rank = comm.rank();
     let device = Device::Cpu;
@@ -91,6 +96,17 @@ pub fn rank(batch: usize, seq: usize, iters: usize) -> Result<()> {
     let after = median_ms(iters, || stepper.backward(&loss()?).map(drop))?;
     if rank == 0 {
         println!("{during} {after}");
+    }
+    Ok(())
+}
+
+/// At least one sequence of [CLS], a token and [SEP], within MiniLM's 512 positions.
+fn check_shape(batch: usize, seq: usize) -> Result<()> {
+    let positions = BertConfig::minilm_l6().max_position_embeddings;
+    if batch == 0 || !(3..=positions).contains(&seq) {
+        return Err(Error::Config(format!(
+            "--batch {batch} --seq {seq}: need a batch of at least 1 and 3 to {positions} tokens"
+        )));
     }
     Ok(())
 }

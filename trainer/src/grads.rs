@@ -26,6 +26,25 @@ impl Grads {
         )
     }
 
+    /// Back-propagates `loss` and takes the gradients of `params`, scaled by `scale`
+    /// (1 / micro-batches), added to `earlier` micro-batches' gradients when given.
+    pub fn backward(
+        params: &[NamedVar],
+        loss: &Tensor,
+        scale: f64,
+        earlier: Option<Grads>,
+    ) -> Result<Self> {
+        let mut grads = Grads::take(params, &mut loss.backward()?)?;
+        grads.scale(scale)?;
+        match earlier {
+            Some(mut earlier) => {
+                earlier.add(grads)?;
+                Ok(earlier)
+            }
+            None => Ok(grads),
+        }
+    }
+
     pub fn from_slots(slots: Vec<Option<Tensor>>) -> Result<Self> {
         let mut grads = Grads { slots };
         grads.unshare()?;

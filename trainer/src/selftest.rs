@@ -297,6 +297,12 @@ pub struct SelftestArgs {
 
 /// Prints one line per step outcome on stdout.
 pub fn run(args: &SelftestArgs, comm: Box<dyn Communicator>) -> Result<()> {
+    if args.accumulation == 0 || !args.batch.is_multiple_of(args.accumulation) {
+        return Err(Error::Config(format!(
+            "--accumulation {} must divide --batch {}",
+            args.accumulation, args.batch
+        )));
+    }
     let (rank, world) = (comm.rank() as u64, comm.world_size() as u64);
     let device = Device::Cpu;
     let vars = ModelVars::new(
@@ -317,12 +323,6 @@ pub fn run(args: &SelftestArgs, comm: Box<dyn Communicator>) -> Result<()> {
             ..DdpConfig::default()
         },
     )?;
-    if args.accumulation == 0 || !args.batch.is_multiple_of(args.accumulation) {
-        return Err(Error::Config(format!(
-            "--accumulation {} must divide --batch {}",
-            args.accumulation, args.batch
-        )));
-    }
     let mut cfg = StepConfig::new(args.lr);
     cfg.accumulation = args.accumulation as usize;
     if args.skip_non_finite {

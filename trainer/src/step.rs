@@ -175,13 +175,8 @@ impl Stepper {
         self.micro += 1;
         let scale = 1.0 / self.cfg.accumulation as f64;
         if self.micro < self.cfg.accumulation {
-            let mut store = loss.backward()?;
-            let mut grads = Grads::take(&self.params, &mut store)?;
-            grads.scale(scale)?;
-            match &mut self.pending {
-                Some(acc) => acc.add(grads)?,
-                empty => *empty = Some(grads),
-            }
+            let earlier = self.pending.take();
+            self.pending = Some(Grads::backward(&self.params, loss, scale, earlier)?);
             return Ok(StepOutcome::Accumulating { micro: self.micro });
         }
         self.micro = 0;
@@ -190,16 +185,10 @@ impl Stepper {
         let (grads, any_loss_bad) = match &mut self.ddp {
             // The last micro-batch's gradients are averaged while its backward runs.
             Some(ddp) => ddp.backward_and_reduce(loss, earlier, scale, local_loss_bad)?,
-            None => {
-                let mut store = loss.backward()?;
-                let mut grads = Grads::take(&self.params, &mut store)?;
-                grads.scale(scale)?;
-                if let Some(mut earlier) = earlier {
-                    earlier.add(grads)?;
-                    grads = earlier;
-                }
-                (grads, local_loss_bad)
-            }
+            None => (
+                Grads::backward(&self.params, loss, scale, earlier)?,
+                local_loss_bad,
+            ),
         };
         self.update(grads, local_loss_bad, any_loss_bad)
     }

@@ -26,7 +26,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// `gelu_erf(linear(x, weight, bias))`; in inference (no input needs a gradient) the
 /// activation is fused into the product's output blocks.
 pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if x.track_op() || weight.track_op() || bias.track_op() || !x.device().is_cpu() {
+    if x.track_op() || weight.track_op() || bias.track_op() {
         // Training: the activation's backward needs the pre-activation tensor.
         return gelu_erf(&linear(x, weight, bias)?);
     }
