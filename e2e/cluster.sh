@@ -171,8 +171,11 @@ up() {
 
   kubectl --kubeconfig "$kubeconfig" apply --server-side -f "$repo/crds/trainingjob.yaml" -f "$repo/crds/inferenceservice.yaml" \
     >"$state/logs/crds.log" 2>&1 || fail crds "kubectl apply of the CRDs was rejected" "$state/logs/crds.log"
-  kubectl --kubeconfig "$kubeconfig" wait --for=condition=Established --timeout=60s \
-    crd/trainingjobs.ringmaster.dev crd/inferenceservices.ringmaster.dev >/dev/null || fail crds "CRDs not Established"
+  # Retried: `kubectl wait` fails at once, instead of waiting, while a just-created CRD
+  # has no status conditions yet.
+  wait_for crds "$state/logs/crds.log" 60 \
+    kubectl --kubeconfig "$kubeconfig" wait --for=condition=Established --timeout=10s \
+    crd/trainingjobs.ringmaster.dev crd/inferenceservices.ringmaster.dev
   wait_for serviceaccount "$state/logs/kube-controller-manager.log" 60 \
     kubectl --kubeconfig "$kubeconfig" get serviceaccount default -n default
   ((nodes > 0)) && add_nodes "$nodes" 8
